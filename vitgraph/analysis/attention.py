@@ -1,0 +1,260 @@
+"""Recognise attention sites in a shape-annotated graph.
+
+An attention *core* is a ``scaled_dot_product_attention`` call, or a softmax whose input comes from
+``q @ k^T`` (through scaling, biases, masks) and whose output is multiplied by ``v``. From the core we
+walk back to the projections producing q, k and v and forward to the output projection, and replay
+the graph's reshapes on row numbers (``index.propagate``) to learn heads, head widths and which
+weight rows and columns each head owns. Nothing here depends on class or attribute names.
+"""
+from __future__ import annotations
+
+import operator
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from vitgraph.analysis import index as ix
+from vitgraph.analysis.ops import (common_prefix, linear_info, module_path, op_kind, sdpa_mask, sdpa_qkv,
+                                   tensor_args)
+from vitgraph.meta import VALUE, AttentionSite, shape_of
+
+# ops a walk from q/k/v back to its projection may cross: they move or rescale values per position
+_BACK_THROUGH = {"shape", "norm", "mul", "div", "add", "act", "dropout", "function", "module", "method", "conv",
+                 "pool"}
+
+
+@dataclass
+class Found:
+    """Working record of one attention while it is being recognised (not stored in meta)."""
+
+    site: AttentionSite
+    q_rows: list[list[int]] = field(default_factory=list)     # per head: rows of the q producer
+    k_rows: list[list[int]] = field(default_factory=list)
+    v_rows: list[list[int]] = field(default_factory=list)
+    proj_cols: list[list[int]] = field(default_factory=list)  # per head: input columns of proj
+    v_width: int = 0                                          # per-head value width in proj columns
+    path_nodes: set[str] = field(default_factory=set)         # every node from projections to proj
+    reshapes_in: list[fx.Node] = field(default_factory=list)  # shape ops between projections and core
+    reshapes_out: list[fx.Node] = field(default_factory=list)  # shape ops between core and proj
+
+
+def _walk_back(start: fx.Node, gm: fx.GraphModule, want: str, through: set[str], depth: int = 12
+               ) -> tuple[fx.Node | None, list[fx.Node]]:
+    """Nearest ancestor (or ``start`` itself) of kind ``want``, crossing only ops in ``through``.
+
+    Returns the node found and the path from it back to ``start``.
+    """
+    parent: dict[fx.Node, fx.Node | None] = {start: None}
+    queue = deque([(start, 0)])
+    while queue:
+        node, d = queue.popleft()
+        kind = op_kind(node, gm)
+        if kind == want:
+            path, cur = [], node
+            while cur is not None:
+                path.append(cur)
+                cur = parent[cur]
+            return node, path
+        if d >= depth or (node is not start and kind not in through):
+            continue
+        for a in tensor_args(node):
+            if a not in parent:
+                parent[a] = node
+                queue.append((a, d + 1))
+    return None, []
+
+
+def _walk_forward(start: fx.Node, gm: fx.GraphModule, want: str, through: set[str], depth: int = 8
+                  ) -> tuple[fx.Node | None, fx.Node | None]:
+    """Nearest descendant of kind ``want``; returns it and the input through which it was reached."""
+    queue = deque([(start, None, 0)])
+    seen = {start}
+    while queue:
+        node, via, d = queue.popleft()
+        if node is not start and op_kind(node, gm) == want:
+            return node, via
+        if d >= depth or (node is not start and op_kind(node, gm) not in through):
+            continue
+        for u in node.users:
+            if u not in seen:
+                seen.add(u)
+                queue.append((u, node, d + 1))
+    return None, None
+
+
+def _classify_bias(node: object, gm: fx.GraphModule) -> str | None:
+    """What an additive attention bias is made of: an indexed position table, parameters, or a mask."""
+    if not isinstance(node, fx.Node) or (node.op == "placeholder" and node.meta.get(VALUE, 0) is None):
+        return None
+    params = {n for n, _ in gm.named_parameters()}
+    seen, stack, indexed, from_param = {node}, [node], False, False
+    while stack:
+        n = stack.pop()
+        if n.op == "get_attr":
+            from_param |= str(n.target) in params
+        if n.op == "call_function" and n.target in (operator.getitem, torch.index_select, torch.gather):
+            idx_args = n.args[1] if isinstance(n.args[1], tuple) else n.args[1:]
+            indexed |= any(isinstance(a, fx.Node) and shape_of(a) is not None for a in idx_args)
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    if from_param:
+        return "rel_pos_table" if indexed else "params"
+    return "mask"
+
+
+def _strongest_bias(biases: object, gm: fx.GraphModule) -> str | None:
+    kinds = {_classify_bias(b, gm) for b in (biases if isinstance(biases, list) else [biases])}
+    return next((k for k in ("rel_pos_table", "params", "mask") if k in kinds), None)
+
+
+def _cores(gm: fx.GraphModule) -> list[tuple[fx.Node, str, fx.Node, fx.Node, fx.Node, fx.Node, list[fx.Node], object]]:
+    """(core, impl, q, k, v, out, score_path, bias) for every attention core in the graph."""
+    found = []
+    for n in gm.graph.nodes:
+        kind = op_kind(n, gm)
+        if kind == "sdpa":
+            q, k, v = sdpa_qkv(n)
+            found.append((n, "sdpa", q, k, v, n, [], sdpa_mask(n)))
+        elif kind == "softmax":
+            src = tensor_args(n)
+            if not src:
+                continue
+            m1, back = _walk_back(src[0], gm, "matmul", {"add", "mul", "div", "shape", "linear", "dropout",
+                                                         "function", "sub", "method"}, depth=8)
+            m2, via = _walk_forward(n, gm, "matmul", {"dropout", "mul", "div", "shape", "linear", "function"})
+            if m1 is None or m2 is None or m2.args[0] is not via:
+                continue
+            bias = [a for p in back if op_kind(p, gm) in ("add", "function")
+                    for a in tensor_args(p) if a not in back and a is not m1.args[0]]
+            found.append((n, "explicit", m1.args[0], m1.args[1], m2.args[1], m2, back, bias))
+    return found
+
+
+def _per_head_rows(idx: torch.Tensor, heads: int, ch_axis: int) -> list[list[int]] | None:
+    """Producer rows owned by each head, read off an index tensor of shape (B, H, ..)."""
+    rows = []
+    for h in range(heads):
+        t = idx[0, h]
+        other = [a for a in range(t.dim()) if a != ch_axis - 2]
+        for a in sorted(other, reverse=True):
+            t = t.select(a, 0)
+        r = [int(v) for v in t.tolist()]
+        if any(v < 0 for v in r):
+            return None
+        rows.append(r)
+    return rows
+
+
+def find_attention(gm: fx.GraphModule, batch: int) -> list[Found]:
+    """Every attention site of ``gm`` (shapes must have been propagated)."""
+    results: list[Found] = []
+    for core, impl, q, k, v, out, score_path, bias in _cores(gm):
+        qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
+        if qs is None or ks is None or vs is None or len(qs) not in (3, 4):
+            continue
+        producers = {}
+        paths: set[str] = {core.name, out.name}
+        pooled = None
+        for role, t in (("q", q), ("k", k), ("v", v)):
+            lin, path = _walk_back(t, gm, "linear", _BACK_THROUGH)
+            producers[role] = lin
+            paths |= {p.name for p in path}
+            for p in path:
+                if op_kind(p, gm) in ("conv", "pool") and pooled is None:
+                    pooled = p.name
+        if any(p is None for p in producers.values()):
+            continue
+        # replay reshapes on row numbers from each distinct producer
+        arrived: dict[fx.Node, dict[fx.Node, torch.Tensor]] = {}
+        for lin in set(producers.values()):
+            arrived[lin] = ix.propagate(gm, {lin: ix.row_index(shape_of(lin))})
+        q_idx = arrived[producers["q"]].get(q)
+        k_idx = arrived[producers["k"]].get(k)
+        v_idx = arrived[producers["v"]].get(v)
+
+        heads = qs[1] if len(qs) == 4 else max(1, qs[0] // batch)
+        ch_axis = ix.channel_axis(q_idx) if q_idx is not None and q_idx.dim() == 4 else None
+        mode = "channel" if ch_axis == 2 else "token"
+        ch = (2 if mode == "channel" else 3) if len(qs) == 4 else 2
+        tok = 3 if mode == "channel" else 2
+        head_dim = qs[ch] if len(qs) == 4 else qs[-1]
+        v_head_dim = vs[ch] if len(vs) == 4 else vs[-1]
+        tokens_q = qs[tok] if len(qs) == 4 else qs[-2]
+        k_ch = ix.channel_axis(k_idx) if k_idx is not None and k_idx.dim() == 4 else None
+        if k_ch not in (2, 3):  # explicit attention receives k transposed; sdpa does not
+            k_ch = (2 if impl == "explicit" else 3) if mode == "token" else ch
+        tokens_kv = ks[5 - k_ch] if len(ks) == 4 else ks[-2]  # k may arrive transposed
+
+        # output projection: replay (head, dim) numbers forward from the core output
+        os_ = shape_of(out)
+        proj, proj_cols, v_width = None, [], v_head_dim
+        if os_ is not None and len(os_) == 4:
+            h_ax, c_ax = 1, (2 if mode == "channel" else 3)
+            h_shape = [os_[h_ax] if i == h_ax else 1 for i in range(4)]
+            c_shape = [os_[c_ax] if i == c_ax else 1 for i in range(4)]
+            code = (torch.arange(os_[h_ax], dtype=torch.float64).view(h_shape) * os_[c_ax]
+                    + torch.arange(os_[c_ax], dtype=torch.float64).view(c_shape))
+            env = ix.propagate(gm, {out: code.expand(*os_).clone()})
+            for node in gm.graph.nodes:
+                if node in env:
+                    for u in node.users:
+                        if op_kind(u, gm) == "linear" and u.args and u.args[0] is node and proj is None:
+                            proj = u
+                            cols = env[node]
+                            flat = cols.reshape(-1, cols.shape[-1])[0]
+                            per_head: list[list[int]] = [[] for _ in range(os_[h_ax])]
+                            for c, val in enumerate(flat.tolist()):
+                                if val >= 0:
+                                    per_head[int(val) // os_[c_ax]].append(c)
+                            proj_cols = per_head
+                            paths |= {n.name for n in env}
+        if proj is None:
+            proj, _ = _walk_forward(out, gm, "linear", {"shape", "dropout", "act", "norm", "add", "mul", "function"})
+
+        q_lin, k_lin, v_lin = producers["q"], producers["k"], producers["v"]
+        fused = ("qkv" if q_lin is k_lin is v_lin else "qk+v" if q_lin is k_lin else
+                 "q+kv" if k_lin is v_lin else "separate")
+        q_norm = next((p for p in _walk_back(q, gm, "linear", _BACK_THROUGH)[1] if op_kind(p, gm) == "norm"), None)
+        k_norm = next((p for p in _walk_back(k, gm, "linear", _BACK_THROUGH)[1] if op_kind(p, gm) == "norm"), None)
+        mixing = next((p for p in score_path if op_kind(p, gm) == "linear"), None)
+        if mixing is None and impl == "explicit":
+            after, _ = _walk_forward(core, gm, "linear", {"dropout", "mul", "div", "shape", "function"}, depth=4)
+            if after is not None and after is not proj and out not in after.users and shape_of(after) is not None \
+                    and len(shape_of(after)) == 4:
+                mixing = after
+
+        q_rows = _per_head_rows(q_idx, heads, ch) if q_idx is not None and len(qs) == 4 else None
+        k_rows = _per_head_rows(k_idx, heads, k_ch) if k_idx is not None and k_idx.dim() == 4 else None
+        v_rows = _per_head_rows(v_idx, heads, ch) if v_idx is not None and len(vs) == 4 else None
+
+        reason_heads = None
+        if proj is None:
+            reason_heads = "no output projection consumes the merged heads"
+        elif mixing is not None:
+            reason_heads = f"heads are mixed by {module_path(mixing, gm)} (talking-heads projection)"
+        elif pooled is not None:
+            reason_heads = f"q/k/v pass through pooling op %{pooled}"
+        elif q_rows is None or k_rows is None or v_rows is None or not proj_cols or any(not c for c in proj_cols):
+            reason_heads = "could not map every head to projection rows and columns"
+        reason_hd = reason_heads
+        if reason_hd is None and mode == "channel":
+            reason_hd = "channel (cross-covariance) attention mixes value dims"
+        name = common_prefix([module_path(q_lin, gm), module_path(proj, gm) if proj is not None else ""]) \
+            or module_path(core, gm)
+        site = AttentionSite(
+            name=name, core=core.name, impl=impl, mode=mode, heads=heads, head_dim=head_dim,
+            v_head_dim=v_head_dim, tokens_q=tokens_q, tokens_kv=tokens_kv, q=q_lin.name, k=k_lin.name,
+            v=v_lin.name, proj=proj.name if proj is not None else None, fused=fused,
+            q_norm=q_norm.name if q_norm is not None else None, k_norm=k_norm.name if k_norm is not None else None,
+            bias=_strongest_bias(bias, gm),
+            prunable={"heads": reason_heads, "head_dim": reason_hd},
+        )
+        results.append(Found(site, q_rows or [], k_rows or [], v_rows or [], proj_cols, v_width, paths))
+    return results
+
+
+__all__ = ["find_attention", "Found", "linear_info"]

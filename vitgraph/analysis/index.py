@@ -1,0 +1,108 @@
+"""Index propagation: push tensors of *positions* through the data-movement ops of the graph.
+
+To learn which output rows of a projection feed head ``h`` of an attention, or which input columns
+of an output projection consume it, we do not pattern-match reshape/permute/unbind spellings. We
+replay the graph's own shape ops on a tensor whose entries are the row numbers (``-1`` for anything
+not from the source) and read the result where it arrives. Element-wise ops that keep the shape
+(norms, activations, scaling, rotary embeddings, dropout) pass indices through unchanged: they move
+no data between positions. Ops that mix positions (linear, matmul, softmax, conv, reductions) stop it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from vitgraph.analysis.ops import op_kind
+from vitgraph.meta import SHAPE, VALUE, shape_of
+
+_PASS_KINDS = {"act", "dropout", "norm", "mul", "div", "add", "function", "module", "method"}
+_STOP_KINDS = {"linear", "conv", "matmul", "einsum", "sdpa", "softmax", "reduce", "pool", "output"}
+
+
+def _arg_value(a: Any, env: dict[fx.Node, torch.Tensor]) -> Any:
+    if isinstance(a, fx.Node):
+        if a in env:
+            return env[a]
+        shp = a.meta.get(SHAPE)
+        if isinstance(shp, tuple) and all(isinstance(d, int) for d in shp):
+            return torch.full(shp, -1.0, dtype=torch.float64)
+        if VALUE in a.meta:
+            return a.meta[VALUE]
+        raise LookupError(a.name)
+    return a
+
+
+def _evaluate(node: fx.Node, gm: fx.GraphModule, env: dict[fx.Node, torch.Tensor]) -> Any:
+    args = fx.node.map_aggregate(node.args, lambda a: _arg_value(a, env))
+    kwargs = fx.node.map_aggregate(node.kwargs, lambda a: _arg_value(a, env))
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)(*args, **kwargs)
+    return node.target(*args, **kwargs)
+
+
+def propagate(gm: fx.GraphModule, sources: dict[fx.Node, torch.Tensor], *, pick: int = 0,
+              stop: set[fx.Node] | frozenset = frozenset(), limit: int = 400) -> dict[fx.Node, torch.Tensor]:
+    """Positions of ``sources`` as seen at every node they reach through data-movement ops.
+
+    ``pick`` chooses which input an element-wise op with several indexed inputs passes on (0: the
+    first, -1: the last), e.g. the value or the gate half of a gated MLP.
+    """
+    env: dict[fx.Node, Any] = dict(sources)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    frontier = sorted({u for s in sources for u in s.users}, key=order.__getitem__)
+    seen: set[fx.Node] = set()
+    steps = 0
+    while frontier and steps < limit:
+        node = frontier.pop(0)
+        if node in seen or node in env:
+            continue
+        seen.add(node)
+        steps += 1
+        kind = op_kind(node, gm)
+        if kind in _STOP_KINDS:
+            continue
+        indexed = [a for a in node.all_input_nodes if a in env]
+        if kind == "shape":
+            try:
+                out = _evaluate(node, gm, env)
+            except Exception:  # an op we cannot replay: positions stop here
+                continue
+        elif kind in _PASS_KINDS:
+            out_shape = shape_of(node)
+            candidates = [a for a in indexed if isinstance(env[a], torch.Tensor)
+                          and tuple(env[a].shape) == out_shape]
+            if not candidates:
+                continue
+            out = env[candidates[pick]]
+        else:
+            continue
+        if isinstance(out, torch.Tensor) or (isinstance(out, (tuple, list)) and out
+                                              and all(isinstance(t, torch.Tensor) for t in out)):
+            env[node] = out
+            for u in node.users:
+                if u not in seen:
+                    frontier.append(u)
+            frontier.sort(key=order.__getitem__)
+    for s in sources:
+        env.pop(s, None)
+    return {n: v for n, v in env.items() if isinstance(v, torch.Tensor)}
+
+
+def row_index(shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor of ``shape`` whose entries are their position along the last axis."""
+    n = shape[-1]
+    return torch.arange(n, dtype=torch.float64).expand(*shape).clone()
+
+
+def channel_axis(idx: torch.Tensor) -> int | None:
+    """The one axis (after batch) along which indices vary; None when that is ambiguous."""
+    varying = []
+    for ax in range(1, idx.dim()):
+        first = idx.select(ax, 0).unsqueeze(ax)
+        if not torch.equal(idx, first.expand_as(idx)):
+            varying.append(ax)
+    return varying[-1] if varying else None

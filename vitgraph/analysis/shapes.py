@@ -1,0 +1,57 @@
+"""Shape propagation: run the graph once on the example inputs and record shapes and small values.
+
+Writes ``SHAPE`` and ``DTYPE`` for tensor nodes and ``VALUE`` for python values (sizes, ints,
+tuples of ints) that reshape arguments are built from. No tensor is kept, so memory stays at one
+forward pass.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from vitgraph.errors import AnalysisError
+from vitgraph.meta import DTYPE, SHAPE, VALUE
+
+
+def _shape(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(int(d) for d in value.shape)
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+        return tuple(tuple(int(d) for d in v.shape) if isinstance(v, torch.Tensor) else None for v in value)
+    return None
+
+
+def _small_value(value: Any) -> Any:
+    if isinstance(value, (bool, int, float, str, torch.dtype, torch.device)) or value is None:
+        return value
+    if isinstance(value, torch.Size):
+        return tuple(int(d) for d in value)
+    if isinstance(value, (tuple, list)) and len(value) <= 16 and all(
+            isinstance(v, (int, float, bool)) or v is None for v in value):
+        return tuple(value)
+    return None
+
+
+class ShapeRecorder(fx.Interpreter):
+    """An fx.Interpreter that writes shapes and small python values into node.meta."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as exc:  # re-raise naming the node, as torch.fx.passes.shape_prop does
+            raise AnalysisError(f"shape propagation failed at node {n.format_node()}: {exc}") from exc
+        n.meta[SHAPE] = _shape(result)
+        if isinstance(result, torch.Tensor):
+            n.meta[DTYPE] = result.dtype
+            n.meta.pop(VALUE, None)
+        else:
+            n.meta[VALUE] = _small_value(result)
+        return result
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Any:
+    """Record shapes on every node of ``gm``; returns the graph's output on the example."""
+    with torch.no_grad():
+        return ShapeRecorder(gm).run(*example_inputs)

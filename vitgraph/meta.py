@@ -1,0 +1,241 @@
+"""Every ``node.meta`` key vitgraph writes, and the typed values stored under them.
+
+Analyses write these keys; passes read them and never re-derive roles on their own. Values are
+frozen dataclasses validated in ``__post_init__``, and refer to other nodes *by name* (``str``) so
+they survive graph copies; resolve a name with ``VitGraph.node(name)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# -- node.meta keys -------------------------------------------------------------------------------
+SHAPE = "vg.shape"    # tuple[int, ...] for a tensor, a tuple of those for a tuple of tensors
+VALUE = "vg.value"    # the python value of a non-tensor node (sizes, ints, tuples of ints)
+DTYPE = "vg.dtype"    # torch.dtype of a tensor node
+ROLE = "vg.role"      # Role: what the node is in the recognised structure
+COST = "vg.cost"      # NodeCost: FLOPs and parameter count of the node
+
+ROLE_KINDS = frozenset({
+    "attn.qkv",      # fused projection producing q, k and v
+    "attn.qk",       # fused projection producing q and k only
+    "attn.kv",       # fused projection producing k and v
+    "attn.q", "attn.k", "attn.v",
+    "attn.q_norm", "attn.k_norm",
+    "attn.core",     # scaled_dot_product_attention call, or the softmax of an explicit attention
+    "attn.proj",     # output projection consuming the merged heads
+    "mlp.fc1",       # first linear (or one of the two of a gated MLP)
+    "mlp.act",
+    "mlp.fc2",
+    "residual.add",  # x + f(x)
+    "tokens.embed",  # the patch embedding producing the token grid
+    "head.pool",     # the op that pools tokens for the classifier
+    "head.fc",       # the classifier
+})
+
+
+@dataclass(frozen=True)
+class Role:
+    """What a node is: ``Role(kind="attn.qkv", block=3, site="blocks.3.attn")``."""
+
+    kind: str
+    block: int | None = None
+    site: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROLE_KINDS:
+            raise ValueError(f"unknown role kind {self.kind!r}; known: {sorted(ROLE_KINDS)}")
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """Per-image cost of one node. ``factors`` names the prunable dimensions the FLOPs scale with."""
+
+    flops: int
+    params: int = 0
+    factors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A linear-like op: ``call_module`` nn.Linear or ``F.linear`` on a weight attribute."""
+
+    node: str
+    weight: str          # qualified parameter name of the weight
+    bias: str | None
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention: its core op, projections, heads and where each pass may apply."""
+
+    name: str                     # module path of the attention, e.g. "blocks.3.attn"
+    core: str                     # node of sdpa, or of the softmax of an explicit attention
+    impl: str                     # "sdpa" | "explicit"
+    mode: str                     # "token" (softmax over tokens) | "channel" (XCiT-style, over head dims)
+    heads: int
+    head_dim: int                 # width of q and k per head
+    v_head_dim: int               # width of v per head
+    tokens_q: int
+    tokens_kv: int
+    q: str                        # linear nodes producing q, k, v (the same node when fused)
+    k: str
+    v: str
+    proj: str | None              # output projection linear
+    fused: str                    # "qkv" | "q+kv" | "qk+v" | "separate"
+    q_norm: str | None = None
+    k_norm: str | None = None
+    bias: str | None = None       # "rel_pos_table" | "mask" | "params" | None — what is added to the logits
+    block: int | None = None
+    prunable: dict[str, str | None] = field(default_factory=dict)  # axis -> None (ok) or the reason not
+
+    def __post_init__(self) -> None:
+        if self.impl not in ("sdpa", "explicit") or self.mode not in ("token", "channel"):
+            raise ValueError(f"bad attention site {self.name}: impl={self.impl} mode={self.mode}")
+        if self.heads < 1 or self.head_dim < 1:
+            raise ValueError(f"bad attention site {self.name}: heads={self.heads} head_dim={self.head_dim}")
+
+
+@dataclass(frozen=True)
+class MlpSite:
+    """Linear -> activation -> Linear, or a gated variant (two fc1 halves multiplied)."""
+
+    name: str
+    fc1: tuple[str, ...]          # one linear, or (value, gate) linears of a gated MLP
+    act: str | None
+    fc2: str
+    hidden: int
+    gated: bool
+    block: int | None = None
+    prunable: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Residual:
+    """``out = skip + branch``: the add node, the skip operand and the branch's site."""
+
+    add: str
+    skip: str
+    branch_out: str
+    kind: str                     # "attn" | "mlp" | "attn+mlp"
+    layer_scale: str | None = None
+    drop_path: str | None = None
+    identity_skip: bool = True    # the skip operand is the branch's own input (no projection/pooling)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One transformer block: an attention and/or an MLP site with their residual adds."""
+
+    index: int
+    name: str
+    attention: AttentionSite | None
+    mlp: MlpSite | None
+    residuals: tuple[Residual, ...]
+    input: str
+    output: str
+    tokens_in: int
+    tokens_out: int
+    skippable: bool
+    skip_reason: str | None
+    token_prunable: bool
+    token_reason: str | None
+    nodes: tuple[str, ...] = ()   # every node of the block's branches and adds
+    flops: int = 0
+    params: int = 0
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    """A slice of a parameter or a dimension of a node that one coupled unit owns.
+
+    ``indices[u]`` lists the positions along ``axis`` that unit ``u`` of the group owns.
+    """
+
+    target: str                   # parameter name, or node name for activations
+    axis: int
+    indices: tuple[tuple[int, ...], ...]
+    what: str                     # "weight.out" | "weight.in" | "bias" | "norm" | ...
+
+    def describe(self) -> str:
+        first = self.indices[0] if self.indices else ()
+        span = f"{first[0]}..{first[-1]}" if len(first) > 1 else (str(first[0]) if first else "-")
+        return f"{self.target}.{self.what}[{len(self.indices)}x{len(first)}: unit0={span}]"
+
+
+@dataclass(frozen=True)
+class ConstRef:
+    """A reshape/view argument that must change when the group shrinks.
+
+    ``per_unit`` is how much the argument moves per removed unit (1 for a head count, head_dim for a
+    merged width); ``literal`` is False when the value comes from another node (e.g. ``x.shape[2]``)
+    and the rewrite must replace that argument.
+    """
+
+    node: str
+    arg_index: int
+    value: int
+    per_unit: int
+    literal: bool
+
+
+@dataclass(frozen=True)
+class CoupledGroup:
+    """Dimensions that must shrink together: ``blocks.0.attn.qkv.out[6 heads] => blocks.0.attn.proj.in``."""
+
+    name: str
+    kind: str                     # "heads" | "head_dim" | "mlp"
+    site: str
+    block: int | None
+    units: int                    # number of prunable units (heads, units)
+    unit_width: int               # channels per unit in the producer
+    slices: tuple[SliceRef, ...]
+    constants: tuple[ConstRef, ...] = ()
+
+    def __str__(self) -> str:
+        parts = " => ".join(f"{s.target}.{s.what}[{self.units}x{len(s.indices[0]) if s.indices else 0}]"
+                            for s in self.slices)
+        return f"{self.name}: {parts}" + (f"  (+{len(self.constants)} reshape constants)" if self.constants else "")
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """The token axis: embedding, grid, prefix tokens, pooling."""
+
+    embed: str | None             # patch-embedding node
+    grid: tuple[int, int] | None  # (Gh, Gw) patch grid
+    embed_dim: int
+    tokens: int                   # tokens entering the first block (prefix + patches)
+    prefix_tokens: int
+    pooling: str                  # "token" | "avg" | "attn" | "none" | "unknown"
+    layout: str                   # "sequence" (B, N, C) | "grid" (B, H, W, C) | "channels" (B, C, H, W)
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Everything recognised in one traced ViT."""
+
+    blocks: tuple[Block, ...]
+    attention: tuple[AttentionSite, ...]
+    mlps: tuple[MlpSite, ...]
+    tokens: TokenInfo
+    groups: tuple[CoupledGroup, ...]
+    flops: int
+    params: int
+    notes: tuple[str, ...] = ()
+
+    def group(self, name: str) -> CoupledGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+
+def shape_of(node: Any) -> tuple[int, ...] | None:
+    """The tensor shape recorded on a node (None when it is not a single tensor)."""
+    s = node.meta.get(SHAPE)
+    if isinstance(s, tuple) and all(isinstance(d, int) for d in s):
+        return s
+    return None
