@@ -1,0 +1,120 @@
+"""Interleaved micro-benchmarks of lowered models.
+
+Invariant: runners are timed round-robin (every round calls each runner once, the starting runner
+rotating between rounds), so a drift in machine load lands on all of them alike; results are
+medians with the interquartile range, never means.
+
+Fairness: torch keeps its default thread count and ONNX Runtime gets as many intra-op threads
+(``torch.get_num_threads()``), with spinning off so neither steals cycles while idle.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitgraph.targets._common import LoweringError, batched_inputs, check_example_inputs, model_name
+
+__all__ = ["Timing", "measure", "runners", "TARGETS"]
+
+TARGETS = ("eager", "compile", "onnx")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock time of one runner over ``n`` timed calls, in milliseconds."""
+
+    median_ms: float
+    p25_ms: float
+    p75_ms: float
+    n: int
+
+    @property
+    def iqr_ms(self) -> float:
+        return self.p75_ms - self.p25_ms
+
+    def __str__(self) -> str:
+        return f"{self.median_ms:.3f} ms (IQR {self.p25_ms:.3f}-{self.p75_ms:.3f}, n={self.n})"
+
+
+def measure(runners: dict[str, Callable[[], Any]], *, warmup: int = 3, repeats: int = 20,
+            min_time: float | None = None) -> dict[str, Timing]:
+    """Time zero-argument ``runners`` interleaved; ``repeats`` rounds at least, and at least
+    ``min_time`` seconds in all when given. Warm-up rounds (also interleaved) are not timed."""
+    if not runners:
+        raise LoweringError("bench: measure() needs at least one runner.")
+    if repeats < 1 or warmup < 0:
+        raise LoweringError(f"bench: need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
+    names = list(runners)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    rnd = 0
+    while True:
+        timed = rnd >= warmup
+        done = len(samples[names[0]])
+        if timed and done >= repeats and (min_time is None or time.perf_counter() - start >= min_time):
+            break
+        shift = rnd % len(names)
+        for name in names[shift:] + names[:shift]:
+            t0 = time.perf_counter()
+            runners[name]()
+            elapsed = time.perf_counter() - t0
+            if timed:
+                samples[name].append(elapsed * 1e3)
+        if rnd + 1 == warmup:
+            start = time.perf_counter()  # min_time counts timed rounds only
+        rnd += 1
+    out = {}
+    for name, ms in samples.items():
+        p25, med, p75 = np.percentile(ms, [25, 50, 75])
+        out[name] = Timing(float(med), float(p25), float(p75), len(ms))
+    return out
+
+
+def runners(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, batch: int = 1,
+            targets: Sequence[str] = TARGETS, workdir: str | os.PathLike | None = None,
+            atol: float = 1e-4, name: str | None = None) -> dict[str, Callable[[], Any]]:
+    """Zero-argument runners of ``module`` at ``batch`` on each target, ready for :func:`measure`.
+
+    Every lowered runner is parity-checked first (on the same batch size). ``workdir`` receives the
+    ONNX file (a fresh temporary directory when omitted). All runners see the same inputs.
+    """
+    from vitgraph.targets import compile as compile_target
+    from vitgraph.targets import onnx as onnx_target
+
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise LoweringError(f"bench: unknown target(s) {unknown}; choose from {list(TARGETS)}.")
+    name = model_name(module, name)
+    example = check_example_inputs(example_inputs, "bench")
+    inputs = batched_inputs(example, batch, seed=0)
+    out: dict[str, Callable[[], Any]] = {}
+    for target in targets:
+        if target == "eager":
+            out[target] = _under_inference_mode(module, inputs)
+        elif target == "compile":
+            fn = compile_target.lower(module, inputs, atol=atol, name=name)
+            out[target] = _under_inference_mode(fn, inputs)
+        else:
+            folder = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vitgraph-bench-"))
+            path = folder / f"{name}.onnx"
+            onnx_target.lower(module, example, path, atol=atol, check_batches=(batch,), name=name)
+            sess = onnx_target.session(path, threads=torch.get_num_threads())
+            feed = {i.name: x.detach().cpu().numpy() for i, x in zip(sess.get_inputs(), inputs)}
+            out[target] = lambda sess=sess, feed=feed: sess.run(None, feed)
+    return out
+
+
+def _under_inference_mode(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
+    def runner() -> Any:
+        with torch.inference_mode():
+            return fn(*inputs)
+    return runner
