@@ -15,6 +15,7 @@ VALUE = "vg.value"    # the python value of a non-tensor node (sizes, ints, tupl
 DTYPE = "vg.dtype"    # torch.dtype of a tensor node
 ROLE = "vg.role"      # Role: what the node is in the recognised structure
 COST = "vg.cost"      # NodeCost: FLOPs and parameter count of the node
+LEAF_FLOPS = "vg.leaf_flops"  # FLOPs FlopCounterMode measured inside an opaque leaf call (whole batch)
 
 ROLE_KINDS = frozenset({
     "attn.qkv",      # fused projection producing q, k and v
@@ -195,8 +196,9 @@ class CoupledGroup:
     constants: tuple[ConstRef, ...] = ()
 
     def __str__(self) -> str:
-        parts = " => ".join(f"{s.target}.{s.what}[{self.units}x{len(s.indices[0]) if s.indices else 0}]"
-                            for s in self.slices)
+        parts = " => ".join(
+            f"{s.target.removesuffix('.weight')}.{s.what.split('.')[-1]}[{self.units}x{len(s.indices[0]) if s.indices else 0}]"
+            for s in self.slices)
         return f"{self.name}: {parts}" + (f"  (+{len(self.constants)} reshape constants)" if self.constants else "")
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from vitgraph.analysis import index as ix
-from vitgraph.analysis.ops import (common_prefix, linear_info, module_path, op_kind, sdpa_mask, sdpa_qkv,
+from vitgraph.analysis.ops import (common_prefix, module_path, op_kind, sdpa_mask, sdpa_qkv,
                                    tensor_args)
 from vitgraph.meta import VALUE, AttentionSite, shape_of
 
@@ -257,4 +257,4 @@ def find_attention(gm: fx.GraphModule, batch: int) -> list[Found]:
     return results
 
 
-__all__ = ["find_attention", "Found", "linear_info"]
+__all__ = ["find_attention", "Found"]

@@ -11,8 +11,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from torch.utils.flop_counter import FlopCounterMode
+
+from vitgraph.analysis.ops import op_kind
 from vitgraph.errors import AnalysisError
-from vitgraph.meta import DTYPE, SHAPE, VALUE
+from vitgraph.meta import DTYPE, LEAF_FLOPS, SHAPE, VALUE
 
 
 def _shape(value: Any) -> Any:
@@ -38,8 +41,14 @@ class ShapeRecorder(fx.Interpreter):
     """An fx.Interpreter that writes shapes and small python values into node.meta."""
 
     def run_node(self, n: fx.Node) -> Any:
+        opaque = op_kind(n, self.module) in ("function", "module", "method")
         try:
-            result = super().run_node(n)
+            if opaque:  # a leaf whose inside the graph cannot see: let FlopCounterMode price it
+                with FlopCounterMode(display=False) as counter:
+                    result = super().run_node(n)
+                n.meta[LEAF_FLOPS] = counter.get_total_flops()
+            else:
+                result = super().run_node(n)
         except Exception as exc:  # re-raise naming the node, as torch.fx.passes.shape_prop does
             raise AnalysisError(f"shape propagation failed at node {n.format_node()}: {exc}") from exc
         n.meta[SHAPE] = _shape(result)

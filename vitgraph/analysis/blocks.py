@@ -1,0 +1,237 @@
+"""Residual blocks and the token axis.
+
+A site (attention or MLP) is *residual* when its output reaches an add through ops that keep the
+values per position (dropout, drop-path, layer-scale, a post-norm, window reversal) and the other
+operand of that add is an ancestor of the site's input: ``x + f(x)``. An attention residual and the
+MLP residual that follows it on the same stream form one block. The token analysis finds the patch
+grid, the prefix tokens, how the head pools, and where tokens may be dropped.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import replace
+
+import torch.fx as fx
+
+from vitgraph.analysis.ops import common_prefix, op_kind, tensor_args
+from vitgraph.meta import COST, AttentionSite, Block, MlpSite, Residual, TokenInfo, shape_of
+
+_TO_ADD = {"dropout", "mul", "div", "norm", "shape", "function", "module", "method"}
+
+
+def _ancestors(node: fx.Node, floor: int, order: dict[fx.Node, int]) -> set[fx.Node]:
+    seen, stack = {node}, [node]
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a not in seen and order[a] >= floor:
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
+def _residual(out: fx.Node, site_input: fx.Node, gm: fx.GraphModule, kind: str,
+              order: dict[fx.Node, int]) -> Residual | None:
+    """The residual add a site's output flows into, if any."""
+    node, scale, drop = out, None, None
+    for _ in range(12):
+        # data flows to users taking the node as first argument; x.reshape_as(node) only reads a shape
+        data_users = [u for u in node.users if not (
+            u.op == "call_method" and u.target in ("reshape_as", "view_as", "expand_as", "type_as")
+            and u.args[0] is not node)]
+        if len(data_users) != 1:
+            return None
+        user = data_users[0]
+        k = op_kind(user, gm)
+        if k == "add" and len(tensor_args(user)) == 2:
+            skip = next(a for a in tensor_args(user) if a is not node)
+            identity = skip in _ancestors(site_input, order[skip], order)
+            return Residual(add=user.name, skip=skip.name, branch_out=out.name, kind=kind,
+                            layer_scale=scale, drop_path=drop, identity_skip=identity)
+        if k not in _TO_ADD:
+            return None
+        if k == "mul" or (k == "module" and "scale" in str(user.target).lower()):
+            scale = scale or user.name
+        if k == "dropout" and user.op == "call_module" and "path" in type(gm.get_submodule(user.target)).__name__.lower():
+            drop = user.name
+        node = user
+    return None
+
+
+def _site_input(first_linears: list[fx.Node]) -> fx.Node:
+    return first_linears[0].args[0]
+
+
+def find_blocks(gm: fx.GraphModule, attention: list[AttentionSite], mlps: list[MlpSite]) -> list[Block]:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    units: list[tuple[int, str, object, Residual | None, fx.Node, fx.Node]] = []
+    for a in attention:
+        out = nodes[a.proj] if a.proj else nodes[a.core]
+        inp = _site_input([nodes[a.q]])
+        units.append((order[out], "attn", a, _residual(out, inp, gm, "attn", order), inp, out))
+    for m in mlps:
+        out = nodes[m.fc2]
+        inp = _site_input([nodes[f] for f in m.fc1])
+        units.append((order[out], "mlp", m, _residual(out, inp, gm, "mlp", order), inp, out))
+    units.sort(key=lambda u: u[0])
+
+    groups: list[list] = []
+    i = 0
+    while i < len(units):
+        u = units[i]
+        nxt = units[i + 1] if i + 1 < len(units) else None
+        if u[1] == "attn" and nxt is not None and nxt[1] == "mlp" and nxt[3] is not None:
+            anchor = nodes[u[3].add] if u[3] is not None else u[5]
+            if anchor in _ancestors(nodes[nxt[3].skip], order[anchor], order):
+                groups.append([u, nxt])
+                i += 2
+                continue
+        groups.append([u])
+        i += 1
+
+    blocks = []
+    for idx, group in enumerate(groups):
+        attn = next((g[2] for g in group if g[1] == "attn"), None)
+        mlp = next((g[2] for g in group if g[1] == "mlp"), None)
+        residuals = tuple(g[3] for g in group if g[3] is not None)
+        first = group[0]
+        start = nodes[first[3].skip] if first[3] is not None else first[4]
+        end = nodes[group[-1][3].add] if group[-1][3] is not None else group[-1][5]
+        reason = None
+        if len(residuals) != len(group):
+            site = next(g for g in group if g[3] is None)
+            reason = f"{site[2].name} is not added to a residual stream (a stage transition)"
+        elif not all(r.identity_skip for r in residuals):
+            reason = "the shortcut is projected or pooled (a stage transition)"
+        elif not _same_stream(shape_of(start), shape_of(end)):
+            reason = f"block input {shape_of(start)} and output {shape_of(end)} differ"
+        members = _ancestors(end, order[start] + 1, order) - {start}
+        member_names = tuple(n.name for n in gm.graph.nodes if n in members)
+        flops = sum(nodes[n].meta[COST].flops for n in member_names if COST in nodes[n].meta)
+        params = sum(nodes[n].meta[COST].params for n in member_names if COST in nodes[n].meta)
+        name = _block_name([g[2].name for g in group])
+        s_in, s_out = shape_of(start), shape_of(end)
+        blocks.append(Block(
+            index=idx, name=name,
+            attention=replace(attn, block=idx) if attn is not None else None,
+            mlp=replace(mlp, block=idx) if mlp is not None else None,
+            residuals=residuals, input=start.name, output=end.name,
+            tokens_in=_tokens(s_in), tokens_out=_tokens(s_out),
+            skippable=reason is None, skip_reason=reason, token_prunable=False, token_reason=None,
+            nodes=member_names, flops=flops, params=params))
+    return blocks
+
+
+def _same_stream(a: tuple[int, ...] | None, b: tuple[int, ...] | None) -> bool:
+    """Equal, or equal up to a reshape between (B, H, W, C) and (B, H*W, C)."""
+    if a is None or b is None:
+        return False
+    return a == b or (a[0] == b[0] and a[-1] == b[-1] and math.prod(a) == math.prod(b))
+
+
+def _tokens(shape: tuple[int, ...] | None) -> int:
+    if not shape or len(shape) < 3:
+        return 0
+    if len(shape) == 3:
+        return shape[1]
+    return shape[1] * shape[2]  # (B, H, W, C) grid layout
+
+
+def _block_name(paths: list[str]) -> str:
+    prefix = common_prefix(paths)
+    if len(paths) == 1 or not prefix:
+        return paths[0].rsplit(".", 1)[0] if paths and "." in paths[0] else (paths[0] if paths else "")
+    return prefix
+
+
+def find_tokens(gm: fx.GraphModule, blocks: list[Block]) -> TokenInfo:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first_in = nodes[blocks[0].input] if blocks else None
+    stream = shape_of(first_in) if first_in is not None else None
+    embed = None
+    if first_in is not None:
+        convs = [n for n in gm.graph.nodes if order[n] < order[first_in] and op_kind(n, gm) == "conv"]
+        embed = convs[-1] if convs else None
+    grid = None
+    if embed is not None and shape_of(embed) and len(shape_of(embed)) == 4:
+        grid = tuple(shape_of(embed)[-2:])
+    layout, tokens, dim = "sequence", 0, 0
+    if stream is not None and len(stream) == 3:
+        tokens, dim = stream[1], stream[2]
+    elif stream is not None and len(stream) == 4:
+        layout = "grid" if grid and stream[1:3] == grid else "channels"
+        tokens = stream[1] * stream[2] if layout == "grid" else stream[2] * stream[3]
+        dim = stream[3] if layout == "grid" else stream[1]
+    prefix = max(0, tokens - grid[0] * grid[1]) if grid and layout == "sequence" else 0
+    return TokenInfo(embed=embed.name if embed is not None else None, grid=grid, embed_dim=dim, tokens=tokens,
+                     prefix_tokens=prefix, pooling=_pooling(gm, blocks, order, nodes), layout=layout)
+
+
+def _pooling(gm: fx.GraphModule, blocks: list[Block], order: dict, nodes: dict) -> str:
+    """How the classifier reads the tokens: class token(s), a mean, or an attention pool."""
+    if not blocks:
+        return "unknown"
+    floor = order[nodes[blocks[-1].output]]
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    queue, seen = deque(out.all_input_nodes), set()
+    while queue:
+        n = queue.popleft()
+        if n in seen or order[n] < floor:
+            continue
+        seen.add(n)
+        kind = op_kind(n, gm)
+        src = shape_of(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+        if kind == "shape" and n.op == "call_function" and n.target.__name__ == "getitem" and src and len(src) == 3:
+            idx = n.args[1]
+            if isinstance(idx, tuple) and len(idx) >= 2 and isinstance(idx[1], int):
+                return "token"
+            if isinstance(idx, tuple) and len(idx) >= 2 and isinstance(idx[1], slice) and idx[1].start:
+                queue.extend(n.all_input_nodes)  # x[:, prefix:] before a mean
+                continue
+        if kind in ("reduce", "pool"):
+            return "avg"
+        if kind in ("sdpa", "softmax"):
+            return "attn"
+        queue.extend(n.all_input_nodes)
+    return "none"
+
+
+def mark_token_prunable(gm: fx.GraphModule, blocks: list[Block], tokens: TokenInfo) -> list[Block]:
+    """Decide per block whether tokens may be dropped before it, with the reason where not."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out: list[Block] = []
+    # scan from the last block backwards: a barrier at block j forbids dropping before any i <= j
+    barrier: str | None = None
+    if tokens.pooling not in ("token", "avg"):
+        barrier = f"the head pools tokens by {tokens.pooling!r}, not a class token or a mean"
+    for b in reversed(blocks):
+        own = None
+        if tokens.layout != "sequence":
+            own = "tokens form a spatial grid here (hierarchical or windowed model)"
+        elif b.attention is None:
+            own = "the block has no attention to mask"
+        elif b.attention.mode != "token":
+            own = "channel attention mixes every token into each output"
+        elif b.attention.tokens_q != 1 and (b.attention.tokens_kv != b.tokens_in
+                                            or b.attention.tokens_q != b.tokens_in):
+            own = f"attention sees {b.attention.tokens_kv} of the block's {b.tokens_in} tokens (windowed/pooled)"
+        elif b.attention.bias in ("rel_pos_table", "params"):
+            own = "the attention adds a fixed-size relative position bias"
+        elif b.tokens_in != b.tokens_out:
+            own = "the block changes the number of tokens"
+        else:
+            counts = {b.tokens_in, b.tokens_in - tokens.prefix_tokens}
+            for n in b.nodes:
+                s = shape_of(nodes[n])
+                hit = next(((h, w) for h, w in zip(s[1:], s[2:]) if h > 1 and w > 1 and h * w in counts),
+                           None) if s and len(s) >= 4 else None
+                if hit:
+                    own = f"%{n} reshapes tokens into a {hit[0]}x{hit[1]} grid"
+                    break
+        barrier = own or barrier
+        reason = barrier
+        out.append(replace(b, token_prunable=reason is None, token_reason=reason))
+    return list(reversed(out))

@@ -1,0 +1,121 @@
+"""Recognise MLP sites: Linear -> activation (-> dropout/norm) -> Linear, plain or gated.
+
+A second linear ``fc2`` is an MLP output when walking back from its input crosses only element-wise
+ops (at least one activation) and reaches one or two linears. One linear whose output is split
+(chunk/getitem) and multiplied is a packed gated MLP; two linears multiplied are a SwiGLU-style pair.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import torch.fx as fx
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from vitgraph.analysis import index as ix
+from vitgraph.analysis.ops import common_prefix, module_path, op_kind, tensor_args
+from vitgraph.meta import MlpSite, shape_of
+
+_THROUGH = {"act", "dropout", "norm", "mul", "shape"}
+
+
+def _producers(fc2: fx.Node, gm: fx.GraphModule) -> tuple[list[fx.Node], list[fx.Node]] | None:
+    """Linears feeding ``fc2`` through element-wise ops, and the ops crossed; None if anything else."""
+    start = fc2.args[0] if fc2.args else None
+    if not isinstance(start, fx.Node):
+        return None
+    linears: list[fx.Node] = []
+    crossed: list[fx.Node] = []
+    queue, seen = deque([start]), {start}
+    while queue:
+        node = queue.popleft()
+        kind = op_kind(node, gm)
+        if kind == "linear":
+            linears.append(node)
+            continue
+        if kind not in _THROUGH or len(crossed) > 24:
+            return None
+        crossed.append(node)
+        for a in tensor_args(node):
+            if a not in seen:
+                seen.add(a)
+                queue.append(a)
+    return linears, crossed
+
+
+def find_mlps(gm: fx.GraphModule, claimed: set[str]) -> list[MlpSite]:
+    """Every MLP site; ``claimed`` holds linear nodes already known to be attention projections."""
+    sites = []
+    for node in gm.graph.nodes:
+        if op_kind(node, gm) != "linear" or node.name in claimed:
+            continue
+        found = _producers(node, gm)
+        if found is None:
+            continue
+        linears, crossed = found
+        acts = [c for c in crossed if op_kind(c, gm) == "act"]
+        if not acts or not (1 <= len(linears) <= 2) or any(l.name in claimed for l in linears):
+            continue
+        gated = len(linears) == 2 or any(op_kind(c, gm) == "mul" and len(tensor_args(c)) == 2 for c in crossed)
+        fc2_in = shape_of(node.args[0])
+        if fc2_in is None:
+            continue
+        hidden = fc2_in[-1]
+        # order a gated pair as (value, gate): the gate is the one whose path crosses the activation
+        if len(linears) == 2:
+            first = linears[0]
+            gate_first = any(a in first.users or _reaches(first, a) for a in acts)
+            linears = linears if not gate_first else [linears[1], linears[0]]
+        reason = None
+        norm = next((c for c in crossed if op_kind(c, gm) == "norm" and not _per_channel(c, gm)), None)
+        if norm is not None:
+            reason = f"hidden units pass through {module_path(norm, gm)}, a norm over all units"
+        elif not _units_map(linears, node, gm, hidden):
+            reason = "could not map fc1 rows to fc2 columns"
+        name = common_prefix([module_path(l, gm) for l in linears] + [module_path(node, gm)]) or module_path(node, gm)
+        sites.append(MlpSite(name=name, fc1=tuple(l.name for l in linears), act=acts[0].name, fc2=node.name,
+                             hidden=hidden, gated=gated, prunable={"mlp": reason}))
+    return sites
+
+
+def _per_channel(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """BatchNorm normalises each unit on its own, so slicing its parameters is exact."""
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), _BatchNorm)
+
+
+def batchnorms(site: MlpSite, gm: fx.GraphModule) -> list[fx.Node]:
+    """Per-unit BatchNorms between fc1 and fc2 (their parameters shrink with the units)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    found = _producers(nodes[site.fc2], gm)
+    return [c for c in found[1] if _per_channel(c, gm)] if found else []
+
+
+def _reaches(src: fx.Node, dst: fx.Node, depth: int = 6) -> bool:
+    frontier = {src}
+    for _ in range(depth):
+        frontier = {u for n in frontier for u in n.users}
+        if dst in frontier:
+            return True
+    return False
+
+
+def unit_columns(linears: list[fx.Node], fc2: fx.Node, gm: fx.GraphModule, pick: int = 0
+                 ) -> dict[fx.Node, list[int]] | None:
+    """For each fc1 linear: the fc1 row feeding each fc2 input column (-1 where none)."""
+    out = {}
+    for lin in linears:
+        env = ix.propagate(gm, {lin: ix.row_index(shape_of(lin))}, pick=pick)
+        idx = env.get(fc2.args[0])
+        if idx is None:
+            return None
+        out[lin] = [int(v) for v in idx.reshape(-1, idx.shape[-1])[0].tolist()]
+    return out
+
+
+def _units_map(linears: list[fx.Node], fc2: fx.Node, gm: fx.GraphModule, hidden: int) -> bool:
+    cols = unit_columns(linears, fc2, gm)
+    if cols is None:
+        return False
+    return any(sum(1 for v in c if v >= 0) == hidden for c in cols.values())
+
+
+__all__ = ["find_mlps", "unit_columns", "batchnorms"]

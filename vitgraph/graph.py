@@ -1,0 +1,179 @@
+"""VitGraph: a traced ViT (an fx.GraphModule) together with its recognised structure."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from vitgraph.analysis import analyse
+from vitgraph.meta import Block, Structure
+from vitgraph.trace import check_exact, run_eager, trace_module
+
+
+class VitGraph:
+    """A traced model, its example inputs and the structure recognised in it."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], structure: Structure,
+                 name: str, trace_error: float = 0.0) -> None:
+        self.gm = gm
+        self.example_inputs = example_inputs
+        self.structure = structure
+        self.name = name
+        self.trace_error = trace_error
+
+    # -- lookups ------------------------------------------------------------------------------
+    def node(self, name: str) -> fx.Node:
+        for n in self.gm.graph.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(f"no node named {name!r} in the graph of {self.name}")
+
+    @property
+    def blocks(self) -> tuple[Block, ...]:
+        return self.structure.blocks
+
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        return tuple(self.example_inputs[0].shape[1:]) if self.example_inputs else ()
+
+    # -- views --------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The ``inspect --json`` contract."""
+        s = self.structure
+        return {
+            "model": self.name,
+            "input_size": list(self.input_size),
+            "flops": s.flops,
+            "params": s.params,
+            "embed_dim": s.tokens.embed_dim,
+            "prefix_tokens": s.tokens.prefix_tokens,
+            "tokens": s.tokens.tokens,
+            "grid": list(s.tokens.grid) if s.tokens.grid else None,
+            "pooling": s.tokens.pooling,
+            "blocks": [block_dict(b) for b in s.blocks],
+            "other_attention": [a.name for a in s.attention if a.block is None],
+        }
+
+    def to_json(self, **kw: Any) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    def summary(self) -> str:
+        from vitgraph.report import structure_table
+        return structure_table(self)
+
+    def to_networkx(self) -> Any:
+        """Block-level DiGraph: embed -> block 0 -> ... -> head, with each block's data as attributes."""
+        import networkx as nx
+
+        g = nx.DiGraph(model=self.name, flops=self.structure.flops, params=self.structure.params)
+        prev = "input"
+        g.add_node("input", kind="input", shape=list(self.input_size))
+        for b in self.structure.blocks:
+            node = f"block{b.index}"
+            g.add_node(node, kind="block", **{k: v for k, v in block_dict(b).items() if v is not None})
+            g.add_edge(prev, node, tokens=b.tokens_in)
+            prev = node
+        g.add_node("output", kind="output")
+        g.add_edge(prev, "output")
+        return g
+
+    def node_graph(self) -> Any:
+        """Node-level DiGraph of the fx graph with op kinds and roles, for custom analyses."""
+        import networkx as nx
+
+        from vitgraph.analysis.ops import op_kind
+        from vitgraph.meta import ROLE, SHAPE
+
+        g = nx.DiGraph()
+        for n in self.gm.graph.nodes:
+            role = n.meta.get(ROLE)
+            g.add_node(n.name, op=op_kind(n, self.gm), shape=n.meta.get(SHAPE),
+                       role=asdict(role) if role is not None else None)
+            for a in n.all_input_nodes:
+                g.add_edge(a.name, n.name)
+        return g
+
+    def __repr__(self) -> str:
+        s = self.structure
+        return (f"VitGraph({self.name}: {len(s.blocks)} blocks, {len(s.attention)} attention sites, "
+                f"{s.flops / 1e9:.2f} GFLOPs, {s.params / 1e6:.2f} M params)")
+
+
+def block_dict(b: Block) -> dict[str, Any]:
+    """One row of ``inspect --json`` / ``report.json`` blocks."""
+    attn = None
+    if b.attention is not None:
+        a = b.attention
+        attn = {"kind": "msa", "name": a.name, "heads": a.heads, "head_dim": a.head_dim,
+                "v_head_dim": a.v_head_dim, "impl": a.impl, "mode": a.mode, "fused": a.fused,
+                "tokens_q": a.tokens_q, "tokens_kv": a.tokens_kv, "bias": a.bias,
+                "prunable": dict(a.prunable)}
+    mlp = None
+    if b.mlp is not None:
+        mlp = {"hidden": b.mlp.hidden, "name": b.mlp.name, "gated": b.mlp.gated, "prunable": dict(b.mlp.prunable)}
+    return {
+        "index": b.index, "name": b.name, "attention": attn, "mlp": mlp,
+        "skippable": b.skippable, "skip_reason": b.skip_reason,
+        "token_prunable": b.token_prunable, "token_reason": b.token_reason,
+        "tokens_in": b.tokens_in, "tokens_out": b.tokens_out,
+        "flops": b.flops, "params": b.params,
+    }
+
+
+def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[type] = (),
+          autowrap_functions: Sequence[Callable] = (), name: str | None = None) -> VitGraph:
+    """Trace ``model``, check the trace is exact, and recognise its structure.
+
+    ``example_inputs`` is a tensor or a tuple of tensors (batch first). The model is put in eval
+    mode: tracing bakes Python control flow, and recognition describes the inference graph.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    model = _hf_adapter(model)
+    model.eval()
+    name = name or getattr(model, "default_cfg", {}).get("architecture") or type(model).__name__
+    reference = run_eager(model, example_inputs, name, expected=_expected_size(model))
+    gm = trace_module(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+                      model_name=name)
+    gm.eval()
+    err = check_exact(gm, reference, example_inputs, name)
+    structure = analyse(gm, example_inputs)
+    return VitGraph(gm, example_inputs, structure, name, err)
+
+
+class HFLogits(nn.Module):
+    """Adapter for Hugging Face image models: ``pixel_values -> logits`` (or the last hidden state)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values, return_dict=True)
+        logits = getattr(out, "logits", None)
+        return logits if logits is not None else out.last_hidden_state
+
+
+def _hf_adapter(model: nn.Module) -> nn.Module:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return model
+    return HFLogits(model) if isinstance(model, PreTrainedModel) else model
+
+
+def _expected_size(model: nn.Module) -> str | None:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return "input size " + "x".join(str(d) for d in cfg["input_size"])
+    inner = getattr(model, "model", model)
+    hf = getattr(inner, "config", None)
+    if hf is not None and hasattr(hf, "image_size"):
+        return f"input size {getattr(hf, 'num_channels', 3)}x{hf.image_size}x{hf.image_size}"
+    return None

@@ -1,0 +1,99 @@
+"""Human-readable views of a VitGraph: the per-block table and the Graphviz drawing."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vitgraph.graph import VitGraph
+
+
+def _fmt_flops(f: int) -> str:
+    return f"{f / 1e9:.3f} G" if f >= 1e8 else f"{f / 1e6:.2f} M"
+
+
+def _fmt_params(p: int) -> str:
+    return f"{p / 1e6:.2f} M" if p >= 1e5 else f"{p / 1e3:.1f} K"
+
+
+def _passes(b) -> str:
+    """Which passes apply at this block, and the first reason one does not."""
+    ok, no = [], []
+    for label, reason in (("heads", b.attention.prunable.get("heads") if b.attention else "no attention"),
+                          ("head_dim", b.attention.prunable.get("head_dim") if b.attention else "no attention"),
+                          ("mlp", b.mlp.prunable.get("mlp") if b.mlp else "no MLP"),
+                          ("skip", b.skip_reason),
+                          ("tokens", b.token_reason)):
+        (no if reason else ok).append((label, reason))
+    text = ",".join(label for label, _ in ok) or "-"
+    if no:
+        text += "; not " + "; ".join(f"{label}: {reason}" for label, reason in no
+                                     if reason not in ("no attention", "no MLP"))
+    return text.rstrip("; not ")
+
+
+def structure_table(g: "VitGraph", console_width: int = 200) -> str:
+    """The ``vitgraph inspect`` table as text (rendered with rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    s = g.structure
+    t = Table(title=f"{g.name}  input {'x'.join(map(str, g.input_size))}  "
+                    f"{_fmt_flops(s.flops)}FLOPs  {_fmt_params(s.params)} params", show_lines=False)
+    for col in ("#", "block", "attn", "heads", "head dim", "MLP", "tokens", "FLOPs", "params", "passes"):
+        t.add_column(col, overflow="fold")
+    for b in s.blocks:
+        a = b.attention
+        kind = "-" if a is None else ("msa" if a.mode == "token" else "xca")
+        head_dim = "-" if a is None else (str(a.head_dim) if a.head_dim == a.v_head_dim
+                                          else f"{a.head_dim}/{a.v_head_dim}")
+        tokens = str(b.tokens_in) if b.tokens_in == b.tokens_out else f"{b.tokens_in}->{b.tokens_out}"
+        t.add_row(str(b.index), b.name, kind, "-" if a is None else str(a.heads), head_dim,
+                  "-" if b.mlp is None else str(b.mlp.hidden) + (" (gated)" if b.mlp.gated else ""),
+                  tokens, _fmt_flops(b.flops), _fmt_params(b.params), _passes(b))
+    tok = s.tokens
+    grid = f"{tok.grid[0]}x{tok.grid[1]}" if tok.grid else "?"
+    footer = (f"embed dim {tok.embed_dim}, tokens {tok.tokens} = {tok.prefix_tokens} prefix + grid {grid}, "
+              f"layout {tok.layout}, pooling {tok.pooling}")
+    console = Console(width=console_width, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(t)
+    console.print(footer)
+    return console.export_text()
+
+
+def write_dot(g: "VitGraph", path: str | Path) -> list[Path]:
+    """Graphviz drawing of the block structure; also an SVG when the ``dot`` program exists."""
+    s = g.structure
+    lines = ["digraph vit {", "  rankdir=TB; node [shape=box, fontname=Helvetica, fontsize=10];",
+             f'  input [label="input {"x".join(map(str, g.input_size))}", shape=oval];']
+    prev = "input"
+    if s.tokens.embed:
+        lines.append(f'  embed [label="patch embed\\n{s.tokens.tokens} tokens ({s.tokens.prefix_tokens} prefix)"];')
+        lines.append(f"  {prev} -> embed;")
+        prev = "embed"
+    for b in s.blocks:
+        a = b.attention
+        parts = [f"block {b.index}: {b.name}"]
+        if a is not None:
+            parts.append(f"attn {a.heads}x{a.head_dim} ({a.impl}, {a.mode})")
+        if b.mlp is not None:
+            parts.append(f"mlp {b.mlp.hidden}")
+        parts.append(f"{_fmt_flops(b.flops)}FLOPs")
+        style = "" if b.skippable else ", style=dashed"
+        label = "\\n".join(parts)
+        lines.append(f'  b{b.index} [label="{label}"{style}];')
+        lines.append(f'  {prev} -> b{b.index} [label="{b.tokens_in}"];')
+        prev = f"b{b.index}"
+    lines.append(f'  head [label="head ({s.tokens.pooling} pool)", shape=oval];')
+    lines.append(f"  {prev} -> head;")
+    lines.append("}")
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n")
+    written = [path]
+    if shutil.which("dot"):
+        svg = path.with_suffix(".svg")
+        subprocess.run(["dot", "-Tsvg", str(path), "-o", str(svg)], check=True)
+        written.append(svg)
+    return written
