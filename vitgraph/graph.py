@@ -12,7 +12,7 @@ from torch import nn
 
 from vitgraph.analysis import analyse
 from vitgraph.meta import Block, Structure
-from vitgraph.trace import check_exact, run_eager, trace_module
+from vitgraph.frontend import check_exact, run_eager, trace_module
 
 
 class VitGraph:

@@ -1,0 +1,1 @@
+"""Graph passes (instrument / materialize pairs). The compression passes land here."""

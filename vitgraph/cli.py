@@ -1,0 +1,186 @@
+"""The ``vitgraph`` command line. Exit 0 on success, 2 on bad input with a one-paragraph error."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from vitgraph.errors import VitgraphError
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-size", help="C,H,W of the input (default: what the model was built for)")
+    p.add_argument("--model-kwargs", help="k=v,... passed to timm.create_model or your function")
+    p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs network)")
+    p.add_argument("--checkpoint", help="load weights from this state-dict file")
+    p.add_argument("--batch", type=int, default=2, help="example batch size used for analysis (default 2)")
+
+
+def _load(args: argparse.Namespace, ref: str) -> Any:
+    """Build the model and trace it: returns a VitGraph."""
+    import torch
+
+    from vitgraph.graph import trace
+    from vitgraph.models import default_input_size, load_model, parse_kwargs, parse_size
+
+    model = load_model(ref, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                       model_kwargs=parse_kwargs(args.model_kwargs))
+    size = parse_size(args.input_size) or default_input_size(model)
+    if size is None:
+        raise VitgraphError(f"cannot tell which input size {ref} expects; pass --input-size C,H,W")
+    torch.manual_seed(0)
+    x = torch.randn(max(1, args.batch), *size)
+    return trace(model, x, name=ref)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    g = _load(args, args.model)
+    seconds = time.perf_counter() - t0
+    if args.dot:
+        from vitgraph.report import write_dot
+        written = write_dot(g, args.dot)
+        if not args.json:
+            print("wrote " + ", ".join(map(str, written)))
+    if args.json:
+        print(g.to_json(indent=2))
+    else:
+        print(g.summary())
+        print(f"traced and analysed in {seconds:.2f} s; trace max abs error {g.trace_error:.2e}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vitgraph import targets
+
+    g = _load(args, args.model)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.target == "onnx":
+        rep = targets.onnx.lower(g.gm, g.example_inputs, out, atol=args.atol)
+    elif args.target == "pt2":
+        rep = targets.export.lower(g.gm, g.example_inputs, out, atol=args.atol)
+    else:
+        _, rep = targets.compile.lower_with_report(g.gm, g.example_inputs, atol=args.atol)
+    per = ", ".join(f"batch {b}: {e:.2e}" for b, e in getattr(rep, "per_batch", {}).items())
+    where = f" -> {out}" if args.target != "compile" else ""
+    print(f"{args.target}{where}: max abs error vs eager {rep.max_abs_err:.2e} ({per}), tolerance {args.atol:g}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vitgraph.targets import bench
+
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    target_names = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = set(target_names) - {"eager", "compile", "onnx"}
+    if unknown:
+        raise VitgraphError(f"--targets: unknown {sorted(unknown)}; choose from eager, compile, onnx")
+    rows = []
+    for ref in args.models:
+        g = _load(args, ref)
+        for b in batches:
+            timings = bench.measure(bench.runners(g.gm, g.example_inputs, batch=b, targets=target_names,
+                                                  name=ref.replace("/", "_").replace(":", "_")),
+                                    repeats=args.repeats)
+            for t, tm in timings.items():
+                rows.append({"model": ref, "batch": b, "target": t, "median_ms": tm.median_ms,
+                             "p25_ms": tm.p25_ms, "p75_ms": tm.p75_ms, "n": tm.n,
+                             "flops": g.structure.flops})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="latency (median of interleaved runs)")
+    for col in ("model", "batch", "target", "median ms", "p25-p75 ms", "img/s"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["model"], str(r["batch"]), r["target"], f"{r['median_ms']:.2f}",
+                      f"{r['p25_ms']:.2f}-{r['p75_ms']:.2f}", f"{1000 * r['batch'] / r['median_ms']:.1f}")
+    Console().print(table)
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    raise VitgraphError("`vitgraph compile` needs the compression passes (width/depth pruning), which this "
+                        "version does not ship yet. Use `vitgraph inspect` and `vitgraph export` meanwhile.")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vitgraph.demo import run_demo
+
+    return run_demo(Path(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitgraph", description="Recognise, compress and lower Vision Transformers.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("inspect", help="show the recognised structure of a model")
+    s.add_argument("model", help="timm name, file.py:function or module.path:function")
+    s.add_argument("--json", action="store_true", help="print the structure as JSON")
+    s.add_argument("--dot", help="write a Graphviz drawing of the blocks (and an SVG when `dot` exists)")
+    _model_args(s)
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("export", help="lower a model and verify parity")
+    s.add_argument("model")
+    s.add_argument("--target", choices=("onnx", "compile", "pt2"), required=True)
+    s.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
+    s.add_argument("--atol", type=float, default=1e-4, help="max abs error allowed vs eager (default 1e-4)")
+    _model_args(s)
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("bench", help="latency table: eager, torch.compile, ONNX Runtime")
+    s.add_argument("models", nargs="+")
+    s.add_argument("--batch-sizes", "--batch-list", dest="batch_sizes", default="1,16")
+    s.add_argument("--targets", default="eager,onnx")
+    s.add_argument("--repeats", type=int, default=20)
+    s.add_argument("--json", action="store_true")
+    _model_args(s)
+    s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("compile", help="compress a model with a spec (width/depth/token passes)")
+    s.add_argument("model")
+    s.add_argument("--spec", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--data", default="none")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--batch-size", type=int)
+    _model_args(s)
+    s.set_defaults(func=cmd_compile)
+
+    s = sub.add_parser("demo", help="the end-to-end example job")
+    s.add_argument("--out", default="vitgraph-demo")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `bench --batch 1,16` (the documented form) means batch sizes; elsewhere --batch is the example batch
+    if argv[:1] == ["bench"] or (len(argv) > 1 and argv[0] == "--debug" and argv[1] == "bench"):
+        argv = ["--batch-sizes" if a == "--batch" else a for a in argv]
+    args = build_parser().parse_args(argv)
+    if not args.debug:
+        warnings.filterwarnings("ignore")
+    try:
+        return args.func(args)
+    except VitgraphError as exc:
+        if args.debug:
+            raise
+        print(f"vitgraph {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
