@@ -276,7 +276,7 @@ def run_eager(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], name: 
         got = "x".join(str(s) for s in example_inputs[0].shape[1:]) if example_inputs else "()"
         hint = f"it expects {expected}" if expected else "check the channels and image size it was built for"
         raise InputSizeError(
-            f"{name} cannot run on an input of size {got} (batch excluded): {str(exc).splitlines()[0]}. "
+            f"{name} cannot run on an input of size {got} (batch excluded): {str(exc).splitlines()[0].rstrip('.')}. "
             f"{hint.capitalize()}; pass that size (CLI: --input-size C,H,W)."
         ) from exc
 

@@ -169,11 +169,8 @@ def _hf_adapter(model: nn.Module) -> nn.Module:
 
 
 def _expected_size(model: nn.Module) -> str | None:
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("input_size"):
-        return "input size " + "x".join(str(d) for d in cfg["input_size"])
-    inner = getattr(model, "model", model)
-    hf = getattr(inner, "config", None)
-    if hf is not None and hasattr(hf, "image_size"):
-        return f"input size {getattr(hf, 'num_channels', 3)}x{hf.image_size}x{hf.image_size}"
-    return None
+    from vitgraph.models import default_input_size
+
+    inner = model.model if isinstance(model, HFLogits) else model
+    size = default_input_size(inner)
+    return "input size " + "x".join(map(str, size)) if size else None

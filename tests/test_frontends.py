@@ -1,0 +1,109 @@
+"""Front ends and errors: timm, Hugging Face, a hand-written module; exact traces; clear failures."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import vitgraph as vg
+from tests.handmade import handmade_vit
+
+
+def test_handmade_vit_explicit_softmax_separate_qkv():
+    model = handmade_vit()
+    g = vg.trace(model, torch.randn(2, 3, 32, 32))
+    assert g.trace_error == 0.0
+    s = g.structure
+    assert len(s.blocks) == 3
+    for b in s.blocks:
+        a = b.attention
+        assert (a.impl, a.fused, a.heads, a.head_dim, a.mode) == ("explicit", "separate", 4, 12, "token")
+        assert b.mlp.hidden == 96 and b.skippable and b.token_prunable
+    assert (s.tokens.prefix_tokens, s.tokens.grid, s.tokens.pooling) == (1, (4, 4), "token")
+    heads = s.group("blocks.0.attn.heads")
+    assert heads.units == 4
+    # q, k, v weights and biases give rows, proj gives columns; head 1 owns rows/cols 12..23
+    rows = {sl.target: sl.indices[1] for sl in heads.slices}
+    assert rows["blocks.0.attn.to_q.weight"] == tuple(range(12, 24))
+    assert rows["blocks.0.attn.out.weight"] == tuple(range(12, 24))
+    # reshape arguments carrying the head count: the three literal view(b, n, 4, c // 4) and the merge
+    # reshape(b, n, c), whose c = 4 x 12 is read from x.shape and so must be replaced, not edited
+    consts = sorted((c.value, c.per_unit, c.literal) for c in heads.constants)
+    assert consts == [(4, 1, True)] * 3 + [(48, 12, False)]
+
+
+def test_hugging_face_vit():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=128, image_size=32, patch_size=8, num_labels=10)
+    model = transformers.ViTForImageClassification(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    g = vg.trace(model, x)
+    assert g.trace_error <= 1e-6
+    assert [(b.attention.heads, b.attention.head_dim, b.mlp.hidden) for b in g.blocks] == [(4, 16, 128)] * 2
+    assert g.blocks[0].attention.fused == "separate"
+    assert (g.structure.tokens.prefix_tokens, g.structure.tokens.pooling) == (1, "token")
+    with torch.no_grad():
+        assert torch.allclose(g.gm(x), model(pixel_values=x).logits, atol=1e-6)
+
+
+def test_gated_mlp_is_recognised():
+    timm = pytest.importorskip("timm")
+    from timm.layers import SwiGLUPacked
+    model = timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64,
+                              num_heads=2, mlp_layer=SwiGLUPacked, mlp_ratio=2, num_classes=5).eval()
+    g = vg.trace(model, torch.randn(2, 3, 32, 32))
+    assert all(b.mlp.gated and b.mlp.hidden == 64 for b in g.blocks)
+    group = g.structure.group(f"{g.blocks[0].mlp.name}.mlp")
+    fc1 = [s for s in group.slices if s.what == "weight.out"]
+    # a packed SwiGLU couples unit u to fc1 rows u (value) and u + hidden (gate)
+    assert sorted(s.indices[3][0] for s in fc1) == [3, 67]
+
+
+class ValueBranch(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # depends on tensor *values*: symbolic tracing cannot follow it
+            return x * 2
+        return x
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.odd = ValueBranch()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.odd(self.lin(x))
+
+
+def test_untraceable_model_names_module_and_fix():
+    with pytest.raises(vg.TraceError) as info:
+        vg.trace(Untraceable(), torch.randn(2, 3, 4))
+    msg = str(info.value)
+    assert "odd" in msg and "ValueBranch" in msg and "leaf_modules" in msg
+    # and the suggested fix works
+    g = vg.trace(Untraceable(), torch.randn(2, 3, 4), leaf_modules=[ValueBranch])
+    assert any(n.op == "call_module" and n.target == "odd" for n in g.gm.graph.nodes)
+
+
+def test_wrong_input_size_says_what_is_expected():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, patch_size=16, depth=1)
+    with pytest.raises(vg.InputSizeError) as info:
+        vg.trace(model, torch.randn(1, 3, 32, 32))
+    assert "3x64x64" in str(info.value) and "--input-size" in str(info.value)
+
+
+def test_cost_can_be_priced_in_kept_fractions():
+    from vitgraph.analysis.cost import evaluate
+    g = vg.trace(handmade_vit(), torch.randn(2, 3, 32, 32))
+    full = evaluate(g.gm, {})
+    assert full == g.structure.flops
+    keep = torch.tensor(0.5, requires_grad=True)
+    mlp_groups = {gr.name: keep for gr in g.structure.groups if gr.kind == "mlp"}
+    priced = evaluate(g.gm, mlp_groups)
+    mlp_flops = sum(2 * 17 * 48 * 96 * 2 for _ in g.blocks)  # fc1 + fc2, 17 tokens, per image
+    assert abs(float(priced) - (full - 0.5 * mlp_flops)) < 1e-3 * full
+    priced.backward()
+    assert abs(float(keep.grad) - mlp_flops) < 1e-3 * full  # d cost / d keep = the MLP FLOPs
