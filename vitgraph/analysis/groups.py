@@ -38,8 +38,11 @@ def _constants(gm: fx.GraphModule, env: dict[fx.Node, torch.Tensor], units: int,
         if out is None or len(sizes) != len(out):
             continue
         for axis, arg in enumerate(sizes):
-            along = idx.movedim(axis, -1).reshape(-1, out[axis])
-            varying = {int(v) for v in along[0].tolist() if v >= 0}
+            line = idx
+            for other in reversed(range(idx.dim())):  # the line through the origin along `axis`
+                if other != axis:
+                    line = line.select(other, 0)
+            varying = {int(v) for v in line.tolist() if v >= 0}
             if len(varying) != units or units == 1:
                 continue
             value = arg if isinstance(arg, int) else (arg.meta.get(VALUE) if isinstance(arg, fx.Node) else None)
