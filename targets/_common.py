@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from vitgraph.errors import ParityError, VitgraphError
-from vitgraph.trace import max_abs_diff
+from vitgraph.frontend import max_abs_diff
 
 __all__ = ["LoweringReport", "LoweringError", "batched_inputs", "check_example_inputs", "model_name", "warn_if_training",
            "verify", "failing_op", "describe_failure", "raised_by", "lowering_error"]
@@ -172,6 +172,9 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}".rstrip(": .")
 
 
+_LIBRARY_DIRS = ("/torch/", "/onnxscript/", "/onnxruntime/", "/onnx/", "/vitgraph/", "/targets/")
+
+
 def _user_frame(exc: BaseException) -> str | None:
     text = str(exc)
     match = re.search(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)', text)
@@ -179,7 +182,8 @@ def _user_frame(exc: BaseException) -> str | None:
         return f"{match.group(1)}:{match.group(2)} `{match.group(4).strip()}`"
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
         path = frame.filename.replace("\\", "/")
-        if not any(p in path for p in ("/torch/", "/onnxscript/", "/vitgraph/", "/targets/", "/onnx/")):
+        stdlib = "/lib/python3" in path and "-packages/" not in path
+        if not stdlib and not any(p in path for p in _LIBRARY_DIRS):
             return f"{frame.filename}:{frame.lineno} `{(frame.line or '').strip()}`"
     return None
 

@@ -101,7 +101,7 @@ def runners(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, batch:
         if target == "eager":
             out[target] = _under_inference_mode(module, inputs)
         elif target == "compile":
-            fn = compile_target.lower(module, inputs, atol=atol, name=name)
+            fn = compile_target.lower(module, inputs, atol=atol, dynamic=False, name=name)  # one graph per batch
             out[target] = _under_inference_mode(fn, inputs)
         else:
             folder = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vitgraph-bench-"))

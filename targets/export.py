@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vitgraph.targets._common import (LoweringError, LoweringReport, batched_inputs, check_example_inputs,
-                                      lowering_error, model_name, warn_if_training, verify)
+                                      describe_failure, lowering_error, model_name, warn_if_training, verify)
 
 __all__ = ["lower", "load"]
 
@@ -60,5 +60,5 @@ def load(path: str | os.PathLike) -> nn.Module:
     try:
         return torch.export.load(path).module()
     except Exception as exc:  # noqa: BLE001 - a corrupt file or one from an incompatible torch
-        raise lowering_error(exc, target="torch.export", name=str(path),
-                             hint="The file is not a loadable .pt2 for this torch version; re-export it.") from exc
+        raise LoweringError(f"export: cannot load {path}: {describe_failure(exc)}. It is not a .pt2 this torch "
+                            f"({torch.__version__}) can load; re-export it with vitgraph.targets.export.lower().") from exc

@@ -5,6 +5,13 @@ ONNX Runtime reproduces the eager module within ``atol`` at every batch size in 
 (fresh random inputs per batch); otherwise it raises :class:`~vitgraph.errors.ParityError` or
 :class:`~vitgraph.targets.LoweringError`.
 
+Scaled-dot-product attention is pinned to the math backend while exporting. The fake output layout
+of SDPA depends on the backend PyTorch would pick, and the exporter re-runs the graph under different
+conditions (e.g. an attention bias that requires grad during capture, but not afterwards): a
+``reshape`` decomposed into ``view`` for one layout then fails on the other ("Cannot view a tensor
+with shape ..."), as for timm's BEiT and relative-position ViTs (pytorch/pytorch#136543). The ONNX
+graph itself does not depend on the backend.
+
 Sessions are created with intra- and inter-op spinning off, so idle ORT threads do not burn the
 cores that eager PyTorch or another benchmark runner needs.
 """
@@ -20,9 +27,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vitgraph.targets._common import (LoweringError, LoweringReport, batched_inputs, check_example_inputs,
-                                      lowering_error, model_name, warn_if_training, raised_by, verify)
+                                      describe_failure, lowering_error, model_name, warn_if_training, raised_by, verify)
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -74,7 +82,7 @@ def lower(module: nn.Module, example_inputs: Sequence[torch.Tensor], path: str |
 
     start = time.perf_counter()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), sdpa_kernel([SDPBackend.MATH]):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(module, _export_args(example), dynamo=True, dynamic_shapes=dynamic_shapes,
                                         opset_version=opset, optimize=False, verbose=False)
@@ -114,8 +122,8 @@ def session(path: str | os.PathLike, threads: int | None = None) -> onnxruntime.
     try:
         return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - e.g. a truncated file or an op ORT lacks
-        raise lowering_error(exc, target="onnx", name=str(path),
-                             hint="ONNX Runtime cannot load the file; re-export it or pick another opset.") from exc
+        raise LoweringError(f"onnx: ONNX Runtime cannot load {path}: {describe_failure(exc)}. Re-export it with "
+                            "vitgraph.targets.onnx.lower(), or pick an opset this onnxruntime supports.") from exc
 
 
 def _numpy(x: Any) -> np.ndarray:
