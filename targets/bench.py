@@ -84,8 +84,9 @@ def runners(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, batch:
             atol: float = 1e-4, name: str | None = None) -> dict[str, Callable[[], Any]]:
     """Zero-argument runners of ``module`` at ``batch`` on each target, ready for :func:`measure`.
 
-    Every lowered runner is parity-checked first (on the same batch size). ``workdir`` receives the
-    ONNX file (a fresh temporary directory when omitted). All runners see the same inputs.
+    Every lowered runner is parity-checked first (on the same batch size). ``workdir`` keeps the
+    ONNX file; without it the file lives in a temporary directory removed once the session holds
+    the model. All runners see the same inputs.
     """
     from vitgraph.targets import compile as compile_target
     from vitgraph.targets import onnx as onnx_target
@@ -104,10 +105,10 @@ def runners(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, batch:
             fn = compile_target.lower(module, inputs, atol=atol, dynamic=False, name=name)  # one graph per batch
             out[target] = _under_inference_mode(fn, inputs)
         else:
-            folder = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vitgraph-bench-"))
-            path = folder / f"{name}.onnx"
-            onnx_target.lower(module, example, path, atol=atol, check_batches=(batch,), name=name)
-            sess = onnx_target.session(path, threads=torch.get_num_threads())
+            with tempfile.TemporaryDirectory(prefix="vitgraph-bench-") as scratch:
+                path = Path(workdir if workdir is not None else scratch) / f"{name}.onnx"
+                onnx_target.lower(module, example, path, atol=atol, check_batches=(batch,), name=name)
+                sess = onnx_target.session(path, threads=torch.get_num_threads())  # loaded: file may go
             feed = {i.name: x.detach().cpu().numpy() for i, x in zip(sess.get_inputs(), inputs)}
             out[target] = lambda sess=sess, feed=feed: sess.run(None, feed)
     return out
