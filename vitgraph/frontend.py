@@ -13,6 +13,7 @@ Tracing is plain ``torch.fx`` symbolic tracing with two additions:
 """
 from __future__ import annotations
 
+import inspect
 import math
 import traceback
 from collections.abc import Iterable, Iterator, Sequence
@@ -224,16 +225,18 @@ def trace_module(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], *,
     t_leaves, t_funcs = timm_leaves()
     leaves = [*t_leaves, *leaf_modules]
     funcs = [*t_funcs, *autowrap_functions]
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    # optional arguments the example does not pass (masks, flags) are traced as their defaults,
+    # so the graph does not call methods on a None placeholder
+    concrete = {p.name: p.default for p in params[len(example_inputs):] if p.default is not p.empty}
     errors: list[tuple[BaseException, VitTracer]] = []
-    for concrete in (False, True):
-        tracer = VitTracer(leaves, funcs, concrete_shapes=concrete)
-        if concrete:
-            import inspect
-            params = [p for p in inspect.signature(model.forward).parameters.values()
-                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    for concrete_shapes in (False, True):
+        tracer = VitTracer(leaves, funcs, concrete_shapes=concrete_shapes)
+        if concrete_shapes:
             tracer.meta_inputs = {p.name: _to_meta(x) for p, x in zip(params, example_inputs)}
         try:
-            return _graph_module(model, tracer, None, name)
+            return _graph_module(model, tracer, concrete or None, name)
         except Exception as exc:  # noqa: BLE001 - re-raised below as a TraceError with context
             errors.append((exc, tracer))
     exc, tracer = errors[-1]

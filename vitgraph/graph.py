@@ -57,6 +57,7 @@ class VitGraph:
             "pooling": s.tokens.pooling,
             "blocks": [block_dict(b) for b in s.blocks],
             "other_attention": [a.name for a in s.attention if a.block is None],
+            "notes": list(s.notes),
         }
 
     def to_json(self, **kw: Any) -> str:

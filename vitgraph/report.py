@@ -60,6 +60,8 @@ def structure_table(g: "VitGraph", console_width: int = 200) -> str:
     console = Console(width=console_width, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
     console.print(t)
     console.print(footer)
+    for note in s.notes:
+        console.print(f"note: {note}")
     return console.export_text()
 
 

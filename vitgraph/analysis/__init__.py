@@ -13,7 +13,7 @@ import torch.fx as fx
 from vitgraph.analysis.attention import find_attention
 from vitgraph.analysis.blocks import find_blocks, find_tokens, mark_token_prunable
 from vitgraph.analysis.cost import annotate_costs
-from vitgraph.analysis.groups import head_group, mlp_group
+from vitgraph.analysis.groups import head_group, mlp_group, value_dim_group
 from vitgraph.analysis.mlp import find_mlps
 from vitgraph.analysis.shapes import propagate_shapes
 from vitgraph.meta import COST, ROLE, Role, Structure
@@ -59,7 +59,8 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Str
     propagate_shapes(gm, example_inputs)
     found = find_attention(gm, batch)
     claimed = {x for f in found for x in (f.site.q, f.site.k, f.site.v, f.site.proj) if x}
-    mlps = find_mlps(gm, claimed)
+    data = _data_nodes(gm)
+    mlps = find_mlps(gm, claimed, data)
     flops = annotate_costs(gm, batch)
     blocks = find_blocks(gm, [f.site for f in found], mlps)
     tokens = find_tokens(gm, blocks)
@@ -71,6 +72,7 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Str
     attention = tuple(f.site for f in found)
     mlps = [replace(m, block=block_of.get(m.name)) for m in mlps]
     groups = [g for g in (head_group(gm, f) for f in found) if g is not None]
+    groups += [g for g in (value_dim_group(gm, f) for f in found) if g is not None]
     groups += [g for g in (mlp_group(gm, m) for m in mlps) if g is not None]
     # each node's FLOPs scale with the groups whose weights it slices
     factor_of: dict[str, list[str]] = {}
@@ -79,6 +81,8 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Str
         for target in _weights_of(n, gm):
             weight_users.setdefault(target, []).append(n.name)
     for g in groups:
+        if g.kind == "head_dim":  # value dims scale only the v third of a fused qkv: priced by their pass
+            continue
         for s in g.slices:
             for user in weight_users.get(s.target, []):
                 if g.name not in factor_of.setdefault(user, []):
@@ -97,9 +101,36 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Str
             nodes[name].meta[COST] = replace(c, factors=tuple(fs))
     params = sum(p.numel() for p in gm.parameters())
     structure = Structure(blocks=tuple(blocks), attention=attention, mlps=tuple(mlps), tokens=tokens,
-                          groups=tuple(groups), flops=flops, params=params)
+                          groups=tuple(groups), flops=flops, params=params, notes=_notes(gm, attention))
     _tag(gm, structure)
     return structure
+
+
+def _notes(gm: fx.GraphModule, attention: tuple) -> tuple[str, ...]:
+    """What recognition could not see: opaque leaf modules, softmaxes outside any attention."""
+    from vitgraph.analysis.ops import module_path, op_kind
+    notes = []
+    cores = {a.core for a in attention}
+    for n in gm.graph.nodes:
+        kind = op_kind(n, gm)
+        if kind == "module":
+            mod = gm.get_submodule(n.target)
+            if any(isinstance(m, torch.nn.Linear) for m in mod.modules()):
+                notes.append(f"{n.target} ({type(mod).__name__}) is a leaf module: tracing does not see inside it, "
+                             "so its attention/MLP is not recognised or prunable")
+        elif kind in ("softmax", "sdpa") and n.name not in cores:
+            notes.append(f"%{n.name} in {module_path(n, gm)}: a {kind} that is not part of a recognised "
+                         "q @ k^T -> softmax -> @ v attention")
+    return tuple(notes)
+
+
+def _data_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose value depends on a model input (not only on parameters and constants)."""
+    data: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(a in data for a in n.all_input_nodes):
+            data.add(n)
+    return data
 
 
 def _weights_of(node: fx.Node, gm: fx.GraphModule) -> list[str]:

@@ -125,11 +125,13 @@ def _cores(gm: fx.GraphModule) -> list[tuple[fx.Node, str, fx.Node, fx.Node, fx.
                 continue
             m1, back = _walk_back(src[0], gm, "matmul", {"add", "mul", "div", "shape", "linear", "dropout",
                                                          "function", "sub", "method"}, depth=8)
-            m2, via = _walk_forward(n, gm, "matmul", {"dropout", "mul", "div", "shape", "linear", "function"})
+            m2, via = _walk_forward(n, gm, "matmul", {"dropout", "mul", "div", "add", "shape", "linear", "function"})
             if m1 is None or m2 is None or m2.args[0] is not via:
                 continue
             bias = [a for p in back if op_kind(p, gm) in ("add", "function")
                     for a in tensor_args(p) if a not in back and a is not m1.args[0]]
+            if any(f[5] is m2 for f in found):  # a second softmax mixed into the same attention (ConViT)
+                continue
             found.append((n, "explicit", m1.args[0], m1.args[1], m2.args[1], m2, back, bias))
     return found
 
@@ -206,10 +208,11 @@ def find_attention(gm: fx.GraphModule, batch: int) -> list[Found]:
                             proj = u
                             cols = env[node]
                             flat = cols.reshape(-1, cols.shape[-1])[0]
-                            per_head: list[list[int]] = [[] for _ in range(os_[h_ax])]
+                            # per_head[h][j]: the proj input column fed by value dim j of head h
+                            per_head = [[-1] * os_[c_ax] for _ in range(os_[h_ax])]
                             for c, val in enumerate(flat.tolist()):
                                 if val >= 0:
-                                    per_head[int(val) // os_[c_ax]].append(c)
+                                    per_head[int(val) // os_[c_ax]][int(val) % os_[c_ax]] = c
                             proj_cols = per_head
                             paths |= {n.name for n in env}
         if proj is None:
@@ -238,7 +241,8 @@ def find_attention(gm: fx.GraphModule, batch: int) -> list[Found]:
             reason_heads = f"heads are mixed by {module_path(mixing, gm)} (talking-heads projection)"
         elif pooled is not None:
             reason_heads = f"q/k/v pass through pooling op %{pooled}"
-        elif q_rows is None or k_rows is None or v_rows is None or not proj_cols or any(not c for c in proj_cols):
+        elif q_rows is None or k_rows is None or v_rows is None or not proj_cols or any(
+                -1 in c for c in proj_cols):
             reason_heads = "could not map every head to projection rows and columns"
         reason_hd = reason_heads
         if reason_hd is None and mode == "channel":

@@ -185,6 +185,8 @@ def _pooling(gm: fx.GraphModule, blocks: list[Block], order: dict, nodes: dict) 
         kind = op_kind(n, gm)
         src = shape_of(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
         if kind == "shape" and n.op == "call_function" and n.target.__name__ == "getitem" and src and len(src) == 3:
+            if _from_latent_query(n.args[0], blocks, nodes):
+                return "attn"
             idx = n.args[1]
             if isinstance(idx, tuple) and len(idx) >= 2 and isinstance(idx[1], int):
                 return "token"
@@ -199,13 +201,31 @@ def _pooling(gm: fx.GraphModule, blocks: list[Block], order: dict, nodes: dict) 
     return "none"
 
 
+def _from_latent_query(node: fx.Node, blocks: list[Block], nodes: dict) -> bool:
+    """Whether ``node`` is the output of a block whose queries are learned latents (attention pooling)."""
+    for b in blocks:
+        if b.output == node.name and b.attention is not None:
+            q_in = nodes[b.attention.q].args[0]
+            stack, seen = [q_in], set()
+            while stack:
+                n = stack.pop()
+                if n.op == "placeholder":
+                    return False
+                for a in n.all_input_nodes:
+                    if a not in seen:
+                        seen.add(a)
+                        stack.append(a)
+            return True
+    return False
+
+
 def mark_token_prunable(gm: fx.GraphModule, blocks: list[Block], tokens: TokenInfo) -> list[Block]:
     """Decide per block whether tokens may be dropped before it, with the reason where not."""
     nodes = {n.name: n for n in gm.graph.nodes}
     out: list[Block] = []
     # scan from the last block backwards: a barrier at block j forbids dropping before any i <= j
     barrier: str | None = None
-    if tokens.pooling not in ("token", "avg"):
+    if tokens.pooling not in ("token", "avg", "attn"):
         barrier = f"the head pools tokens by {tokens.pooling!r}, not a class token or a mean"
     for b in reversed(blocks):
         own = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from vitgraph.analysis import index as ix
 from vitgraph.analysis.attention import Found
@@ -53,6 +54,22 @@ def _constants(gm: fx.GraphModule, env: dict[fx.Node, torch.Tensor], units: int,
     return found
 
 
+def _batchnorm_slices(gm: fx.GraphModule, env: dict[fx.Node, torch.Tensor], units: int) -> list[SliceRef]:
+    """Per-channel BatchNorms the units flow through (LeViT's Linear+BN): their channels per unit."""
+    out = []
+    for node, idx in env.items():
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), _BatchNorm):
+            continue
+        mod = gm.get_submodule(node.target)
+        channel_units = idx.reshape(-1, mod.num_features)[0] if idx.dim() == 2 else idx.select(0, 0).reshape(
+            mod.num_features, -1)[:, 0]
+        per_unit = tuple(tuple(int(c) for c in (channel_units == u).nonzero().flatten()) for u in range(units))
+        for pname in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(mod, pname, None) is not None:
+                out.append(SliceRef(f"{node.target}.{pname}", 0, per_unit, pname))
+    return out
+
+
 def _unit_code(rows_per_unit: list[list[int]], size: int) -> torch.Tensor:
     code = torch.full((size,), -1.0, dtype=torch.float64)
     for u, rows in enumerate(rows_per_unit):
@@ -78,7 +95,9 @@ def head_group(gm: fx.GraphModule, found: Found) -> CoupledGroup | None:
         if info.bias and info.bias != "<computed>":
             slices.append(SliceRef(info.bias, 0, tuple(tuple(r) for r in rows), "bias"))
         code = _unit_code(rows, info.out_features).expand(*shape_of(nodes[lin])).clone()
-        env_all.update(ix.propagate(gm, {nodes[lin]: code}))
+        env = ix.propagate(gm, {nodes[lin]: code})
+        slices.extend(_batchnorm_slices(gm, env, site.heads))
+        env_all.update(env)
     proj = linear_info(nodes[site.proj], gm)
     slices.append(SliceRef(proj.weight, 1, tuple(tuple(c) for c in found.proj_cols), "weight.in"))
     core_out = _core_output(gm, found, nodes)
@@ -91,6 +110,23 @@ def head_group(gm: fx.GraphModule, found: Found) -> CoupledGroup | None:
     return CoupledGroup(name=f"{site.name}.heads", kind="heads", site=site.name, block=site.block,
                         units=site.heads, unit_width=site.head_dim, slices=tuple(slices),
                         constants=tuple(unique.values()))
+
+
+def value_dim_group(gm: fx.GraphModule, found: Found) -> CoupledGroup | None:
+    """UVC value dims: unit (h, j) is row j of head h's v and the proj column that consumes it."""
+    site = found.site
+    if site.prunable.get("head_dim") is not None:
+        return None
+    nodes = {n.name: n for n in gm.graph.nodes}
+    v = linear_info(nodes[site.v], gm)
+    rows = tuple((r,) for head in found.v_rows for r in head)
+    slices = [SliceRef(v.weight, 0, rows, "weight.out")]
+    if v.bias and v.bias != "<computed>":
+        slices.append(SliceRef(v.bias, 0, rows, "bias"))
+    proj = linear_info(nodes[site.proj], gm)
+    slices.append(SliceRef(proj.weight, 1, tuple((c,) for head in found.proj_cols for c in head), "weight.in"))
+    return CoupledGroup(name=f"{site.name}.v_dims", kind="head_dim", site=site.name, block=site.block,
+                        units=site.heads * site.v_head_dim, unit_width=1, slices=tuple(slices))
 
 
 def _core_output(gm: fx.GraphModule, found: Found, nodes: dict[str, fx.Node]) -> fx.Node | None:
@@ -136,4 +172,4 @@ def mlp_group(gm: fx.GraphModule, site: MlpSite) -> CoupledGroup | None:
                         units=site.hidden, unit_width=1, slices=tuple(slices))
 
 
-__all__ = ["head_group", "mlp_group"]
+__all__ = ["head_group", "mlp_group", "value_dim_group"]

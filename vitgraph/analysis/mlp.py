@@ -15,7 +15,7 @@ from vitgraph.analysis import index as ix
 from vitgraph.analysis.ops import common_prefix, module_path, op_kind, tensor_args
 from vitgraph.meta import MlpSite, shape_of
 
-_THROUGH = {"act", "dropout", "norm", "mul", "shape"}
+_THROUGH = {"act", "dropout", "norm", "mul", "shape", "conv"}
 
 
 def _producers(fc2: fx.Node, gm: fx.GraphModule) -> tuple[list[fx.Node], list[fx.Node]] | None:
@@ -32,7 +32,7 @@ def _producers(fc2: fx.Node, gm: fx.GraphModule) -> tuple[list[fx.Node], list[fx
         if kind == "linear":
             linears.append(node)
             continue
-        if kind not in _THROUGH or len(crossed) > 24:
+        if kind not in _THROUGH or len(crossed) > 24 or (kind == "conv" and not _depthwise(node, gm)):
             return None
         crossed.append(node)
         for a in tensor_args(node):
@@ -42,11 +42,22 @@ def _producers(fc2: fx.Node, gm: fx.GraphModule) -> tuple[list[fx.Node], list[fx
     return linears, crossed
 
 
-def find_mlps(gm: fx.GraphModule, claimed: set[str]) -> list[MlpSite]:
-    """Every MLP site; ``claimed`` holds linear nodes already known to be attention projections."""
+def _depthwise(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """A depthwise conv (PVT-v2's MLP) mixes tokens but never units, so units stay separable."""
+    if node.op != "call_module":
+        return False
+    mod = gm.get_submodule(node.target)
+    return getattr(mod, "groups", 0) == getattr(mod, "in_channels", -1) == getattr(mod, "out_channels", -2)
+
+
+def find_mlps(gm: fx.GraphModule, claimed: set[str], data: set[fx.Node]) -> list[MlpSite]:
+    """Every MLP site on the data path (``data``: nodes computed from the model inputs).
+
+    ``claimed`` holds linear nodes already known to be attention projections.
+    """
     sites = []
     for node in gm.graph.nodes:
-        if op_kind(node, gm) != "linear" or node.name in claimed:
+        if op_kind(node, gm) != "linear" or node.name in claimed or node not in data:
             continue
         found = _producers(node, gm)
         if found is None:
@@ -55,6 +66,8 @@ def find_mlps(gm: fx.GraphModule, claimed: set[str]) -> list[MlpSite]:
         acts = [c for c in crossed if op_kind(c, gm) == "act"]
         if not acts or not (1 <= len(linears) <= 2) or any(l.name in claimed for l in linears):
             continue
+        if not all(isinstance(l.args[0], fx.Node) and l.args[0] in data for l in linears):
+            continue  # e.g. a small MLP computing a position bias from constant coordinates
         gated = len(linears) == 2 or any(op_kind(c, gm) == "mul" and len(tensor_args(c)) == 2 for c in crossed)
         fc2_in = shape_of(node.args[0])
         if fc2_in is None:
@@ -67,7 +80,10 @@ def find_mlps(gm: fx.GraphModule, claimed: set[str]) -> list[MlpSite]:
             linears = linears if not gate_first else [linears[1], linears[0]]
         reason = None
         norm = next((c for c in crossed if op_kind(c, gm) == "norm" and not _per_channel(c, gm)), None)
-        if norm is not None:
+        conv = next((c for c in crossed if op_kind(c, gm) == "conv"), None)
+        if conv is not None:
+            reason = f"hidden units pass through the depthwise conv {module_path(conv, gm)} (slicing it is not implemented)"
+        elif norm is not None:
             reason = f"hidden units pass through {module_path(norm, gm)}, a norm over all units"
         elif not _units_map(linears, node, gm, hidden):
             reason = "could not map fc1 rows to fc2 columns"
