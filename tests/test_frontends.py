@@ -107,3 +107,30 @@ def test_cost_can_be_priced_in_kept_fractions():
     assert abs(float(priced) - (full - 0.5 * mlp_flops)) < 1e-3 * full
     priced.backward()
     assert abs(float(keep.grad) - mlp_flops) < 1e-3 * full  # d cost / d keep = the MLP FLOPs
+
+
+def test_cost_prices_skipped_blocks_and_dropped_tokens():
+    from vitgraph.analysis.cost import evaluate
+    g32 = vg.trace(handmade_vit(), torch.randn(2, 3, 32, 32))   # 16 patches + class token
+    g16 = vg.trace(handmade_vit(image=16), torch.randn(2, 3, 16, 16))  # 4 patches + class token
+    blocks = sum(b.flops for b in g32.blocks)
+    assert evaluate(g32.gm, {f"block.{b.index}": 0.0 for b in g32.blocks}) == g32.structure.flops - blocks
+    assert evaluate(g32.gm, {"block.1": 0.0}) == g32.structure.flops - g32.blocks[1].flops
+    # token-wise ops scale with the tokens kept, attention products with their square
+    in_blocks = {n for b in g32.blocks for n in b.nodes}
+    priced = evaluate(g32.gm, {f"tokens.{b.index}": 5 / 17 for b in g32.blocks}, nodes=in_blocks)
+    assert abs(priced - sum(b.flops for b in g16.blocks)) <= 1e-6 * blocks
+
+
+@pytest.mark.parametrize("which", ["handmade", "hugging_face"])
+def test_onnx_parity_beyond_timm(which, tmp_path):
+    if which == "handmade":
+        model, x = handmade_vit(), torch.randn(2, 3, 32, 32)
+    else:
+        transformers = pytest.importorskip("transformers")
+        cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, image_size=32, patch_size=8, num_labels=10)
+        model, x = transformers.ViTForImageClassification(cfg).eval(), torch.randn(2, 3, 32, 32)
+    g = vg.trace(model, x)
+    report = vg.targets.onnx.lower(g.gm, g.example_inputs, tmp_path / "m.onnx")
+    assert report.max_abs_err <= 1e-4 and len(report.per_batch) >= 2

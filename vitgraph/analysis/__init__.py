@@ -12,11 +12,11 @@ import torch.fx as fx
 
 from vitgraph.analysis.attention import find_attention
 from vitgraph.analysis.blocks import find_blocks, find_tokens, mark_token_prunable
-from vitgraph.analysis.cost import annotate_costs
+from vitgraph.analysis.cost import annotate_costs, assign_factors
 from vitgraph.analysis.groups import head_group, mlp_group, value_dim_group
 from vitgraph.analysis.mlp import find_mlps
 from vitgraph.analysis.shapes import propagate_shapes
-from vitgraph.meta import COST, ROLE, Role, Structure
+from vitgraph.meta import ROLE, Role, Structure
 
 
 def _tag(gm: fx.GraphModule, structure: Structure) -> None:
@@ -74,31 +74,7 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Str
     groups = [g for g in (head_group(gm, f) for f in found) if g is not None]
     groups += [g for g in (value_dim_group(gm, f) for f in found) if g is not None]
     groups += [g for g in (mlp_group(gm, m) for m in mlps) if g is not None]
-    # each node's FLOPs scale with the groups whose weights it slices
-    factor_of: dict[str, list[str]] = {}
-    weight_users = {}
-    for n in gm.graph.nodes:
-        for target in _weights_of(n, gm):
-            weight_users.setdefault(target, []).append(n.name)
-    for g in groups:
-        if g.kind == "head_dim":  # value dims scale only the v third of a fused qkv: priced by their pass
-            continue
-        for s in g.slices:
-            for user in weight_users.get(s.target, []):
-                if g.name not in factor_of.setdefault(user, []):
-                    factor_of[user].append(g.name)
-        if g.kind == "heads":
-            site = next(a for a in attention if a.name == g.site)
-            factor_of.setdefault(site.core, []).append(g.name)
-            if site.impl == "explicit":
-                for n in gm.graph.nodes:
-                    if n.name in _explicit_matmuls(gm, site.core):
-                        factor_of.setdefault(n.name, []).append(g.name)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    for name, fs in factor_of.items():
-        c = nodes[name].meta.get(COST)
-        if c is not None:
-            nodes[name].meta[COST] = replace(c, factors=tuple(fs))
+    assign_factors(gm, blocks, attention, groups)
     params = sum(p.numel() for p in gm.parameters())
     structure = Structure(blocks=tuple(blocks), attention=attention, mlps=tuple(mlps), tokens=tokens,
                           groups=tuple(groups), flops=flops, params=params, notes=_notes(gm, attention))
@@ -131,31 +107,6 @@ def _data_nodes(gm: fx.GraphModule) -> set[fx.Node]:
         if n.op == "placeholder" or any(a in data for a in n.all_input_nodes):
             data.add(n)
     return data
-
-
-def _weights_of(node: fx.Node, gm: fx.GraphModule) -> list[str]:
-    from vitgraph.analysis.ops import linear_info
-    info = linear_info(node, gm)
-    return [info.weight] if info is not None else []
-
-
-def _explicit_matmuls(gm: fx.GraphModule, core: str) -> set[str]:
-    """The q@k^T and attn@v matmuls around an explicit softmax core."""
-    from vitgraph.analysis.ops import op_kind
-    nodes = {n.name: n for n in gm.graph.nodes}
-    out: set[str] = set()
-    for direction in ("back", "fwd"):
-        frontier = [nodes[core]]
-        for _ in range(6):
-            nxt = []
-            for n in frontier:
-                nxt.extend(n.all_input_nodes if direction == "back" else n.users)
-            hit = [n for n in nxt if op_kind(n, gm) == "matmul"]
-            if hit:
-                out.add(hit[0].name)
-                break
-            frontier = nxt
-    return out
 
 
 __all__ = ["analyse"]

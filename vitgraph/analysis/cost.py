@@ -9,14 +9,15 @@ differentiated through it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from vitgraph.analysis.ops import linear_info, op_kind, sdpa_qkv
-from vitgraph.meta import COST, LEAF_FLOPS, NodeCost, shape_of
+from vitgraph.meta import COST, LEAF_FLOPS, AttentionSite, Block, CoupledGroup, NodeCost, shape_of
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -82,14 +83,89 @@ def annotate_costs(gm: fx.GraphModule, batch: int, factors: Mapping[str, tuple[s
     return total
 
 
-def evaluate(gm: fx.GraphModule, kept: Mapping[str, Any]) -> Any:
-    """FLOPs per image when each group ``g`` keeps the fraction ``kept[g]`` (float or tensor).
+def assign_factors(gm: fx.GraphModule, blocks: Sequence[Block], attention: Sequence[AttentionSite],
+                   groups: Sequence[CoupledGroup]) -> None:
+    """Record on each node's cost which kept fractions its FLOPs scale with.
 
-    A node's FLOPs scale with the product of its factors' fractions (a factor missing from
-    ``kept`` counts as 1), which is exact for widths of linears, heads of attention and MLP units.
+    * a coupled group (``blocks.3.attn.heads``, ``blocks.3.mlp.mlp``) on every node whose weights it
+      slices, and on the attention core and its matmuls for heads;
+    * ``block.<i>`` on every node of block i (1 = kept, 0 = skipped);
+    * ``tokens.<i>`` (the fraction of tokens entering block i) once per token axis of the node:
+      once for a linear over the tokens, twice for ``softmax(q k^T) v`` over them.
+    Value-dim groups are left out: they scale only the v third of a fused qkv.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    factors: dict[str, list[str]] = {}
+    weight_users: dict[str, list[str]] = {}
+    for n in gm.graph.nodes:
+        info = linear_info(n, gm)
+        if info is not None:
+            weight_users.setdefault(info.weight, []).append(n.name)
+    sites = {a.name: a for a in attention}
+    for g in groups:
+        if g.kind == "head_dim":
+            continue
+        users = {u for s in g.slices for u in weight_users.get(s.target, [])}
+        if g.kind == "heads":
+            users |= _attention_products(gm, nodes[sites[g.site].core])
+        for u in users:
+            factors.setdefault(u, []).append(g.name)
+    for b in blocks:
+        for name in b.nodes:
+            node = nodes[name]
+            factors.setdefault(name, []).append(f"block.{b.index}")
+            factors[name].extend([f"tokens.{b.index}"] * _token_axes(node, gm, b.tokens_in))
+    for name, fs in factors.items():
+        cost = nodes[name].meta.get(COST)
+        if cost is not None:
+            nodes[name].meta[COST] = replace(cost, factors=tuple(fs))
+
+
+def _attention_products(gm: fx.GraphModule, core: fx.Node) -> set[str]:
+    """The core itself, or for an explicit softmax the q@k^T and attn@v matmuls around it."""
+    if op_kind(core, gm) == "sdpa":
+        return {core.name}
+    found = set()
+    for step in (lambda n: n.all_input_nodes, lambda n: list(n.users)):
+        frontier = [core]
+        for _ in range(6):
+            frontier = [m for n in frontier for m in step(n)]
+            hit = next((n for n in frontier if op_kind(n, gm) == "matmul"), None)
+            if hit is not None:
+                found.add(hit.name)
+                break
+    return found
+
+
+def _token_axes(node: fx.Node, gm: fx.GraphModule, tokens: int) -> int:
+    """How many of a node's FLOP factors are the block's token count."""
+    kind = op_kind(node, gm)
+    if kind == "sdpa":
+        q, k, _ = (shape_of(t) for t in sdpa_qkv(node))
+        return int(bool(q) and q[-2] == tokens) + int(bool(k) and k[-2] == tokens)
+    out = shape_of(node)
+    if not out or len(out) < 2:
+        return 0
+    if kind == "linear":
+        return int(out[-2] == tokens)
+    if kind == "matmul":
+        a = shape_of(node.args[0])
+        contracted = a[-1] if a else 0
+        return int(out[-2] == tokens) + int(out[-1] == tokens or contracted == tokens)
+    return 0
+
+
+def evaluate(gm: fx.GraphModule, kept: Mapping[str, Any], nodes: set[str] | None = None) -> Any:
+    """FLOPs per image when each factor ``f`` keeps the fraction ``kept[f]`` (float or tensor).
+
+    A node's FLOPs scale with the product of its factors (a factor listed twice counts squared;
+    one missing from ``kept`` counts as 1): exact for the widths of linears, attention heads, MLP
+    units, skipped blocks and, for token-wise ops, the tokens kept. ``nodes`` restricts the sum.
     """
     total: Any = 0
     for node in gm.graph.nodes:
+        if nodes is not None and node.name not in nodes:
+            continue
         cost: NodeCost | None = node.meta.get(COST)
         if cost is None or not cost.flops:
             continue
