@@ -33,11 +33,19 @@ class Found:
     q_rows: list[list[int]] = field(default_factory=list)     # per head: rows of the q producer
     k_rows: list[list[int]] = field(default_factory=list)
     v_rows: list[list[int]] = field(default_factory=list)
-    proj_cols: list[list[int]] = field(default_factory=list)  # per head: input columns of proj
-    v_width: int = 0                                          # per-head value width in proj columns
-    path_nodes: set[str] = field(default_factory=set)         # every node from projections to proj
-    reshapes_in: list[fx.Node] = field(default_factory=list)  # shape ops between projections and core
-    reshapes_out: list[fx.Node] = field(default_factory=list)  # shape ops between core and proj
+    proj_cols: list[list[int]] = field(default_factory=list)  # per head, per value dim: proj input column
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    mode: str          # "token" | "channel"
+    heads: int
+    head_dim: int
+    v_head_dim: int
+    tokens_q: int
+    tokens_kv: int
+    ch: int            # channel axis of q and v (4-D layout)
+    k_ch: int          # channel axis of k as it reaches the core (it may arrive transposed)
 
 
 def _walk_back(start: fx.Node, gm: fx.GraphModule, want: str, through: set[str], depth: int = 12
@@ -151,6 +159,68 @@ def _per_head_rows(idx: torch.Tensor, heads: int, ch_axis: int) -> list[list[int
     return rows
 
 
+def _geometry(impl: str, q: fx.Node, k: fx.Node, v: fx.Node, q_idx: torch.Tensor | None,
+              k_idx: torch.Tensor | None, batch: int) -> _Geometry:
+    """Heads, widths and token counts, reading the channel axis off the propagated row numbers."""
+    qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
+    four = len(qs) == 4
+    mode = "channel" if four and q_idx is not None and q_idx.dim() == 4 and ix.channel_axis(q_idx) == 2 else "token"
+    ch = (2 if mode == "channel" else 3) if four else 2
+    tok = 3 if mode == "channel" else 2
+    k_ch = ix.channel_axis(k_idx) if k_idx is not None and k_idx.dim() == 4 else None
+    if k_ch not in (2, 3):  # explicit attention receives k transposed; sdpa does not
+        k_ch = (2 if impl == "explicit" else 3) if mode == "token" else ch
+    return _Geometry(
+        mode=mode, heads=qs[1] if four else max(1, qs[0] // batch),
+        head_dim=qs[ch] if four else qs[-1], v_head_dim=vs[ch] if len(vs) == 4 else vs[-1],
+        tokens_q=qs[tok] if four else qs[-2], tokens_kv=ks[5 - k_ch] if len(ks) == 4 else ks[-2],
+        ch=ch, k_ch=k_ch)
+
+
+def _output_projection(gm: fx.GraphModule, out: fx.Node, mode: str) -> tuple[fx.Node | None, list[list[int]]]:
+    """The linear consuming the merged heads, and per (head, value dim) the input column it feeds.
+
+    Replays the number ``h * dv + j`` from the core output through the merge reshapes.
+    """
+    os_ = shape_of(out)
+    if os_ is not None and len(os_) == 4:
+        h_ax, c_ax = 1, (2 if mode == "channel" else 3)
+        h_shape = [os_[h_ax] if i == h_ax else 1 for i in range(4)]
+        c_shape = [os_[c_ax] if i == c_ax else 1 for i in range(4)]
+        code = (torch.arange(os_[h_ax], dtype=torch.float64).view(h_shape) * os_[c_ax]
+                + torch.arange(os_[c_ax], dtype=torch.float64).view(c_shape))
+        env = ix.propagate(gm, {out: code.expand(*os_).clone()})
+        for node in gm.graph.nodes:
+            proj = next((u for u in node.users if node in env and op_kind(u, gm) == "linear"
+                         and u.args and u.args[0] is node), None)
+            if proj is None:
+                continue
+            flat = env[node].reshape(-1, env[node].shape[-1])[0]
+            per_head = [[-1] * os_[c_ax] for _ in range(os_[h_ax])]
+            for c, val in enumerate(flat.tolist()):
+                if val >= 0:
+                    per_head[int(val) // os_[c_ax]][int(val) % os_[c_ax]] = c
+            return proj, per_head
+    proj, _ = _walk_forward(out, gm, "linear", {"shape", "dropout", "act", "norm", "add", "mul", "function"})
+    return proj, []
+
+
+def _head_mixing(gm: fx.GraphModule, impl: str, core: fx.Node, out: fx.Node, proj: fx.Node | None,
+                 score_path: list[fx.Node]) -> fx.Node | None:
+    """A linear across the heads axis on the attention weights (CaiT's talking heads), if any."""
+    mixing = next((p for p in score_path if op_kind(p, gm) == "linear"), None)
+    if mixing is None and impl == "explicit":
+        after, _ = _walk_forward(core, gm, "linear", {"dropout", "mul", "div", "shape", "function"}, depth=4)
+        if after is not None and after is not proj and out not in after.users and shape_of(after) is not None \
+                and len(shape_of(after)) == 4:
+            mixing = after
+    return mixing
+
+
+def _first_norm(t: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    return next((p for p in _walk_back(t, gm, "linear", _BACK_THROUGH)[1] if op_kind(p, gm) == "norm"), None)
+
+
 def find_attention(gm: fx.GraphModule, batch: int) -> list[Found]:
     """Every attention site of ``gm`` (shapes must have been propagated)."""
     results: list[Found] = []
@@ -158,82 +228,22 @@ def find_attention(gm: fx.GraphModule, batch: int) -> list[Found]:
         qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
         if qs is None or ks is None or vs is None or len(qs) not in (3, 4):
             continue
-        producers = {}
-        paths: set[str] = {core.name, out.name}
-        pooled = None
+        producers, pooled = {}, None
         for role, t in (("q", q), ("k", k), ("v", v)):
-            lin, path = _walk_back(t, gm, "linear", _BACK_THROUGH)
-            producers[role] = lin
-            paths |= {p.name for p in path}
-            for p in path:
-                if op_kind(p, gm) in ("conv", "pool") and pooled is None:
-                    pooled = p.name
+            producers[role], path = _walk_back(t, gm, "linear", _BACK_THROUGH)
+            pooled = pooled or next((p.name for p in path if op_kind(p, gm) in ("conv", "pool")), None)
         if any(p is None for p in producers.values()):
             continue
         # replay reshapes on row numbers from each distinct producer
-        arrived: dict[fx.Node, dict[fx.Node, torch.Tensor]] = {}
-        for lin in set(producers.values()):
-            arrived[lin] = ix.propagate(gm, {lin: ix.row_index(shape_of(lin))})
-        q_idx = arrived[producers["q"]].get(q)
-        k_idx = arrived[producers["k"]].get(k)
-        v_idx = arrived[producers["v"]].get(v)
+        arrived = {lin: ix.propagate(gm, {lin: ix.row_index(shape_of(lin))}) for lin in set(producers.values())}
+        q_idx, k_idx, v_idx = (arrived[producers[r]].get(t) for r, t in (("q", q), ("k", k), ("v", v)))
+        geo = _geometry(impl, q, k, v, q_idx, k_idx, batch)
+        proj, proj_cols = _output_projection(gm, out, geo.mode)
+        mixing = _head_mixing(gm, impl, core, out, proj, score_path)
 
-        heads = qs[1] if len(qs) == 4 else max(1, qs[0] // batch)
-        ch_axis = ix.channel_axis(q_idx) if q_idx is not None and q_idx.dim() == 4 else None
-        mode = "channel" if ch_axis == 2 else "token"
-        ch = (2 if mode == "channel" else 3) if len(qs) == 4 else 2
-        tok = 3 if mode == "channel" else 2
-        head_dim = qs[ch] if len(qs) == 4 else qs[-1]
-        v_head_dim = vs[ch] if len(vs) == 4 else vs[-1]
-        tokens_q = qs[tok] if len(qs) == 4 else qs[-2]
-        k_ch = ix.channel_axis(k_idx) if k_idx is not None and k_idx.dim() == 4 else None
-        if k_ch not in (2, 3):  # explicit attention receives k transposed; sdpa does not
-            k_ch = (2 if impl == "explicit" else 3) if mode == "token" else ch
-        tokens_kv = ks[5 - k_ch] if len(ks) == 4 else ks[-2]  # k may arrive transposed
-
-        # output projection: replay (head, dim) numbers forward from the core output
-        os_ = shape_of(out)
-        proj, proj_cols, v_width = None, [], v_head_dim
-        if os_ is not None and len(os_) == 4:
-            h_ax, c_ax = 1, (2 if mode == "channel" else 3)
-            h_shape = [os_[h_ax] if i == h_ax else 1 for i in range(4)]
-            c_shape = [os_[c_ax] if i == c_ax else 1 for i in range(4)]
-            code = (torch.arange(os_[h_ax], dtype=torch.float64).view(h_shape) * os_[c_ax]
-                    + torch.arange(os_[c_ax], dtype=torch.float64).view(c_shape))
-            env = ix.propagate(gm, {out: code.expand(*os_).clone()})
-            for node in gm.graph.nodes:
-                if node in env:
-                    for u in node.users:
-                        if op_kind(u, gm) == "linear" and u.args and u.args[0] is node and proj is None:
-                            proj = u
-                            cols = env[node]
-                            flat = cols.reshape(-1, cols.shape[-1])[0]
-                            # per_head[h][j]: the proj input column fed by value dim j of head h
-                            per_head = [[-1] * os_[c_ax] for _ in range(os_[h_ax])]
-                            for c, val in enumerate(flat.tolist()):
-                                if val >= 0:
-                                    per_head[int(val) // os_[c_ax]][int(val) % os_[c_ax]] = c
-                            proj_cols = per_head
-                            paths |= {n.name for n in env}
-        if proj is None:
-            proj, _ = _walk_forward(out, gm, "linear", {"shape", "dropout", "act", "norm", "add", "mul", "function"})
-
-        q_lin, k_lin, v_lin = producers["q"], producers["k"], producers["v"]
-        fused = ("qkv" if q_lin is k_lin is v_lin else "qk+v" if q_lin is k_lin else
-                 "q+kv" if k_lin is v_lin else "separate")
-        q_norm = next((p for p in _walk_back(q, gm, "linear", _BACK_THROUGH)[1] if op_kind(p, gm) == "norm"), None)
-        k_norm = next((p for p in _walk_back(k, gm, "linear", _BACK_THROUGH)[1] if op_kind(p, gm) == "norm"), None)
-        mixing = next((p for p in score_path if op_kind(p, gm) == "linear"), None)
-        if mixing is None and impl == "explicit":
-            after, _ = _walk_forward(core, gm, "linear", {"dropout", "mul", "div", "shape", "function"}, depth=4)
-            if after is not None and after is not proj and out not in after.users and shape_of(after) is not None \
-                    and len(shape_of(after)) == 4:
-                mixing = after
-
-        q_rows = _per_head_rows(q_idx, heads, ch) if q_idx is not None and len(qs) == 4 else None
-        k_rows = _per_head_rows(k_idx, heads, k_ch) if k_idx is not None and k_idx.dim() == 4 else None
-        v_rows = _per_head_rows(v_idx, heads, ch) if v_idx is not None and len(vs) == 4 else None
-
+        q_rows = _per_head_rows(q_idx, geo.heads, geo.ch) if q_idx is not None and len(qs) == 4 else None
+        k_rows = _per_head_rows(k_idx, geo.heads, geo.k_ch) if k_idx is not None and k_idx.dim() == 4 else None
+        v_rows = _per_head_rows(v_idx, geo.heads, geo.ch) if v_idx is not None and len(vs) == 4 else None
         reason_heads = None
         if proj is None:
             reason_heads = "no output projection consumes the merged heads"
@@ -241,23 +251,25 @@ def find_attention(gm: fx.GraphModule, batch: int) -> list[Found]:
             reason_heads = f"heads are mixed by {module_path(mixing, gm)} (talking-heads projection)"
         elif pooled is not None:
             reason_heads = f"q/k/v pass through pooling op %{pooled}"
-        elif q_rows is None or k_rows is None or v_rows is None or not proj_cols or any(
-                -1 in c for c in proj_cols):
+        elif q_rows is None or k_rows is None or v_rows is None or not proj_cols or any(-1 in c for c in proj_cols):
             reason_heads = "could not map every head to projection rows and columns"
         reason_hd = reason_heads
-        if reason_hd is None and mode == "channel":
+        if reason_hd is None and geo.mode == "channel":
             reason_hd = "channel (cross-covariance) attention mixes value dims"
+
+        q_lin, k_lin, v_lin = producers["q"], producers["k"], producers["v"]
+        fused = ("qkv" if q_lin is k_lin is v_lin else "qk+v" if q_lin is k_lin else
+                 "q+kv" if k_lin is v_lin else "separate")
+        q_norm, k_norm = _first_norm(q, gm), _first_norm(k, gm)
         name = common_prefix([module_path(q_lin, gm), module_path(proj, gm) if proj is not None else ""]) \
             or module_path(core, gm)
         site = AttentionSite(
-            name=name, core=core.name, impl=impl, mode=mode, heads=heads, head_dim=head_dim,
-            v_head_dim=v_head_dim, tokens_q=tokens_q, tokens_kv=tokens_kv, q=q_lin.name, k=k_lin.name,
-            v=v_lin.name, proj=proj.name if proj is not None else None, fused=fused,
+            name=name, core=core.name, impl=impl, mode=geo.mode, heads=geo.heads, head_dim=geo.head_dim,
+            v_head_dim=geo.v_head_dim, tokens_q=geo.tokens_q, tokens_kv=geo.tokens_kv, q=q_lin.name,
+            k=k_lin.name, v=v_lin.name, proj=proj.name if proj is not None else None, fused=fused,
             q_norm=q_norm.name if q_norm is not None else None, k_norm=k_norm.name if k_norm is not None else None,
-            bias=_strongest_bias(bias, gm),
-            prunable={"heads": reason_heads, "head_dim": reason_hd},
-        )
-        results.append(Found(site, q_rows or [], k_rows or [], v_rows or [], proj_cols, v_width, paths))
+            bias=_strongest_bias(bias, gm), prunable={"heads": reason_heads, "head_dim": reason_hd})
+        results.append(Found(site, q_rows or [], k_rows or [], v_rows or [], proj_cols))
     return results
 
 
