@@ -143,24 +143,25 @@ class VitTracer(fx.Tracer):
                 return mod(*a, **kw)
         raise LookupError(kind)
 
+    def _known(self, obj: fx.Proxy) -> Any:
+        """The meta value behind a proxy in concrete-shape mode, else None."""
+        if not self.concrete_shapes:
+            return None
+        try:
+            return _meta_of(obj)
+        except LookupError:
+            return None
+
     def to_bool(self, obj: fx.Proxy) -> bool:
-        if self.concrete_shapes:
-            try:
-                value = _meta_of(obj)
-            except LookupError:
-                value = None
-            if value is not None and not isinstance(value, torch.Tensor):
-                return bool(value)
+        value = self._known(obj)
+        if value is not None and not isinstance(value, torch.Tensor):
+            return bool(value)
         return super().to_bool(obj)
 
     def iter(self, obj: fx.Proxy) -> Iterator:
-        if self.concrete_shapes:
-            try:
-                value = _meta_of(obj)
-            except LookupError:
-                value = None
-            if isinstance(value, Sequence):
-                return iter([obj[i] for i in range(len(value))])
+        value = self._known(obj)
+        if isinstance(value, Sequence):
+            return iter([obj[i] for i in range(len(value))])
         return super().iter(obj)
 
 
