@@ -125,3 +125,33 @@ def test_onnx_matches_eager_with_dynamic_batch(name, tmp_path):
     report = vg.targets.onnx.lower(g.gm, g.example_inputs, tmp_path / "m.onnx", atol=1e-4)
     assert report.max_abs_err <= 1e-4
     assert len(report.per_batch) >= 2  # checked at two batch sizes through the dynamic axis
+
+
+def test_beyond_the_list_relpos_mlp_is_not_a_block():
+    """vit_relpos computes its position bias with a small MLP on constant coordinates: not a site."""
+    g = traced("vit_relpos_small_patch16_224")
+    assert len(g.blocks) == 12 and all(b.attention and b.mlp for b in g.blocks)
+    assert {b.attention.bias for b in g.blocks} == {"rel_pos_table"}   # its MLP output is indexed by position
+    assert not any(b.token_prunable for b in g.blocks)
+
+
+def test_beyond_the_list_pvt_v2_spatial_reduction_and_depthwise_mlp():
+    g = traced("pvt_v2_b0")
+    assert [b.attention.fused for b in g.blocks] == ["q+kv"] * 8
+    assert [b.attention.tokens_kv for b in g.blocks][:2] == [49, 49]   # keys pooled 8x8 in stage 1
+    assert all("depthwise conv" in b.mlp.prunable["mlp"] for b in g.blocks)
+    assert not any(b.token_prunable for b in g.blocks)
+
+
+def test_beyond_the_list_attention_pool_and_registers():
+    siglip = traced("vit_base_patch16_siglip_224")
+    assert siglip.structure.tokens.pooling == "attn" and len(siglip.blocks) == 13
+    assert siglip.blocks[-1].attention.tokens_q == 1 and not siglip.blocks[-1].skippable
+    little = traced("vit_little_patch16_reg4_gap_256")
+    assert (little.structure.tokens.prefix_tokens, little.structure.tokens.pooling) == (4, "avg")
+
+
+def test_beyond_the_list_opaque_leaf_attention_is_reported():
+    g = traced("twins_svt_small")
+    assert sum(b.attention is not None for b in g.blocks) == 9   # the global sub-sampled attentions
+    assert any("LocallyGroupedAttn" in n and "leaf module" in n for n in g.structure.notes)

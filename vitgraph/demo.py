@@ -44,7 +44,7 @@ def run_demo(out: Path) -> int:
         rows[batch] = {t: tm.median_ms for t, tm in timings.items()}
         print(f"batch {batch:>2}: eager {timings['eager'].median_ms:7.2f} ms   "
               f"onnxruntime {timings['onnx'].median_ms:7.2f} ms   "
-              f"(ratio {timings['eager'].median_ms / timings['onnx'].median_ms:.2f}x)")
+              f"(ONNX Runtime speed-up {timings['eager'].median_ms / timings['onnx'].median_ms:.2f}x)")
     (out / "latency.json").write_text(json.dumps(rows, indent=2))
     print(f"wrote {out}/structure.json, model.onnx, model.pt2, latency.json")
     return 0

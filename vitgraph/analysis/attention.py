@@ -102,6 +102,8 @@ def _classify_bias(node: object, gm: fx.GraphModule) -> str | None:
         n = stack.pop()
         if n.op == "get_attr":
             from_param |= str(n.target) in params
+        elif n.op == "call_module":  # e.g. a small MLP turning relative coordinates into a bias
+            from_param |= any(True for _ in gm.get_submodule(n.target).parameters())
         if n.op == "call_function" and n.target in (operator.getitem, torch.index_select, torch.gather):
             idx_args = n.args[1] if isinstance(n.args[1], tuple) else n.args[1:]
             indexed |= any(isinstance(a, fx.Node) and shape_of(a) is not None for a in idx_args)

@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch.fx as fx
 
 from vitgraph.analysis.ops import common_prefix, op_kind, tensor_args
-from vitgraph.meta import COST, AttentionSite, Block, MlpSite, Residual, TokenInfo, shape_of
+from vitgraph.meta import COST, SHAPE, AttentionSite, Block, MlpSite, Residual, TokenInfo, shape_of
 
 _TO_ADD = {"dropout", "mul", "div", "norm", "shape", "function", "module", "method"}
 
@@ -211,8 +211,8 @@ def _from_latent_query(node: fx.Node, blocks: list[Block], nodes: dict) -> bool:
                 n = stack.pop()
                 if n.op == "placeholder":
                     return False
-                for a in n.all_input_nodes:
-                    if a not in seen:
+                for a in n.all_input_nodes:  # follow tensors only: x.shape[0] for expand() is not data
+                    if a not in seen and a.meta.get(SHAPE) is not None:
                         seen.add(a)
                         stack.append(a)
             return True
