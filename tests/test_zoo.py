@@ -155,3 +155,14 @@ def test_beyond_the_list_opaque_leaf_attention_is_reported():
     g = traced("twins_svt_small")
     assert sum(b.attention is not None for b in g.blocks) == 9   # the global sub-sampled attentions
     assert any("LocallyGroupedAttn" in n and "leaf module" in n for n in g.structure.notes)
+
+
+def test_beyond_the_list_hiera_mask_unit_attention():
+    """Hiera attends inside mask units: q/k/v are (B, heads, windows, tokens, dim); some q are max-pooled."""
+    g = traced("hiera_tiny_224")
+    assert [b.attention.heads for b in g.blocks] == [1, 2, 2, 4, 4, 4, 4, 4, 4, 4, 8, 8]
+    pooled = [b.index for b in g.blocks if "pooling" in (b.attention.prunable["heads"] or "")]
+    assert pooled == [1, 3, 10]                      # the first block of stages 2, 3 and 4
+    assert all("windowed" in b.token_reason for b in g.blocks[:4])      # attention inside mask units
+    assert all(b.token_reason.startswith("later block 10:") for b in g.blocks[4:10])
+    assert [b.token_prunable for b in g.blocks[10:]] == [False, True]

@@ -213,6 +213,8 @@ class TokenInfo:
     prefix_tokens: int
     pooling: str                  # "token" | "avg" | "attn" | "none" | "unknown"
     layout: str                   # "sequence" (B, N, C) | "grid" (B, H, W, C) | "channels" (B, C, H, W)
+    pool: str | None = None       # the node that pools tokens for the head
+    head: str | None = None       # the classifier linear
 
 
 @dataclass(frozen=True)

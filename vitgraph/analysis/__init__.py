@@ -51,6 +51,8 @@ def _tag(gm: fx.GraphModule, structure: Structure) -> None:
         for r in b.residuals:
             put(r.add, "residual.add", b.index, b.name)
     put(structure.tokens.embed, "tokens.embed", None, "embed")
+    put(structure.tokens.pool, "head.pool", None, "head")
+    put(structure.tokens.head, "head.fc", None, "head")
 
 
 def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Structure:

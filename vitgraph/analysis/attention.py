@@ -22,7 +22,7 @@ from vitgraph.meta import VALUE, AttentionSite, shape_of
 
 # ops a walk from q/k/v back to its projection may cross: they move or rescale values per position
 _BACK_THROUGH = {"shape", "norm", "mul", "div", "add", "act", "dropout", "function", "module", "method", "conv",
-                 "pool"}
+                 "pool", "reduce"}
 
 
 @dataclass
@@ -163,20 +163,22 @@ def _per_head_rows(idx: torch.Tensor, heads: int, ch_axis: int) -> list[list[int
 
 def _geometry(impl: str, q: fx.Node, k: fx.Node, v: fx.Node, q_idx: torch.Tensor | None,
               k_idx: torch.Tensor | None, batch: int) -> _Geometry:
-    """Heads, widths and token counts, reading the channel axis off the propagated row numbers."""
+    """Heads, widths and token counts, reading the channel axis off the propagated row numbers.
+
+    q is (B, H, [windows...,] N, d) — or (B, H, d, N) for channel attention — or (B*H, N, d).
+    """
     qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
-    four = len(qs) == 4
-    mode = "channel" if four and q_idx is not None and q_idx.dim() == 4 and ix.channel_axis(q_idx) == 2 else "token"
-    ch = (2 if mode == "channel" else 3) if four else 2
-    tok = 3 if mode == "channel" else 2
-    k_ch = ix.channel_axis(k_idx) if k_idx is not None and k_idx.dim() == 4 else None
-    if k_ch not in (2, 3):  # explicit attention receives k transposed; sdpa does not
-        k_ch = (2 if impl == "explicit" else 3) if mode == "token" else ch
+    r, kr, vr = len(qs), len(ks), len(vs)
+    channel = r == 4 and q_idx is not None and q_idx.dim() == 4 and ix.channel_axis(q_idx) == 2
+    mode = "channel" if channel else "token"
+    ch, tok = (r - 2, r - 1) if channel else (r - 1, r - 2)
+    k_ch = ix.channel_axis(k_idx) if k_idx is not None and k_idx.dim() == kr else None
+    if k_ch not in (kr - 2, kr - 1):  # explicit attention receives k transposed; sdpa does not
+        k_ch = (kr - 2 if impl == "explicit" else kr - 1) if mode == "token" else ch
     return _Geometry(
-        mode=mode, heads=qs[1] if four else max(1, qs[0] // batch),
-        head_dim=qs[ch] if four else qs[-1], v_head_dim=vs[ch] if len(vs) == 4 else vs[-1],
-        tokens_q=qs[tok] if four else qs[-2], tokens_kv=ks[5 - k_ch] if len(ks) == 4 else ks[-2],
-        ch=ch, k_ch=k_ch)
+        mode=mode, heads=qs[1] if r >= 4 else max(1, qs[0] // batch), head_dim=qs[ch],
+        v_head_dim=vs[vr - 2] if channel else vs[vr - 1], tokens_q=qs[tok],
+        tokens_kv=ks[kr - 1] if k_ch == kr - 2 else ks[kr - 2], ch=ch, k_ch=k_ch)
 
 
 def _output_projection(gm: fx.GraphModule, out: fx.Node, mode: str) -> tuple[fx.Node | None, list[list[int]]]:
@@ -185,10 +187,11 @@ def _output_projection(gm: fx.GraphModule, out: fx.Node, mode: str) -> tuple[fx.
     Replays the number ``h * dv + j`` from the core output through the merge reshapes.
     """
     os_ = shape_of(out)
-    if os_ is not None and len(os_) == 4:
-        h_ax, c_ax = 1, (2 if mode == "channel" else 3)
-        h_shape = [os_[h_ax] if i == h_ax else 1 for i in range(4)]
-        c_shape = [os_[c_ax] if i == c_ax else 1 for i in range(4)]
+    if os_ is not None and len(os_) >= 4:
+        rank = len(os_)
+        h_ax, c_ax = 1, (rank - 2 if mode == "channel" else rank - 1)
+        h_shape = [os_[h_ax] if i == h_ax else 1 for i in range(rank)]
+        c_shape = [os_[c_ax] if i == c_ax else 1 for i in range(rank)]
         code = (torch.arange(os_[h_ax], dtype=torch.float64).view(h_shape) * os_[c_ax]
                 + torch.arange(os_[c_ax], dtype=torch.float64).view(c_shape))
         env = ix.propagate(gm, {out: code.expand(*os_).clone()})
@@ -228,12 +231,12 @@ def find_attention(gm: fx.GraphModule, batch: int) -> list[Found]:
     results: list[Found] = []
     for core, impl, q, k, v, out, score_path, bias in _cores(gm):
         qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
-        if qs is None or ks is None or vs is None or len(qs) not in (3, 4):
+        if qs is None or ks is None or vs is None or len(qs) < 3:
             continue
         producers, pooled = {}, None
         for role, t in (("q", q), ("k", k), ("v", v)):
             producers[role], path = _walk_back(t, gm, "linear", _BACK_THROUGH)
-            pooled = pooled or next((p.name for p in path if op_kind(p, gm) in ("conv", "pool")), None)
+            pooled = pooled or next((p.name for p in path if op_kind(p, gm) in ("conv", "pool", "reduce")), None)
         if any(p is None for p in producers.values()):
             continue
         # replay reshapes on row numbers from each distinct producer
@@ -243,9 +246,11 @@ def find_attention(gm: fx.GraphModule, batch: int) -> list[Found]:
         proj, proj_cols = _output_projection(gm, out, geo.mode)
         mixing = _head_mixing(gm, impl, core, out, proj, score_path)
 
-        q_rows = _per_head_rows(q_idx, geo.heads, geo.ch) if q_idx is not None and len(qs) == 4 else None
-        k_rows = _per_head_rows(k_idx, geo.heads, geo.k_ch) if k_idx is not None and k_idx.dim() == 4 else None
-        v_rows = _per_head_rows(v_idx, geo.heads, geo.ch) if v_idx is not None and len(vs) == 4 else None
+        four = len(qs) >= 4
+        q_rows = _per_head_rows(q_idx, geo.heads, geo.ch) if four and q_idx is not None else None
+        k_rows = _per_head_rows(k_idx, geo.heads, geo.k_ch) if four and k_idx is not None else None
+        v_ch = len(vs) - 2 if geo.mode == "channel" else len(vs) - 1
+        v_rows = _per_head_rows(v_idx, geo.heads, v_ch) if four and v_idx is not None else None
         reason_heads = None
         if proj is None:
             reason_heads = "no output projection consumes the merged heads"

@@ -166,14 +166,38 @@ def find_tokens(gm: fx.GraphModule, blocks: list[Block]) -> TokenInfo:
         tokens = stream[1] * stream[2] if layout == "grid" else stream[2] * stream[3]
         dim = stream[3] if layout == "grid" else stream[1]
     prefix = max(0, tokens - grid[0] * grid[1]) if grid and layout == "sequence" else 0
+    pooling, pool = _pooling(gm, blocks, order, nodes)
+    head = _classifier(gm, pool)
     return TokenInfo(embed=embed.name if embed is not None else None, grid=grid, embed_dim=dim, tokens=tokens,
-                     prefix_tokens=prefix, pooling=_pooling(gm, blocks, order, nodes), layout=layout)
+                     prefix_tokens=prefix, pooling=pooling, layout=layout,
+                     pool=pool.name if pool is not None else None, head=head.name if head is not None else None)
 
 
-def _pooling(gm: fx.GraphModule, blocks: list[Block], order: dict, nodes: dict) -> str:
-    """How the classifier reads the tokens: class token(s), a mean, or an attention pool."""
+def _classifier(gm: fx.GraphModule, pool: fx.Node | None) -> fx.Node | None:
+    """The last linear between the pooling op and the output (None for a feature extractor)."""
+    if pool is None:
+        return None
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    feeding = {out}
+    stack = [out]
+    while stack:  # everything the output depends on
+        for a in stack.pop().all_input_nodes:
+            if a not in feeding:
+                feeding.add(a)
+                stack.append(a)
+    after = False
+    head = None
+    for n in gm.graph.nodes:
+        after = after or n is pool
+        if after and n in feeding and op_kind(n, gm) == "linear":
+            head = n
+    return head
+
+
+def _pooling(gm: fx.GraphModule, blocks: list[Block], order: dict, nodes: dict) -> tuple[str, fx.Node | None]:
+    """How the classifier reads the tokens (class token(s), a mean, an attention pool), and the op."""
     if not blocks:
-        return "unknown"
+        return "unknown", None
     floor = order[nodes[blocks[-1].output]]
     out = next(n for n in gm.graph.nodes if n.op == "output")
     queue, seen = deque(out.all_input_nodes), set()
@@ -186,19 +210,19 @@ def _pooling(gm: fx.GraphModule, blocks: list[Block], order: dict, nodes: dict) 
         src = shape_of(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
         if kind == "shape" and n.op == "call_function" and n.target.__name__ == "getitem" and src and len(src) == 3:
             if _from_latent_query(n.args[0], blocks, nodes):
-                return "attn"
+                return "attn", n
             idx = n.args[1]
             if isinstance(idx, tuple) and len(idx) >= 2 and isinstance(idx[1], int):
-                return "token"
+                return "token", n
             if isinstance(idx, tuple) and len(idx) >= 2 and isinstance(idx[1], slice) and idx[1].start:
                 queue.extend(n.all_input_nodes)  # x[:, prefix:] before a mean
                 continue
         if kind in ("reduce", "pool"):
-            return "avg"
+            return "avg", n
         if kind in ("sdpa", "softmax"):
-            return "attn"
+            return "attn", n
         queue.extend(n.all_input_nodes)
-    return "none"
+    return "none", None
 
 
 def _from_latent_query(node: fx.Node, blocks: list[Block], nodes: dict) -> bool:
@@ -251,7 +275,8 @@ def mark_token_prunable(gm: fx.GraphModule, blocks: list[Block], tokens: TokenIn
                 if hit:
                     own = f"%{n} reshapes tokens into a {hit[0]}x{hit[1]} grid"
                     break
-        barrier = own or barrier
-        reason = barrier
+        reason = own or barrier
+        if own:  # what blocks dropping here also blocks dropping before any earlier block
+            barrier = f"later block {b.index}: {own}"
         out.append(replace(b, token_prunable=reason is None, token_reason=reason))
     return list(reversed(out))
