@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from vitgraph import __version__
 from vitgraph.errors import VitgraphError
 
 
@@ -121,6 +122,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitgraph", description="Recognise, compress and lower Vision Transformers.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"vitgraph {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("inspect", help="show the recognised structure of a model")
