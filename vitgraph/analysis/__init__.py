@@ -87,6 +87,7 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Str
 def _notes(gm: fx.GraphModule, attention: tuple) -> tuple[str, ...]:
     """What recognition could not see: opaque leaf modules, softmaxes outside any attention."""
     from vitgraph.analysis.ops import module_path, op_kind
+    leaves: dict[str, list[str]] = {}
     notes = []
     cores = {a.core for a in attention}
     for n in gm.graph.nodes:
@@ -94,11 +95,14 @@ def _notes(gm: fx.GraphModule, attention: tuple) -> tuple[str, ...]:
         if kind == "module":
             mod = gm.get_submodule(n.target)
             if any(isinstance(m, torch.nn.Linear) for m in mod.modules()):
-                notes.append(f"{n.target} ({type(mod).__name__}) is a leaf module: tracing does not see inside it, "
-                             "so its attention/MLP is not recognised or prunable")
+                leaves.setdefault(type(mod).__name__, []).append(str(n.target))
         elif kind in ("softmax", "sdpa") and n.name not in cores:
             notes.append(f"%{n.name} in {module_path(n, gm)}: a {kind} that is not part of a recognised "
                          "q @ k^T -> softmax -> @ v attention")
+    for cls, paths in leaves.items():
+        where = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        notes.insert(0, f"{len(paths)} leaf module(s) {cls} ({where}): tracing does not see inside them, so "
+                        "their attention/MLP is not recognised or prunable")
     return tuple(notes)
 
 
