@@ -55,19 +55,6 @@ class _MetaProxy(fx.Proxy):
             return len(self._vg_meta)
         return super().__len__()
 
-    @property
-    def shape(self) -> Any:  # x.shape becomes a traced getattr whose meta is a torch.Size
-        return self.tracer.create_proxy("call_function", getattr, (self, "shape"), {})
-
-    def size(self, dim: int | None = None) -> Any:
-        args = (self,) if dim is None else (self, dim)
-        return self.tracer.create_proxy("call_method", "size", args, {})
-
-    def dim(self) -> Any:
-        if self._vg_has_meta and isinstance(self._vg_meta, torch.Tensor):
-            return self._vg_meta.dim()
-        return self.tracer.create_proxy("call_method", "dim", (self,), {})
-
 
 class VitTracer(fx.Tracer):
     """fx tracer with extra leaf modules/functions and an optional shape-concrete mode."""
