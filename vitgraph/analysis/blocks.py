@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch.fx as fx
 
@@ -59,66 +59,77 @@ def _residual(out: fx.Node, site_input: fx.Node, gm: fx.GraphModule, kind: str,
     return None
 
 
-def _site_input(first_linears: list[fx.Node]) -> fx.Node:
-    return first_linears[0].args[0]
+@dataclass(frozen=True)
+class _Unit:
+    """One site with its residual add, while blocks are being assembled."""
+
+    kind: str                       # "attn" | "mlp"
+    site: AttentionSite | MlpSite
+    residual: Residual | None
+    output: fx.Node                 # the site's last linear (or attention core)
+    start: fx.Node                  # the residual stream entering the unit (its input without a residual)
+    end: fx.Node                    # the residual stream leaving the unit (its output without a residual)
+
+
+def _units(gm: fx.GraphModule, attention: list[AttentionSite], mlps: list[MlpSite],
+           order: dict[fx.Node, int]) -> list[_Unit]:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    sites = [("attn", a, nodes[a.proj] if a.proj else nodes[a.core], nodes[a.q].args[0]) for a in attention]
+    sites += [("mlp", m, nodes[m.fc2], nodes[m.fc1[0]].args[0]) for m in mlps]
+    units = []
+    for kind, site, out, inp in sites:
+        res = _residual(out, inp, gm, kind, order)
+        units.append(_Unit(kind, site, res, out, inp if res is None else nodes[res.skip],
+                           out if res is None else nodes[res.add]))
+    return sorted(units, key=lambda u: order[u.output])
+
+
+def _pair(units: list[_Unit], order: dict[fx.Node, int]) -> list[list[_Unit]]:
+    """An attention unit and the MLP unit right after it on the same stream form one block."""
+    groups: list[list[_Unit]] = []
+    i = 0
+    while i < len(units):
+        u, nxt = units[i], units[i + 1] if i + 1 < len(units) else None
+        if u.kind == "attn" and nxt is not None and nxt.kind == "mlp" and nxt.residual is not None \
+                and u.end in _ancestors(nxt.start, order[u.end], order):
+            groups.append([u, nxt])
+            i += 2
+        else:
+            groups.append([u])
+            i += 1
+    return groups
+
+
+def _skip_reason(group: list[_Unit], start: fx.Node, end: fx.Node) -> str | None:
+    missing = next((u for u in group if u.residual is None), None)
+    if missing is not None:
+        return f"{missing.site.name} is not added to a residual stream (a stage transition)"
+    if not all(u.residual.identity_skip for u in group):
+        return "the shortcut is projected or pooled (a stage transition)"
+    if not _same_stream(shape_of(start), shape_of(end)):
+        return f"block input {shape_of(start)} and output {shape_of(end)} differ"
+    return None
 
 
 def find_blocks(gm: fx.GraphModule, attention: list[AttentionSite], mlps: list[MlpSite]) -> list[Block]:
     nodes = {n.name: n for n in gm.graph.nodes}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    units: list[tuple[int, str, object, Residual | None, fx.Node, fx.Node]] = []
-    for a in attention:
-        out = nodes[a.proj] if a.proj else nodes[a.core]
-        inp = _site_input([nodes[a.q]])
-        units.append((order[out], "attn", a, _residual(out, inp, gm, "attn", order), inp, out))
-    for m in mlps:
-        out = nodes[m.fc2]
-        inp = _site_input([nodes[f] for f in m.fc1])
-        units.append((order[out], "mlp", m, _residual(out, inp, gm, "mlp", order), inp, out))
-    units.sort(key=lambda u: u[0])
-
-    groups: list[list] = []
-    i = 0
-    while i < len(units):
-        u = units[i]
-        nxt = units[i + 1] if i + 1 < len(units) else None
-        if u[1] == "attn" and nxt is not None and nxt[1] == "mlp" and nxt[3] is not None:
-            anchor = nodes[u[3].add] if u[3] is not None else u[5]
-            if anchor in _ancestors(nodes[nxt[3].skip], order[anchor], order):
-                groups.append([u, nxt])
-                i += 2
-                continue
-        groups.append([u])
-        i += 1
-
     blocks = []
-    for idx, group in enumerate(groups):
-        attn = next((g[2] for g in group if g[1] == "attn"), None)
-        mlp = next((g[2] for g in group if g[1] == "mlp"), None)
-        residuals = tuple(g[3] for g in group if g[3] is not None)
-        first = group[0]
-        start = nodes[first[3].skip] if first[3] is not None else first[4]
-        end = nodes[group[-1][3].add] if group[-1][3] is not None else group[-1][5]
-        reason = None
-        if len(residuals) != len(group):
-            site = next(g for g in group if g[3] is None)
-            reason = f"{site[2].name} is not added to a residual stream (a stage transition)"
-        elif not all(r.identity_skip for r in residuals):
-            reason = "the shortcut is projected or pooled (a stage transition)"
-        elif not _same_stream(shape_of(start), shape_of(end)):
-            reason = f"block input {shape_of(start)} and output {shape_of(end)} differ"
+    for idx, group in enumerate(_pair(_units(gm, attention, mlps, order), order)):
+        attn = next((u.site for u in group if u.kind == "attn"), None)
+        mlp = next((u.site for u in group if u.kind == "mlp"), None)
+        start, end = group[0].start, group[-1].end
+        reason = _skip_reason(group, start, end)
         members = _ancestors(end, order[start] + 1, order) - {start}
         member_names = tuple(n.name for n in gm.graph.nodes if n in members)
         flops = sum(nodes[n].meta[COST].flops for n in member_names if COST in nodes[n].meta)
         params = sum(nodes[n].meta[COST].params for n in member_names if COST in nodes[n].meta)
-        name = _block_name([g[2].name for g in group])
-        s_in, s_out = shape_of(start), shape_of(end)
         blocks.append(Block(
-            index=idx, name=name,
+            index=idx, name=_block_name([u.site.name for u in group]),
             attention=replace(attn, block=idx) if attn is not None else None,
             mlp=replace(mlp, block=idx) if mlp is not None else None,
-            residuals=residuals, input=start.name, output=end.name,
-            tokens_in=_tokens(s_in), tokens_out=_tokens(s_out),
+            residuals=tuple(u.residual for u in group if u.residual is not None), input=start.name,
+            output=end.name, tokens_in=_tokens(shape_of(start)), tokens_out=_tokens(shape_of(end)),
             skippable=reason is None, skip_reason=reason, token_prunable=False, token_reason=None,
             nodes=member_names, flops=flops, params=params))
     return blocks
