@@ -1,6 +1,7 @@
 """Human-readable views of a VitGraph: the per-block table and the Graphviz drawing."""
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 from pathlib import Path
@@ -57,7 +58,7 @@ def structure_table(g: "VitGraph", console_width: int = 200) -> str:
     grid = f"{tok.grid[0]}x{tok.grid[1]}" if tok.grid else "?"
     footer = (f"embed dim {tok.embed_dim}, tokens {tok.tokens} = {tok.prefix_tokens} prefix + grid {grid}, "
               f"layout {tok.layout}, pooling {tok.pooling}")
-    console = Console(width=console_width, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console = Console(width=console_width, record=True, file=io.StringIO())
     console.print(t)
     console.print(footer)
     for note in s.notes:
