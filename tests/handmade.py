@@ -9,9 +9,11 @@ from torch import nn
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
+    """``style`` picks how the products are spelled: "matmul" (q @ k^T), "einsum", or "bmm" on (B*H, N, d)."""
+
+    def __init__(self, dim: int, heads: int, style: str = "matmul") -> None:
         super().__init__()
-        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.heads, self.scale, self.style = heads, (dim // heads) ** -0.5, style
         self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)
 
@@ -20,15 +22,24 @@ class Attention(nn.Module):
         q = self.to_q(x).view(b, n, self.heads, c // self.heads).transpose(1, 2)
         k = self.to_k(x).view(b, n, self.heads, c // self.heads).transpose(1, 2)
         v = self.to_v(x).view(b, n, self.heads, c // self.heads).transpose(1, 2)
-        attn = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
-        return self.out((attn @ v).transpose(1, 2).reshape(b, n, c))
+        if self.style == "einsum":
+            attn = torch.softmax(torch.einsum("bhid,bhjd->bhij", q, k) * self.scale, dim=-1)
+            out = torch.einsum("bhij,bhjd->bhid", attn, v)
+        elif self.style == "bmm":
+            q, k, v = (t.reshape(b * self.heads, n, c // self.heads) for t in (q, k, v))
+            attn = torch.softmax(torch.bmm(q, k.transpose(1, 2)) * self.scale, dim=-1)
+            out = torch.bmm(attn, v).view(b, self.heads, n, c // self.heads)
+        else:
+            attn = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
+            out = attn @ v
+        return self.out(out.transpose(1, 2).reshape(b, n, c))
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+    def __init__(self, dim: int, heads: int, hidden: int, style: str = "matmul") -> None:
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, style)
         self.ff = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -38,12 +49,12 @@ class Block(nn.Module):
 
 class HandmadeViT(nn.Module):
     def __init__(self, image: int = 32, patch: int = 8, dim: int = 48, depth: int = 3, heads: int = 4,
-                 hidden: int = 96, classes: int = 10) -> None:
+                 hidden: int = 96, classes: int = 10, style: str = "matmul") -> None:
         super().__init__()
         self.embed = nn.Conv2d(3, dim, patch, patch)
         self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.pos = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads, hidden) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, hidden, style) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, classes)
 
@@ -55,6 +66,6 @@ class HandmadeViT(nn.Module):
         return self.head(self.norm(x)[:, 0])
 
 
-def handmade_vit(**kwargs: int) -> nn.Module:
+def handmade_vit(**kwargs: int | str) -> nn.Module:
     torch.manual_seed(0)
     return HandmadeViT(**kwargs)

@@ -60,6 +60,18 @@ def test_gated_mlp_is_recognised():
     assert sorted(s.indices[3][0] for s in fc1) == [3, 67]
 
 
+@pytest.mark.parametrize("style", ["einsum", "bmm"])
+def test_attention_spelled_with_einsum_or_bmm(style):
+    g = vg.trace(handmade_vit(style=style), torch.randn(2, 3, 32, 32))
+    attn = [b.attention for b in g.blocks]
+    assert [(a.heads, a.head_dim, a.tokens_q, a.tokens_kv) for a in attn] == [(4, 12, 17, 17)] * 3
+    # heads map to rows of (B, H, N, d) tensors; bmm on (B*H, N, d) hides them, and inspect says so
+    expected = None if style == "einsum" else "could not map every head to projection rows and columns"
+    assert {a.prunable["heads"] for a in attn} == {expected}
+    from vitgraph.analysis.cost import flop_counter_flops
+    assert g.structure.flops == flop_counter_flops(g.gm, g.example_inputs, batch=2)
+
+
 class ValueBranch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.sum() > 0:  # depends on tensor *values*: symbolic tracing cannot follow it

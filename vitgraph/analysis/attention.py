@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from vitgraph.analysis import index as ix
-from vitgraph.analysis.ops import (common_prefix, module_path, op_kind, sdpa_mask, sdpa_qkv,
+from vitgraph.analysis.ops import (PRODUCTS, common_prefix, module_path, operands, op_kind, sdpa_mask, sdpa_qkv,
                                    tensor_args)
 from vitgraph.meta import VALUE, AttentionSite, shape_of
 
@@ -48,8 +48,8 @@ class _Geometry:
     k_ch: int          # channel axis of k as it reaches the core (it may arrive transposed)
 
 
-def _walk_back(start: fx.Node, gm: fx.GraphModule, want: str, through: set[str], depth: int = 12
-               ) -> tuple[fx.Node | None, list[fx.Node]]:
+def _walk_back(start: fx.Node, gm: fx.GraphModule, want: str | frozenset[str], through: set[str],
+               depth: int = 12) -> tuple[fx.Node | None, list[fx.Node]]:
     """Nearest ancestor (or ``start`` itself) of kind ``want``, crossing only ops in ``through``.
 
     Returns the node found and the path from it back to ``start``.
@@ -59,7 +59,7 @@ def _walk_back(start: fx.Node, gm: fx.GraphModule, want: str, through: set[str],
     while queue:
         node, d = queue.popleft()
         kind = op_kind(node, gm)
-        if kind == want:
+        if kind == want or (not isinstance(want, str) and kind in want):
             path, cur = [], node
             while cur is not None:
                 path.append(cur)
@@ -74,14 +74,15 @@ def _walk_back(start: fx.Node, gm: fx.GraphModule, want: str, through: set[str],
     return None, []
 
 
-def _walk_forward(start: fx.Node, gm: fx.GraphModule, want: str, through: set[str], depth: int = 8
-                  ) -> tuple[fx.Node | None, fx.Node | None]:
+def _walk_forward(start: fx.Node, gm: fx.GraphModule, want: str | frozenset[str], through: set[str],
+                  depth: int = 8) -> tuple[fx.Node | None, fx.Node | None]:
     """Nearest descendant of kind ``want``; returns it and the input through which it was reached."""
     queue = deque([(start, None, 0)])
     seen = {start}
     while queue:
         node, via, d = queue.popleft()
-        if node is not start and op_kind(node, gm) == want:
+        kind = op_kind(node, gm)
+        if node is not start and (kind == want or (not isinstance(want, str) and kind in want)):
             return node, via
         if d >= depth or (node is not start and op_kind(node, gm) not in through):
             continue
@@ -133,16 +134,18 @@ def _cores(gm: fx.GraphModule) -> list[tuple[fx.Node, str, fx.Node, fx.Node, fx.
             src = tensor_args(n)
             if not src:
                 continue
-            m1, back = _walk_back(src[0], gm, "matmul", {"add", "mul", "div", "shape", "linear", "dropout",
+            m1, back = _walk_back(src[0], gm, PRODUCTS, {"add", "mul", "div", "shape", "linear", "dropout",
                                                          "function", "sub", "method"}, depth=8)
-            m2, via = _walk_forward(n, gm, "matmul", {"dropout", "mul", "div", "add", "shape", "linear", "function"})
-            if m1 is None or m2 is None or m2.args[0] is not via:
+            m2, via = _walk_forward(n, gm, PRODUCTS, {"dropout", "mul", "div", "add", "shape", "linear", "function"})
+            if m1 is None or m2 is None or len(operands(m1)) != 2 or len(operands(m2)) != 2 \
+                    or operands(m2)[0] is not via:
                 continue
+            (q, k), v = operands(m1), operands(m2)[1]
             bias = [a for p in back if op_kind(p, gm) in ("add", "function")
-                    for a in tensor_args(p) if a not in back and a is not m1.args[0]]
+                    for a in tensor_args(p) if a not in back and a is not q]
             if any(f[5] is m2 for f in found):  # a second softmax mixed into the same attention (ConViT)
                 continue
-            found.append((n, "explicit", m1.args[0], m1.args[1], m2.args[1], m2, back, bias))
+            found.append((n, "explicit", q, k, v, m2, back, bias))
     return found
 
 

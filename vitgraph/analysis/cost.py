@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from vitgraph.analysis.ops import linear_info, op_kind, sdpa_qkv
+from vitgraph.analysis.ops import PRODUCTS, linear_info, op_kind, operands, sdpa_qkv
 from vitgraph.meta import COST, LEAF_FLOPS, AttentionSite, Block, CoupledGroup, NodeCost, shape_of
 
 
@@ -130,7 +130,7 @@ def _attention_products(gm: fx.GraphModule, core: fx.Node) -> set[str]:
         frontier = [core]
         for _ in range(6):
             frontier = [m for n in frontier for m in step(n)]
-            hit = next((n for n in frontier if op_kind(n, gm) == "matmul"), None)
+            hit = next((n for n in frontier if op_kind(n, gm) in PRODUCTS), None)
             if hit is not None:
                 found.add(hit.name)
                 break
@@ -148,9 +148,15 @@ def _token_axes(node: fx.Node, gm: fx.GraphModule, tokens: int) -> int:
         return 0
     if kind == "linear":
         return int(out[-2] == tokens)
-    if kind == "matmul":
-        a = shape_of(node.args[0])
-        contracted = a[-1] if a else 0
+    if kind in PRODUCTS:
+        if kind == "einsum":  # contracted size: an index of the first operand missing from the output
+            spec = str(node.args[0]).replace(" ", "")
+            ins, res = spec.split("->") if "->" in spec else (spec, "")
+            a_idx, a = ins.split(",")[0], shape_of(operands(node)[0])
+            contracted = next((d for ch, d in zip(a_idx, a or ()) if ch not in res), 0)
+        else:
+            a = shape_of(node.args[0])
+            contracted = a[-1] if a else 0
         return int(out[-2] == tokens) + int(out[-1] == tokens or contracted == tokens)
     return 0
 

@@ -14,7 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from vitgraph.analysis import index as ix
 from vitgraph.analysis.attention import Found
 from vitgraph.analysis.mlp import batchnorms, unit_columns
-from vitgraph.analysis.ops import linear_info, op_kind
+from vitgraph.analysis.ops import PRODUCTS, linear_info, op_kind
 from vitgraph.meta import VALUE, ConstRef, CoupledGroup, MlpSite, SliceRef, shape_of
 
 _RESHAPES = {"reshape", "view"}
@@ -137,7 +137,7 @@ def _core_output(gm: fx.GraphModule, found: Found, nodes: dict[str, fx.Node]) ->
     for _ in range(6):
         frontier = [u for n in frontier for u in n.users]
         for u in frontier:
-            if op_kind(u, gm) == "matmul":
+            if op_kind(u, gm) in PRODUCTS:
                 return u
     return None
 

@@ -162,6 +162,17 @@ def linear_info(node: fx.Node, gm: fx.GraphModule) -> Linear | None:
     return None
 
 
+PRODUCTS = frozenset({"matmul", "einsum"})  # the two spellings of a batched matrix product
+
+
+def operands(node: fx.Node) -> list[Any]:
+    """The two factors of a matmul/bmm, or the operands of an einsum (after its equation)."""
+    if node.op == "call_function" and node.target is torch.einsum:
+        rest = node.args[1:]
+        return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+    return list(node.args[:2])
+
+
 def tensor_args(node: fx.Node) -> list[fx.Node]:
     """Input nodes that carry tensors (have a recorded tensor shape), in argument order."""
     return [a for a in node.all_input_nodes if a.meta.get(SHAPE) is not None]
