@@ -146,3 +146,23 @@ def test_onnx_parity_beyond_timm(which, tmp_path):
     g = vg.trace(model, x)
     report = vg.targets.onnx.lower(g.gm, g.example_inputs, tmp_path / "m.onnx")
     assert report.max_abs_err <= 1e-4 and len(report.per_batch) >= 2
+
+
+class PreLogitsViT(nn.Module):
+    """A hand-written ViT whose classifier has a Linear -> Tanh -> Linear representation layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = handmade_vit(depth=2)
+        self.body.head = nn.Identity()
+        self.pre_logits = nn.Sequential(nn.Linear(48, 32), nn.Tanh(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pre_logits(self.body(x))
+
+
+def test_head_mlp_is_a_site_but_not_a_block():
+    g = vg.trace(PreLogitsViT(), torch.randn(2, 3, 32, 32))
+    assert len(g.blocks) == 2
+    head_mlp = [m for m in g.structure.mlps if m.block is None]
+    assert [m.name for m in head_mlp] == ["pre_logits"] and head_mlp[0].hidden == 32

@@ -95,7 +95,8 @@ def _pair(units: list[_Unit], order: dict[fx.Node, int]) -> list[list[_Unit]]:
             groups.append([u, nxt])
             i += 2
         else:
-            groups.append([u])
+            if not (u.kind == "mlp" and u.residual is None):  # a head MLP (pre-logits) is not a block
+                groups.append([u])
             i += 1
     return groups
 
