@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import re
-import traceback
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitgraph.errors import ParityError, VitgraphError
+from vitgraph.errors import ParityError, VitgraphError, user_frame
 from vitgraph.frontend import max_abs_diff
 
 __all__ = ["LoweringReport", "LoweringError", "batched_inputs", "check_example_inputs", "model_name", "warn_if_training",
@@ -172,28 +171,12 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}".rstrip(": .")
 
 
-_LIBRARY_DIRS = ("/torch/", "/onnxscript/", "/onnxruntime/", "/onnx/", "/vitgraph/", "/targets/")
-
-
-def _user_frame(exc: BaseException) -> str | None:
-    text = str(exc)
-    match = re.search(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)', text)
-    if match:
-        return f"{match.group(1)}:{match.group(2)} `{match.group(4).strip()}`"
-    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-        path = frame.filename.replace("\\", "/")
-        stdlib = "/lib/python3" in path and "-packages/" not in path
-        if not stdlib and not any(p in path for p in _LIBRARY_DIRS):
-            return f"{frame.filename}:{frame.lineno} `{(frame.line or '').strip()}`"
-    return None
-
-
 def describe_failure(exc: BaseException) -> str:
     """One line: the innermost error, and where in user code it was raised when that is known."""
     chain = _chain(exc)
     root = chain[-1]
     text = _first_line(root)
-    where = next((w for w in (_user_frame(e) for e in reversed(chain)) if w), None)
+    where = next((w for w in (user_frame(e) for e in reversed(chain)) if w), None)
     return f"{text} (at {where})" if where else text
 
 

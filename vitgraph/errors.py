@@ -5,6 +5,29 @@ one-paragraph message and exit code 2. Messages name the problem *and* the fix.
 """
 from __future__ import annotations
 
+import re
+import traceback
+
+# frames in these folders are ours or the frameworks': a user's model code is anywhere else
+_LIBRARY_DIRS = ("/torch/", "/onnxscript/", "/onnxruntime/", "/onnx/", "/vitgraph/", "/targets/", "/passes/")
+
+
+def user_frame(exc: BaseException) -> str | None:
+    """``file:line `source``` of the deepest frame in user code (model code), when there is one.
+
+    An error raised inside an fx-generated forward quotes the original source location in its text;
+    that location wins over the traceback.
+    """
+    match = re.search(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)', str(exc))
+    if match:
+        return f"{match.group(1)}:{match.group(2)} `{match.group(4).strip()}`"
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        path = frame.filename.replace("\\", "/")
+        stdlib = "/lib/python3" in path and "-packages/" not in path
+        if not stdlib and not any(p in path for p in _LIBRARY_DIRS):
+            return f"{frame.filename}:{frame.lineno} `{(frame.line or '').strip()}`"
+    return None
+
 
 class VitgraphError(Exception):
     """Base class: bad input or a check that failed. The CLI exits with code 2 on these."""

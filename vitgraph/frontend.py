@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import traceback
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Callable
 
@@ -23,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from vitgraph.errors import InputSizeError, TraceError
+from vitgraph.errors import InputSizeError, TraceError, user_frame
 
 __all__ = ["trace_module", "timm_leaves", "VitTracer", "check_exact"]
 
@@ -190,16 +189,6 @@ class _meta_module:
             (sub._parameters if is_param else sub._buffers)[name] = value
 
 
-def _user_frame(exc: BaseException) -> str:
-    """The deepest stack frame outside torch's own code: the line of the model that broke tracing."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    for fr in reversed(frames):
-        path = fr.filename.replace("\\", "/")
-        if "/torch/" not in path and "/vitgraph/" not in path:
-            return f"{fr.filename}:{fr.lineno} `{(fr.line or '').strip()}`"
-    return "<unknown>"
-
-
 def _graph_module(root: nn.Module, tracer: VitTracer, concrete_args: dict | None, name: str) -> fx.GraphModule:
     graph = tracer.trace(root, concrete_args=concrete_args)
     return fx.GraphModule(tracer.root, graph, name)
@@ -232,7 +221,7 @@ def trace_module(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], *,
     where = tracer.failed_module or first_tracer.failed_module or "<root>"
     raise TraceError(
         f"torch.fx could not trace {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-        f"inside module {where}, at {_user_frame(exc)}. "
+        f"inside module {where}, at {user_frame(exc) or '<unknown>'}. "
         f"Fix: make that module a leaf so it is kept as one call, e.g. "
         f"vg.trace(model, x, leaf_modules=[TheModuleClass]) or timm.layers.register_notrace_module(TheModuleClass); "
         f"for a free function use autowrap_functions=[fn] (timm.layers.register_notrace_function)."
