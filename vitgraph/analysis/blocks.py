@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch.fx as fx
@@ -20,15 +21,20 @@ from vitgraph.meta import COST, SHAPE, AttentionSite, Block, MlpSite, Residual, 
 _TO_ADD = {"dropout", "mul", "div", "norm", "shape", "function", "module", "method"}
 
 
-def _ancestors(node: fx.Node, floor: int, order: dict[fx.Node, int]) -> set[fx.Node]:
+def _ancestors(node: fx.Node, follow: Callable[[fx.Node], bool] = lambda n: True) -> set[fx.Node]:
+    """``node`` and every node it depends on through inputs accepted by ``follow``."""
     seen, stack = {node}, [node]
     while stack:
         n = stack.pop()
         for a in n.all_input_nodes:
-            if a not in seen and order[a] >= floor:
+            if a not in seen and follow(a):
                 seen.add(a)
                 stack.append(a)
     return seen
+
+
+def _after(floor: int, order: dict[fx.Node, int]) -> Callable[[fx.Node], bool]:
+    return lambda n: order[n] >= floor
 
 
 def _residual(out: fx.Node, site_input: fx.Node, gm: fx.GraphModule, kind: str,
@@ -46,7 +52,7 @@ def _residual(out: fx.Node, site_input: fx.Node, gm: fx.GraphModule, kind: str,
         k = op_kind(user, gm)
         if k == "add" and len(tensor_args(user)) == 2:
             skip = next(a for a in tensor_args(user) if a is not node)
-            identity = skip in _ancestors(site_input, order[skip], order)
+            identity = skip in _ancestors(site_input, _after(order[skip], order))
             return Residual(add=user.name, skip=skip.name, branch_out=out.name, kind=kind,
                             layer_scale=scale, drop_path=drop, identity_skip=identity)
         if k not in _TO_ADD:
@@ -91,7 +97,7 @@ def _pair(units: list[_Unit], order: dict[fx.Node, int]) -> list[list[_Unit]]:
     while i < len(units):
         u, nxt = units[i], units[i + 1] if i + 1 < len(units) else None
         if u.kind == "attn" and nxt is not None and nxt.kind == "mlp" and nxt.residual is not None \
-                and u.end in _ancestors(nxt.start, order[u.end], order):
+                and u.end in _ancestors(nxt.start, _after(order[u.end], order)):
             groups.append([u, nxt])
             i += 2
         else:
@@ -121,7 +127,7 @@ def find_blocks(gm: fx.GraphModule, attention: list[AttentionSite], mlps: list[M
         mlp = next((u.site for u in group if u.kind == "mlp"), None)
         start, end = group[0].start, group[-1].end
         reason = _skip_reason(group, start, end)
-        members = _ancestors(end, order[start] + 1, order) - {start}
+        members = _ancestors(end, _after(order[start] + 1, order)) - {start}
         member_names = tuple(n.name for n in gm.graph.nodes if n in members)
         flops = sum(nodes[n].meta[COST].flops for n in member_names if COST in nodes[n].meta)
         params = sum(nodes[n].meta[COST].params for n in member_names if COST in nodes[n].meta)
@@ -189,14 +195,7 @@ def _classifier(gm: fx.GraphModule, pool: fx.Node | None) -> fx.Node | None:
     """The last linear between the pooling op and the output (None for a feature extractor)."""
     if pool is None:
         return None
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    feeding = {out}
-    stack = [out]
-    while stack:  # everything the output depends on
-        for a in stack.pop().all_input_nodes:
-            if a not in feeding:
-                feeding.add(a)
-                stack.append(a)
+    feeding = _ancestors(next(n for n in gm.graph.nodes if n.op == "output"))
     after = False
     head = None
     for n in gm.graph.nodes:
@@ -241,17 +240,9 @@ def _from_latent_query(node: fx.Node, blocks: list[Block], nodes: dict) -> bool:
     """Whether ``node`` is the output of a block whose queries are learned latents (attention pooling)."""
     for b in blocks:
         if b.output == node.name and b.attention is not None:
-            q_in = nodes[b.attention.q].args[0]
-            stack, seen = [q_in], set()
-            while stack:
-                n = stack.pop()
-                if n.op == "placeholder":
-                    return False
-                for a in n.all_input_nodes:  # follow tensors only: x.shape[0] for expand() is not data
-                    if a not in seen and a.meta.get(SHAPE) is not None:
-                        seen.add(a)
-                        stack.append(a)
-            return True
+            # follow tensors only: x.shape[0] for expand() is not data
+            q_from = _ancestors(nodes[b.attention.q].args[0], lambda n: n.meta.get(SHAPE) is not None)
+            return not any(n.op == "placeholder" for n in q_from)
     return False
 
 
