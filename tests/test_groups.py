@@ -27,6 +27,8 @@ TINY = {
     "xcit": ("xcit_tiny_12_p16_224", dict(img_size=32, embed_dim=64, depth=2, num_heads=4), 32),
     "levit": ("levit_128", dict(img_size=128), 128),
     "mvitv2": ("mvitv2_tiny", dict(img_size=64), 64),
+    "relpos": ("vit_relpos_small_patch16_224", dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2),
+               32),
     "dinov2_reg": ("vit_small_patch14_reg4_dinov2", dict(img_size=28, embed_dim=64, depth=2, num_heads=2), 28),
 }
 
@@ -34,6 +36,11 @@ TINY = {
 def _graph(key: str) -> vg.VitGraph:
     if key == "handmade":
         return vg.trace(handmade_vit(), torch.randn(2, 3, 32, 32))
+    if key == "hugging_face":
+        transformers = pytest.importorskip("transformers")
+        cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, image_size=32, patch_size=8, num_labels=10)
+        return vg.trace(transformers.ViTForImageClassification(cfg).eval(), torch.randn(2, 3, 32, 32))
     name, kwargs, size = TINY[key]
     torch.manual_seed(0)
     model = timm.create_model(name, **kwargs).eval()
@@ -59,7 +66,7 @@ def _zeroed(gm: torch.fx.GraphModule, group: vg.CoupledGroup, units: list[int], 
     return out
 
 
-@pytest.mark.parametrize("key", ["handmade", *TINY])
+@pytest.mark.parametrize("key", ["handmade", "hugging_face", *TINY])
 def test_group_slices_remove_the_same_units(key):
     g = _graph(key)
     x = torch.randn(3, *g.input_size)
@@ -92,3 +99,53 @@ def test_expected_groups_per_model():
     assert "blocks.0.attn.heads" in names["xcit"] and "blocks.0.attn.v_dims" not in names["xcit"]
     assert "cls_attn_blocks.0.attn.v_dims" in names["xcit"]
     assert {n.rsplit(".", 1)[1] for n in names["mvitv2"]} == {"mlp"}  # pooled q/k/v: heads not separable
+
+
+def _set_size(node: torch.fx.Node, axis: int, value: int) -> None:
+    """Set output dim ``axis`` of a reshape/view to ``value``, whether sizes are varargs or one tuple."""
+    sizes = list(node.args[1:])  # args[0] is the tensor, for x.view(...) and torch.reshape(x, ...)
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        packed = list(sizes[0])
+        packed[axis] = value
+        node.args = (node.args[0], tuple(packed))
+    else:
+        sizes[axis] = value
+        node.args = (node.args[0], *sizes)
+
+
+def _physically_pruned(gm: torch.fx.GraphModule, group: vg.CoupledGroup, removed: list[int]) -> torch.nn.Module:
+    """Slice every parameter of the group and rewrite its reshape constants, as a materialize pass must."""
+    out = copy.deepcopy(gm)
+    keep_units = [u for u in range(group.units) if u not in removed]
+    for sl in group.slices:
+        owner, _, attr = sl.target.rpartition(".")
+        module = out.get_submodule(owner)
+        old = getattr(module, attr)
+        idx = torch.tensor(sorted(i for u in keep_units for i in sl.indices[u]))
+        new = old.detach().index_select(sl.axis, idx)
+        if isinstance(old, torch.nn.Parameter):
+            setattr(module, attr, torch.nn.Parameter(new))
+        else:
+            module.register_buffer(attr, new)
+    for c in group.constants:
+        node = next(n for n in out.graph.nodes if n.name == c.node)
+        _set_size(node, c.arg_index, c.value - len(removed) * c.per_unit)
+    out.recompile()
+    return out
+
+
+@pytest.mark.parametrize("key", ["handmade", "hugging_face", "deit", "eva02", "beit", "swin", "xcit", "levit", "cait",
+                                 "relpos", "dinov2_reg"])
+def test_physical_slicing_with_rewritten_constants_equals_masking(key):
+    """Removing units for real (weights sliced, reshape constants rewritten) equals zeroing them."""
+    g = _graph(key)
+    x = torch.randn(2, *g.input_size)
+    heads = [gr for gr in g.structure.groups if gr.kind in ("heads", "mlp") and gr.units > 1]
+    assert any(gr.kind == "heads" for gr in heads)
+    for group in heads[:1] + heads[-1:] + [gr for gr in heads if gr.kind == "mlp"][:1]:
+        removed = list(range(0, group.units, 2))[: group.units - 1]  # every other unit, at least one kept
+        with torch.no_grad():
+            expected = _zeroed(g.gm, group, removed, consumers=True)(x)
+            actual = _physically_pruned(g.gm, group, removed)(x)
+        assert actual.shape == expected.shape
+        assert (actual - expected).abs().max() <= 1e-5 * expected.abs().max(), group.name

@@ -73,7 +73,7 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Str
         f.site = replace(f.site, block=block_of.get(f.site.name))
     attention = tuple(f.site for f in found)
     mlps = [replace(m, block=block_of.get(m.name)) for m in mlps]
-    groups = [g for g in (head_group(gm, f) for f in found) if g is not None]
+    groups = [g for g in (head_group(gm, f, data) for f in found) if g is not None]
     groups += [g for g in (value_dim_group(gm, f) for f in found) if g is not None]
     groups += [g for g in (mlp_group(gm, m) for m in mlps) if g is not None]
     assign_factors(gm, blocks, attention, groups)

@@ -34,6 +34,7 @@ class Found:
     k_rows: list[list[int]] = field(default_factory=list)
     v_rows: list[list[int]] = field(default_factory=list)
     proj_cols: list[list[int]] = field(default_factory=list)  # per head, per value dim: proj input column
+    score_inputs: list[fx.Node] = field(default_factory=list)  # tensors added to / multiplying the logits
 
 
 @dataclass(frozen=True)
@@ -117,19 +118,33 @@ def _classify_bias(node: object, gm: fx.GraphModule) -> str | None:
     return "mask"
 
 
-def _strongest_bias(biases: object, gm: fx.GraphModule) -> str | None:
-    kinds = {_classify_bias(b, gm) for b in (biases if isinstance(biases, list) else [biases])}
+def _strongest_bias(biases: list[fx.Node], gm: fx.GraphModule) -> str | None:
+    kinds = {_classify_bias(b, gm) for b in biases}
     return next((k for k in ("rel_pos_table", "params", "mask") if k in kinds), None)
 
 
-def _cores(gm: fx.GraphModule) -> list[tuple[fx.Node, str, fx.Node, fx.Node, fx.Node, fx.Node, list[fx.Node], object]]:
-    """(core, impl, q, k, v, out, score_path, bias) for every attention core in the graph."""
-    found = []
+@dataclass(frozen=True)
+class _Core:
+    node: fx.Node                   # the sdpa call, or the softmax
+    impl: str                       # "sdpa" | "explicit"
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    out: fx.Node                    # the tensor of per-head outputs
+    score_path: tuple[fx.Node, ...]  # q @ k^T ... softmax input
+    biases: tuple[fx.Node, ...]      # tensors added to the logits (position tables, masks)
+    scales: tuple[fx.Node, ...]      # tensors multiplying the logits (per-head temperatures)
+
+
+def _cores(gm: fx.GraphModule) -> list[_Core]:
+    """Every attention core in the graph."""
+    found: list[_Core] = []
     for n in gm.graph.nodes:
         kind = op_kind(n, gm)
         if kind == "sdpa":
             q, k, v = sdpa_qkv(n)
-            found.append((n, "sdpa", q, k, v, n, [], sdpa_mask(n)))
+            mask = sdpa_mask(n)
+            found.append(_Core(n, "sdpa", q, k, v, n, (), (mask,) if isinstance(mask, fx.Node) else (), ()))
         elif kind == "softmax":
             src = tensor_args(n)
             if not src:
@@ -140,12 +155,16 @@ def _cores(gm: fx.GraphModule) -> list[tuple[fx.Node, str, fx.Node, fx.Node, fx.
             if m1 is None or m2 is None or len(operands(m1)) != 2 or len(operands(m2)) != 2 \
                     or operands(m2)[0] is not via:
                 continue
-            (q, k), v = operands(m1), operands(m2)[1]
-            bias = [a for p in back if op_kind(p, gm) in ("add", "function")
-                    for a in tensor_args(p) if a not in back and a is not q]
-            if any(f[5] is m2 for f in found):  # a second softmax mixed into the same attention (ConViT)
+            if any(c.out is m2 for c in found):  # a second softmax mixed into the same attention (ConViT)
                 continue
-            found.append((n, "explicit", q, k, v, m2, back, bias))
+            (q, k), v = operands(m1), operands(m2)[1]
+
+            def others(kinds: tuple[str, ...]) -> tuple[fx.Node, ...]:
+                return tuple(a for p in back if op_kind(p, gm) in kinds
+                             for a in tensor_args(p) if a not in back and a is not q)
+
+            found.append(_Core(n, "explicit", q, k, v, m2, tuple(back), others(("add", "function")),
+                               others(("mul", "div"))))
     return found
 
 
@@ -232,7 +251,8 @@ def _first_norm(t: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
 def find_attention(gm: fx.GraphModule, batch: int) -> list[Found]:
     """Every attention site of ``gm`` (shapes must have been propagated)."""
     results: list[Found] = []
-    for core, impl, q, k, v, out, score_path, bias in _cores(gm):
+    for c in _cores(gm):
+        core, impl, q, k, v, out, score_path = c.node, c.impl, c.q, c.k, c.v, c.out, list(c.score_path)
         qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
         if qs is None or ks is None or vs is None or len(qs) < 3:
             continue
@@ -278,8 +298,8 @@ def find_attention(gm: fx.GraphModule, batch: int) -> list[Found]:
             v_head_dim=geo.v_head_dim, tokens_q=geo.tokens_q, tokens_kv=geo.tokens_kv, q=q_lin.name,
             k=k_lin.name, v=v_lin.name, proj=proj.name if proj is not None else None, fused=fused,
             q_norm=q_norm.name if q_norm is not None else None, k_norm=k_norm.name if k_norm is not None else None,
-            bias=_strongest_bias(bias, gm), prunable={"heads": reason_heads, "head_dim": reason_hd})
-        results.append(Found(site, q_rows or [], k_rows or [], v_rows or [], proj_cols))
+            bias=_strongest_bias(list(c.biases), gm), prunable={"heads": reason_heads, "head_dim": reason_hd})
+        results.append(Found(site, q_rows or [], k_rows or [], v_rows or [], proj_cols, [*c.biases, *c.scales]))
     return results
 
 

@@ -70,6 +70,18 @@ def _batchnorm_slices(gm: fx.GraphModule, env: dict[fx.Node, torch.Tensor], unit
     return out
 
 
+def _merged(slices: list[SliceRef]) -> tuple[SliceRef, ...]:
+    """One slice per (tensor, axis): a packed gated MLP's unit owns a value row *and* a gate row."""
+    out: dict[tuple[str, int], SliceRef] = {}
+    for sl in slices:
+        key = (sl.target, sl.axis)
+        if key in out:
+            prev = out[key]
+            sl = SliceRef(sl.target, sl.axis, tuple(a + b for a, b in zip(prev.indices, sl.indices)), sl.what)
+        out[key] = sl
+    return tuple(out.values())
+
+
 def _unit_code(rows_per_unit: list[list[int]], size: int) -> torch.Tensor:
     code = torch.full((size,), -1.0, dtype=torch.float64)
     for u, rows in enumerate(rows_per_unit):
@@ -77,7 +89,85 @@ def _unit_code(rows_per_unit: list[list[int]], size: int) -> torch.Tensor:
     return code
 
 
-def head_group(gm: fx.GraphModule, found: Found) -> CoupledGroup | None:
+def _static_sources(node: fx.Node, gm: fx.GraphModule, data: set[fx.Node]) -> list[fx.Node]:
+    """Parameters/buffers (get_attr) and input-free linears that a non-data tensor is computed from."""
+    out, seen, stack = [], {node}, [node]
+    while stack:
+        n = stack.pop()
+        if n.op == "get_attr" or (linear_info(n, gm) is not None and n not in data):
+            out.append(n)
+            if n.op == "get_attr":
+                continue
+        for a in n.all_input_nodes:
+            if a not in seen and a not in data:
+                seen.add(a)
+                stack.append(a)
+    return out
+
+
+def _axis_code(shape: tuple[int, ...], axis: int) -> torch.Tensor:
+    view = [shape[axis] if i == axis else 1 for i in range(len(shape))]
+    return torch.arange(shape[axis], dtype=torch.float64).view(view).expand(*shape).clone()
+
+
+def _line(t: torch.Tensor, axis: int) -> list[int]:
+    """Values along ``axis`` with every other index at 0."""
+    for other in reversed(range(t.dim())):
+        if other != axis:
+            t = t.select(other, 0)
+    return [int(v) for v in t.tolist()]
+
+
+def _reach(gm: fx.GraphModule, src: fx.Node, code: torch.Tensor, dst: fx.Node) -> torch.Tensor | None:
+    return code if src is dst else ix.propagate(gm, {src: code}).get(dst)
+
+
+def _per_head_sources(gm: fx.GraphModule, target: fx.Node, head_axis: int, heads: int, data: set[fx.Node],
+                      env_all: dict[fx.Node, torch.Tensor]) -> list[SliceRef]:
+    """Slices of the parameters behind ``target`` (a position bias, a temperature) along its head axis."""
+    slices = []
+    for src in _static_sources(target, gm, data):
+        info = linear_info(src, gm) if src.op != "get_attr" else None
+        if info is not None:  # e.g. vit_relpos: a small MLP whose outputs are the heads
+            at = _reach(gm, src, ix.row_index(shape_of(src)), target)
+            if at is None or sorted(_line(at, head_axis)) != sorted(set(_line(at, head_axis))):
+                continue
+            rows = tuple((r,) for r in _line(at, head_axis))
+            slices.append(SliceRef(info.weight, 0, rows, "weight.out"))
+            if info.bias and info.bias != "<computed>":
+                slices.append(SliceRef(info.bias, 0, rows, "bias"))
+            code = _unit_code([list(r) for r in rows], info.out_features).expand(*shape_of(src)).clone()
+            env_all.update(ix.propagate(gm, {src: code}))
+            continue
+        shape = shape_of(src)
+        for axis in [a for a, d in enumerate(shape or ()) if d == heads]:
+            at = _reach(gm, src, _axis_code(shape, axis), target)
+            if at is not None and _line(at, head_axis) == list(range(heads)):
+                slices.append(SliceRef(str(src.target), axis, tuple((h,) for h in range(heads)), "per_head"))
+                env_all.update(ix.propagate(gm, {src: _axis_code(shape, axis)}))
+                break
+    return slices
+
+
+def _computed_bias_slices(gm: fx.GraphModule, lin: fx.Node, rows: list[list[int]], data: set[fx.Node]
+                          ) -> list[SliceRef]:
+    """BEiT/EVA build the qkv bias as cat(q_bias, zeros, v_bias): slice the pieces that feed each head."""
+    bias = lin.kwargs.get("bias", lin.args[2] if len(lin.args) > 2 else None)
+    slices = []
+    for src in _static_sources(bias, gm, data):
+        shape = shape_of(src)
+        if src.op != "get_attr" or not shape or len(shape) != 1:
+            continue
+        at = _reach(gm, src, _axis_code(shape, 0), bias)
+        if at is None:
+            continue
+        per_head = tuple(tuple(int(at[r]) for r in head if at[r] >= 0) for head in rows)
+        if any(per_head):
+            slices.append(SliceRef(str(src.target), 0, per_head, "bias"))
+    return slices
+
+
+def head_group(gm: fx.GraphModule, found: Found, data: set[fx.Node]) -> CoupledGroup | None:
     site = found.site
     if site.prunable.get("heads") is not None:
         return None
@@ -92,7 +182,9 @@ def head_group(gm: fx.GraphModule, found: Found) -> CoupledGroup | None:
     for lin, rows in per_producer.items():
         info = linear_info(nodes[lin], gm)
         slices.append(SliceRef(info.weight, 0, tuple(tuple(r) for r in rows), "weight.out"))
-        if info.bias and info.bias != "<computed>":
+        if info.bias == "<computed>":
+            slices.extend(_computed_bias_slices(gm, nodes[lin], rows, data))
+        elif info.bias:
             slices.append(SliceRef(info.bias, 0, tuple(tuple(r) for r in rows), "bias"))
         code = _unit_code(rows, info.out_features).expand(*shape_of(nodes[lin])).clone()
         env = ix.propagate(gm, {nodes[lin]: code})
@@ -101,14 +193,18 @@ def head_group(gm: fx.GraphModule, found: Found) -> CoupledGroup | None:
     proj = linear_info(nodes[site.proj], gm)
     slices.append(SliceRef(proj.weight, 1, tuple(tuple(c) for c in found.proj_cols), "weight.in"))
     core_out = _core_output(gm, found, nodes)
-    if core_out is not None and shape_of(core_out) is not None and len(shape_of(core_out)) == 4:
-        s = shape_of(core_out)
-        code = torch.arange(s[1], dtype=torch.float64).view(1, -1, 1, 1).expand(*s).clone()
-        env_all.update(ix.propagate(gm, {core_out: code}))
+    if core_out is not None and shape_of(core_out) is not None and len(shape_of(core_out)) >= 4:
+        env_all.update(ix.propagate(gm, {core_out: _axis_code(shape_of(core_out), 1)}))
+    scores = len(shape_of(nodes[site.core]) or ())  # rank of the logits (softmax/sdpa share it)
+    for extra in found.score_inputs:  # per-head position tables and temperatures on the logits
+        shape = shape_of(extra)
+        head_axis = (len(shape) - scores + 1) if shape else -1
+        if shape and 0 <= head_axis < len(shape) and shape[head_axis] == site.heads:
+            slices.extend(_per_head_sources(gm, extra, head_axis, site.heads, data, env_all))
     consts = _constants(gm, env_all, site.heads, site.head_dim) + _constants(gm, env_all, site.heads, site.v_head_dim)
     unique = {(c.node, c.arg_index): c for c in consts}
     return CoupledGroup(name=f"{site.name}.heads", kind="heads", site=site.name, block=site.block,
-                        units=site.heads, unit_width=site.head_dim, slices=tuple(slices),
+                        units=site.heads, unit_width=site.head_dim, slices=_merged(slices),
                         constants=tuple(unique.values()))
 
 
@@ -169,7 +265,7 @@ def mlp_group(gm: fx.GraphModule, site: MlpSite) -> CoupledGroup | None:
     info2 = linear_info(fc2, gm)
     slices.append(SliceRef(info2.weight, 1, tuple((c,) for c in range(site.hidden)), "weight.in"))
     return CoupledGroup(name=f"{site.name}.mlp", kind="mlp", site=site.name, block=site.block,
-                        units=site.hidden, unit_width=1, slices=tuple(slices))
+                        units=site.hidden, unit_width=1, slices=_merged(slices))
 
 
 __all__ = ["head_group", "mlp_group", "value_dim_group"]

@@ -21,10 +21,14 @@ _PASS_KINDS = {"act", "dropout", "norm", "mul", "div", "add", "function", "modul
 _STOP_KINDS = {"linear", "conv", "matmul", "einsum", "sdpa", "softmax", "reduce", "pool", "output"}
 
 
-def _arg_value(a: Any, env: dict[fx.Node, torch.Tensor]) -> Any:
+def _arg_value(a: Any, env: dict[fx.Node, torch.Tensor], gm: fx.GraphModule) -> Any:
     if isinstance(a, fx.Node):
         if a in env:
             return env[a]
+        if a.op == "get_attr":  # integer buffers are index tables (relative positions): replay them as they are
+            value = _attr(gm, str(a.target))
+            if isinstance(value, torch.Tensor) and not value.is_floating_point():
+                return value
         shp = a.meta.get(SHAPE)
         if isinstance(shp, tuple) and all(isinstance(d, int) for d in shp):
             return torch.full(shp, -1.0, dtype=torch.float64)
@@ -34,9 +38,16 @@ def _arg_value(a: Any, env: dict[fx.Node, torch.Tensor]) -> Any:
     return a
 
 
+def _attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
 def _evaluate(node: fx.Node, gm: fx.GraphModule, env: dict[fx.Node, torch.Tensor]) -> Any:
-    args = fx.node.map_aggregate(node.args, lambda a: _arg_value(a, env))
-    kwargs = fx.node.map_aggregate(node.kwargs, lambda a: _arg_value(a, env))
+    args = fx.node.map_aggregate(node.args, lambda a: _arg_value(a, env, gm))
+    kwargs = fx.node.map_aggregate(node.kwargs, lambda a: _arg_value(a, env, gm))
     if node.op == "call_method":
         return getattr(args[0], node.target)(*args[1:], **kwargs)
     if node.op == "call_module":
