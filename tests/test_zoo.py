@@ -164,5 +164,16 @@ def test_beyond_the_list_hiera_mask_unit_attention():
     pooled = [b.index for b in g.blocks if "pooling" in (b.attention.prunable["heads"] or "")]
     assert pooled == [1, 3, 10]                      # the first block of stages 2, 3 and 4
     assert all("windowed" in b.token_reason for b in g.blocks[:4])      # attention inside mask units
-    assert all(b.token_reason.startswith("later block 10:") for b in g.blocks[4:10])
+    # stage 3 attends globally, but the tokens are regrouped for the q-pooling of block 10 right after it
+    assert "after the block reshapes tokens" in g.blocks[9].token_reason
+    assert all(b.token_reason.startswith("later block 9:") for b in g.blocks[4:9])
     assert [b.token_prunable for b in g.blocks[10:]] == [False, True]
+
+
+def test_beyond_the_list_metaformer_star_relu_and_res_scale():
+    """CAFormer: StarReLU spelled as element-wise ops, a learned scale on the shortcut, conv downsampling."""
+    g = traced("caformer_s18")
+    assert len(g.blocks) == 12 and all(b.attention and b.mlp for b in g.blocks)
+    assert all("res-scale" in b.skip_reason for b in g.blocks)
+    assert "after the block reshapes tokens into a 14x14 grid" in g.blocks[8].token_reason
+    assert [b.token_prunable for b in g.blocks[9:]] == [True, True, True]

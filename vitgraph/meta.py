@@ -124,6 +124,7 @@ class Residual:
     layer_scale: str | None = None
     drop_path: str | None = None
     identity_skip: bool = True    # the skip operand is the branch's own input (no projection/pooling)
+    skip_scale: str | None = None  # a learned res-scale multiplying the shortcut (MetaFormer's res_scale)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,18 @@ def _after(floor: int, order: dict[fx.Node, int]) -> Callable[[fx.Node], bool]:
     return lambda n: order[n] >= floor
 
 
+def _under_res_scale(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, str | None]:
+    """The stream beneath an Identity or a learned scale on a shortcut, and the scaling node if any."""
+    scale = None
+    while True:
+        kind = op_kind(node, gm)
+        same = [a for a in tensor_args(node) if a.op != "get_attr" and shape_of(a) == shape_of(node)]
+        if len(same) != 1 or kind not in ("dropout", "mul") or (kind == "mul" and scale is not None):
+            return node, scale
+        scale = node.name if kind == "mul" else scale
+        node = same[0]
+
+
 def _residual(out: fx.Node, site_input: fx.Node, gm: fx.GraphModule, kind: str,
               order: dict[fx.Node, int]) -> Residual | None:
     """The residual add a site's output flows into, if any."""
@@ -52,9 +64,10 @@ def _residual(out: fx.Node, site_input: fx.Node, gm: fx.GraphModule, kind: str,
         k = op_kind(user, gm)
         if k == "add" and len(tensor_args(user)) == 2:
             skip = next(a for a in tensor_args(user) if a is not node)
-            identity = skip in _ancestors(site_input, _after(order[skip], order))
+            stream, skip_scale = _under_res_scale(skip, gm)
+            identity = stream in _ancestors(site_input, _after(order[stream], order))
             return Residual(add=user.name, skip=skip.name, branch_out=out.name, kind=kind,
-                            layer_scale=scale, drop_path=drop, identity_skip=identity)
+                            layer_scale=scale, drop_path=drop, identity_skip=identity, skip_scale=skip_scale)
         if k not in _TO_ADD:
             return None
         if k == "mul" or (k == "module" and "scale" in str(user.target).lower()):
@@ -113,6 +126,9 @@ def _skip_reason(group: list[_Unit], start: fx.Node, end: fx.Node) -> str | None
         return f"{missing.site.name} is not added to a residual stream (a stage transition)"
     if not all(u.residual.identity_skip for u in group):
         return "the shortcut is projected or pooled (a stage transition)"
+    scaled = next((u.residual.skip_scale for u in group if u.residual.skip_scale), None)
+    if scaled is not None:
+        return f"the shortcut is scaled (res-scale %{scaled}): removing the block leaves x * scale, not x"
     if not _same_stream(shape_of(start), shape_of(end)):
         return f"block input {shape_of(start)} and output {shape_of(end)} differ"
     return None
@@ -246,6 +262,35 @@ def _from_latent_query(node: fx.Node, blocks: list[Block], nodes: dict) -> bool:
     return False
 
 
+def _grid_reshape(candidates: list[fx.Node], counts: set[int], where: str = "") -> str | None:
+    """A node that lays the tokens out as an H x W grid (a conv, a pooling, a window partition)."""
+    for n in candidates:
+        s = shape_of(n)
+        hit = next(((h, w) for h, w in zip(s[1:], s[2:]) if h > 1 and w > 1 and h * w in counts),
+                   None) if s and len(s) >= 4 else None
+        if hit:
+            return f"%{n.name}{' ' + where if where else ''} reshapes tokens into a {hit[0]}x{hit[1]} grid"
+    return None
+
+
+def _own_token_barrier(b: Block, tokens: TokenInfo, nodes: dict[str, fx.Node]) -> str | None:
+    """Why tokens may not be dropped before block ``b`` because of the block itself."""
+    a = b.attention
+    if tokens.layout != "sequence":
+        return "tokens form a spatial grid here (hierarchical or windowed model)"
+    if a is None:
+        return "the block has no attention to mask"
+    if a.mode != "token":
+        return "channel attention mixes every token into each output"
+    if a.tokens_q != 1 and (a.tokens_kv != b.tokens_in or a.tokens_q != b.tokens_in):
+        return f"attention sees {a.tokens_kv} of the block's {b.tokens_in} tokens (windowed/pooled)"
+    if a.bias in ("rel_pos_table", "params"):
+        return "the attention adds a fixed-size relative position bias"
+    if b.tokens_in != b.tokens_out:
+        return "the block changes the number of tokens"
+    return _grid_reshape([nodes[n] for n in b.nodes], {b.tokens_in, b.tokens_in - tokens.prefix_tokens})
+
+
 def mark_token_prunable(gm: fx.GraphModule, blocks: list[Block], tokens: TokenInfo) -> list[Block]:
     """Decide per block whether tokens may be dropped before it, with the reason where not."""
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -254,30 +299,14 @@ def mark_token_prunable(gm: fx.GraphModule, blocks: list[Block], tokens: TokenIn
     barrier: str | None = None
     if tokens.pooling not in ("token", "avg", "attn"):
         barrier = f"the head pools tokens by {tokens.pooling!r}, not a class token or a mean"
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    following = {b.index: nxt for b, nxt in zip(blocks, blocks[1:])}
     for b in reversed(blocks):
-        own = None
-        if tokens.layout != "sequence":
-            own = "tokens form a spatial grid here (hierarchical or windowed model)"
-        elif b.attention is None:
-            own = "the block has no attention to mask"
-        elif b.attention.mode != "token":
-            own = "channel attention mixes every token into each output"
-        elif b.attention.tokens_q != 1 and (b.attention.tokens_kv != b.tokens_in
-                                            or b.attention.tokens_q != b.tokens_in):
-            own = f"attention sees {b.attention.tokens_kv} of the block's {b.tokens_in} tokens (windowed/pooled)"
-        elif b.attention.bias in ("rel_pos_table", "params"):
-            own = "the attention adds a fixed-size relative position bias"
-        elif b.tokens_in != b.tokens_out:
-            own = "the block changes the number of tokens"
-        else:
-            counts = {b.tokens_in, b.tokens_in - tokens.prefix_tokens}
-            for n in b.nodes:
-                s = shape_of(nodes[n])
-                hit = next(((h, w) for h, w in zip(s[1:], s[2:]) if h > 1 and w > 1 and h * w in counts),
-                           None) if s and len(s) >= 4 else None
-                if hit:
-                    own = f"%{n} reshapes tokens into a {hit[0]}x{hit[1]} grid"
-                    break
+        own = _own_token_barrier(b, tokens, nodes)
+        nxt = following.get(b.index)
+        if own is None and nxt is not None:  # ops between this block and the next (stage transitions)
+            gap = [n for n in gm.graph.nodes if order[nodes[b.output]] < order[n] <= order[nodes[nxt.input]]]
+            own = _grid_reshape(gap, {b.tokens_out, b.tokens_out - tokens.prefix_tokens}, "after the block")
         reason = own or barrier
         if own:  # what blocks dropping here also blocks dropping before any earlier block
             barrier = f"later block {b.index}: {own}"

@@ -238,7 +238,7 @@ def _core_output(gm: fx.GraphModule, found: Found, nodes: dict[str, fx.Node]) ->
     return None
 
 
-def mlp_group(gm: fx.GraphModule, site: MlpSite) -> CoupledGroup | None:
+def mlp_group(gm: fx.GraphModule, site: MlpSite, data: set[fx.Node]) -> CoupledGroup | None:
     if site.prunable.get("mlp") is not None:
         return None
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -256,7 +256,7 @@ def mlp_group(gm: fx.GraphModule, site: MlpSite) -> CoupledGroup | None:
             slices.append(SliceRef(info.weight, 0, rows, "weight.out"))
             if info.bias and info.bias != "<computed>":
                 slices.append(SliceRef(info.bias, 0, rows, "bias"))
-    for bn in batchnorms(site, gm):  # LeViT-style Linear+BatchNorm: the BN follows fc1's rows
+    for bn in batchnorms(site, gm, data):  # LeViT-style Linear+BatchNorm: the BN follows fc1's rows
         mod = gm.get_submodule(bn.target)
         if mod.num_features == site.hidden:
             for pname in ("weight", "bias", "running_mean", "running_var"):

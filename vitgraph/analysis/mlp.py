@@ -16,10 +16,16 @@ from vitgraph.analysis.ops import common_prefix, module_path, op_kind, tensor_ar
 from vitgraph.meta import MlpSite, shape_of
 
 _THROUGH = {"act", "dropout", "norm", "mul", "shape", "conv"}
+# element-wise arithmetic that spelled-out activations use (StarReLU: s * relu(x) ** 2 + b)
+_ARITHMETIC = {"add", "div", "function", "method"}
 
 
-def _producers(fc2: fx.Node, gm: fx.GraphModule) -> tuple[list[fx.Node], list[fx.Node]] | None:
-    """Linears feeding ``fc2`` through element-wise ops, and the ops crossed; None if anything else."""
+def _producers(fc2: fx.Node, gm: fx.GraphModule, data: set[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]] | None:
+    """Linears feeding ``fc2`` through element-wise ops, and the ops crossed; None if anything else.
+
+    Constants (parameters, buffers) met on the way are operands, not paths; arithmetic with them
+    counts as element-wise only when one data tensor goes in and the same shape comes out.
+    """
     start = fc2.args[0] if fc2.args else None
     if not isinstance(start, fx.Node):
         return None
@@ -32,10 +38,13 @@ def _producers(fc2: fx.Node, gm: fx.GraphModule) -> tuple[list[fx.Node], list[fx
         if kind == "linear":
             linears.append(node)
             continue
-        if kind not in _THROUGH or len(crossed) > 24 or (kind == "conv" and not _depthwise(node, gm)):
+        inputs = [a for a in tensor_args(node) if a in data]
+        elementwise = kind in _ARITHMETIC and len(inputs) == 1 and shape_of(inputs[0]) == shape_of(node)
+        if (kind not in _THROUGH and not elementwise) or len(crossed) > 24 or (
+                kind == "conv" and not _depthwise(node, gm)):
             return None
         crossed.append(node)
-        for a in tensor_args(node):
+        for a in inputs:
             if a not in seen:
                 seen.add(a)
                 queue.append(a)
@@ -59,7 +68,7 @@ def find_mlps(gm: fx.GraphModule, claimed: set[str], data: set[fx.Node]) -> list
     for node in gm.graph.nodes:
         if op_kind(node, gm) != "linear" or node.name in claimed or node not in data:
             continue
-        found = _producers(node, gm)
+        found = _producers(node, gm, data)
         if found is None:
             continue
         linears, crossed = found
@@ -98,10 +107,10 @@ def _per_channel(node: fx.Node, gm: fx.GraphModule) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), _BatchNorm)
 
 
-def batchnorms(site: MlpSite, gm: fx.GraphModule) -> list[fx.Node]:
+def batchnorms(site: MlpSite, gm: fx.GraphModule, data: set[fx.Node]) -> list[fx.Node]:
     """Per-unit BatchNorms between fc1 and fc2 (their parameters shrink with the units)."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    found = _producers(nodes[site.fc2], gm)
+    found = _producers(nodes[site.fc2], gm, data)
     return [c for c in found[1] if _per_channel(c, gm)] if found else []
 
 
