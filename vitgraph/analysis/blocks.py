@@ -303,9 +303,10 @@ def mark_token_prunable(gm: fx.GraphModule, blocks: list[Block], tokens: TokenIn
     following = {b.index: nxt for b, nxt in zip(blocks, blocks[1:])}
     for b in reversed(blocks):
         own = _own_token_barrier(b, tokens, nodes)
-        nxt = following.get(b.index)
-        if own is None and nxt is not None:  # ops between this block and the next (stage transitions)
-            gap = [n for n in gm.graph.nodes if order[nodes[b.output]] < order[n] <= order[nodes[nxt.input]]]
+        if own is None:  # ops between this block and the next (stage transitions), or the head
+            nxt = following.get(b.index)
+            stop = order[nodes[nxt.input]] if nxt is not None else len(order)
+            gap = [n for n in gm.graph.nodes if order[nodes[b.output]] < order[n] <= stop]
             own = _grid_reshape(gap, {b.tokens_out, b.tokens_out - tokens.prefix_tokens}, "after the block")
         reason = own or barrier
         if own:  # what blocks dropping here also blocks dropping before any earlier block
