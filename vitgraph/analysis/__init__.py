@@ -75,7 +75,7 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Str
     mlps = [replace(m, block=block_of.get(m.name)) for m in mlps]
     groups = [g for g in (head_group(gm, f, data) for f in found) if g is not None]
     groups += [g for g in (value_dim_group(gm, f) for f in found) if g is not None]
-    groups += [g for g in (mlp_group(gm, m, data) for m in mlps) if g is not None]
+    groups += [g for g in (mlp_group(gm, m) for m in mlps) if g is not None]
     assign_factors(gm, blocks, attention, groups)
     params = sum(p.numel() for p in gm.parameters())
     structure = Structure(blocks=tuple(blocks), attention=attention, mlps=tuple(mlps), tokens=tokens,

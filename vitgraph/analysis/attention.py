@@ -35,6 +35,7 @@ class Found:
     v_rows: list[list[int]] = field(default_factory=list)
     proj_cols: list[list[int]] = field(default_factory=list)  # per head, per value dim: proj input column
     score_inputs: list[fx.Node] = field(default_factory=list)  # tensors added to / multiplying the logits
+    out: fx.Node | None = None                                # the per-head outputs (sdpa, or attn @ v)
 
 
 @dataclass(frozen=True)
@@ -170,17 +171,8 @@ def _cores(gm: fx.GraphModule) -> list[_Core]:
 
 def _per_head_rows(idx: torch.Tensor, heads: int, ch_axis: int) -> list[list[int]] | None:
     """Producer rows owned by each head, read off an index tensor of shape (B, H, ..)."""
-    rows = []
-    for h in range(heads):
-        t = idx[0, h]
-        other = [a for a in range(t.dim()) if a != ch_axis - 2]
-        for a in sorted(other, reverse=True):
-            t = t.select(a, 0)
-        r = [int(v) for v in t.tolist()]
-        if any(v < 0 for v in r):
-            return None
-        rows.append(r)
-    return rows
+    rows = [ix.line(idx.select(1, h), ch_axis - 1) for h in range(heads)]
+    return None if any(v < 0 for r in rows for v in r) else rows
 
 
 def _geometry(impl: str, q: fx.Node, k: fx.Node, v: fx.Node, q_idx: torch.Tensor | None,
@@ -244,10 +236,6 @@ def _head_mixing(gm: fx.GraphModule, impl: str, core: fx.Node, out: fx.Node, pro
     return mixing
 
 
-def _first_norm(t: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
-    return next((p for p in _walk_back(t, gm, "linear", _BACK_THROUGH)[1] if op_kind(p, gm) == "norm"), None)
-
-
 def find_attention(gm: fx.GraphModule, batch: int) -> list[Found]:
     """Every attention site of ``gm`` (shapes must have been propagated)."""
     results: list[Found] = []
@@ -256,10 +244,11 @@ def find_attention(gm: fx.GraphModule, batch: int) -> list[Found]:
         qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
         if qs is None or ks is None or vs is None or len(qs) < 3:
             continue
-        producers, pooled = {}, None
+        producers, paths, pooled = {}, {}, None
         for role, t in (("q", q), ("k", k), ("v", v)):
-            producers[role], path = _walk_back(t, gm, "linear", _BACK_THROUGH)
-            pooled = pooled or next((p.name for p in path if op_kind(p, gm) in ("conv", "pool", "reduce")), None)
+            producers[role], paths[role] = _walk_back(t, gm, "linear", _BACK_THROUGH)
+            pooled = pooled or next((p.name for p in paths[role] if op_kind(p, gm) in ("conv", "pool", "reduce")),
+                                    None)
         if any(p is None for p in producers.values()):
             continue
         # replay reshapes on row numbers from each distinct producer
@@ -290,7 +279,7 @@ def find_attention(gm: fx.GraphModule, batch: int) -> list[Found]:
         q_lin, k_lin, v_lin = producers["q"], producers["k"], producers["v"]
         fused = ("qkv" if q_lin is k_lin is v_lin else "qk+v" if q_lin is k_lin else
                  "q+kv" if k_lin is v_lin else "separate")
-        q_norm, k_norm = _first_norm(q, gm), _first_norm(k, gm)
+        q_norm, k_norm = (next((p for p in paths[r] if op_kind(p, gm) == "norm"), None) for r in ("q", "k"))
         name = common_prefix([module_path(q_lin, gm), module_path(proj, gm) if proj is not None else ""]) \
             or module_path(core, gm)
         site = AttentionSite(
@@ -299,7 +288,7 @@ def find_attention(gm: fx.GraphModule, batch: int) -> list[Found]:
             k=k_lin.name, v=v_lin.name, proj=proj.name if proj is not None else None, fused=fused,
             q_norm=q_norm.name if q_norm is not None else None, k_norm=k_norm.name if k_norm is not None else None,
             bias=_strongest_bias(list(c.biases), gm), prunable={"heads": reason_heads, "head_dim": reason_hd})
-        results.append(Found(site, q_rows or [], k_rows or [], v_rows or [], proj_cols, [*c.biases, *c.scales]))
+        results.append(Found(site, q_rows or [], k_rows or [], v_rows or [], proj_cols, [*c.biases, *c.scales], out))
     return results
 
 

@@ -13,18 +13,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from vitgraph.analysis import index as ix
 from vitgraph.analysis.attention import Found
-from vitgraph.analysis.mlp import batchnorms, unit_columns
-from vitgraph.analysis.ops import PRODUCTS, linear_info, op_kind
-from vitgraph.meta import VALUE, ConstRef, CoupledGroup, MlpSite, SliceRef, shape_of
+from vitgraph.analysis.mlp import unit_columns
+from vitgraph.analysis.ops import linear_info
+from vitgraph.meta import VALUE, ConstRef, CoupledGroup, Linear, MlpSite, SliceRef, shape_of
 
 _RESHAPES = {"reshape", "view"}
 
 
-def _size_args(node: fx.Node) -> tuple[list[object], bool]:
+def _size_args(node: fx.Node) -> list[object]:
+    """The sizes of a reshape/view, whether passed as varargs or as one tuple."""
     args = list(node.args[1:]) if node.op == "call_method" else list(node.args[1:2])
-    if len(args) == 1 and isinstance(args[0], (tuple, list)):
-        return list(args[0]), True
-    return args, False
+    return list(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
 
 
 def _constants(gm: fx.GraphModule, env: dict[fx.Node, torch.Tensor], units: int, width: int) -> list[ConstRef]:
@@ -34,16 +33,12 @@ def _constants(gm: fx.GraphModule, env: dict[fx.Node, torch.Tensor], units: int,
         if not ((node.op == "call_method" and node.target in _RESHAPES) or
                 (node.op == "call_function" and node.target is torch.reshape)):
             continue
-        sizes, _ = _size_args(node)
+        sizes = _size_args(node)
         out = shape_of(node)
         if out is None or len(sizes) != len(out):
             continue
         for axis, arg in enumerate(sizes):
-            line = idx
-            for other in reversed(range(idx.dim())):  # the line through the origin along `axis`
-                if other != axis:
-                    line = line.select(other, 0)
-            varying = {int(v) for v in line.tolist() if v >= 0}
+            varying = {v for v in ix.line(idx, axis) if v >= 0}
             if len(varying) != units or units == 1:
                 continue
             value = arg if isinstance(arg, int) else (arg.meta.get(VALUE) if isinstance(arg, fx.Node) else None)
@@ -63,10 +58,22 @@ def _batchnorm_slices(gm: fx.GraphModule, env: dict[fx.Node, torch.Tensor], unit
         mod = gm.get_submodule(node.target)
         channel_units = idx.reshape(-1, mod.num_features)[0] if idx.dim() == 2 else idx.select(0, 0).reshape(
             mod.num_features, -1)[:, 0]
-        per_unit = tuple(tuple(int(c) for c in (channel_units == u).nonzero().flatten()) for u in range(units))
+        owned: list[list[int]] = [[] for _ in range(units)]
+        for c, u in enumerate(channel_units.tolist()):
+            if u >= 0:
+                owned[int(u)].append(c)
+        per_unit = tuple(tuple(o) for o in owned)
         for pname in ("weight", "bias", "running_mean", "running_var"):
             if getattr(mod, pname, None) is not None:
                 out.append(SliceRef(f"{node.target}.{pname}", 0, per_unit, pname))
+    return out
+
+
+def _linear_rows(info: Linear, rows: tuple[tuple[int, ...], ...]) -> list[SliceRef]:
+    """A linear's output rows per unit: weight rows and, when it is a parameter, the bias."""
+    out = [SliceRef(info.weight, 0, rows, "weight.out")]
+    if info.bias and info.bias != "<computed>":
+        out.append(SliceRef(info.bias, 0, rows, "bias"))
     return out
 
 
@@ -110,14 +117,6 @@ def _axis_code(shape: tuple[int, ...], axis: int) -> torch.Tensor:
     return torch.arange(shape[axis], dtype=torch.float64).view(view).expand(*shape).clone()
 
 
-def _line(t: torch.Tensor, axis: int) -> list[int]:
-    """Values along ``axis`` with every other index at 0."""
-    for other in reversed(range(t.dim())):
-        if other != axis:
-            t = t.select(other, 0)
-    return [int(v) for v in t.tolist()]
-
-
 def _reach(gm: fx.GraphModule, src: fx.Node, code: torch.Tensor, dst: fx.Node) -> torch.Tensor | None:
     return code if src is dst else ix.propagate(gm, {src: code}).get(dst)
 
@@ -130,19 +129,17 @@ def _per_head_sources(gm: fx.GraphModule, target: fx.Node, head_axis: int, heads
         info = linear_info(src, gm) if src.op != "get_attr" else None
         if info is not None:  # e.g. vit_relpos: a small MLP whose outputs are the heads
             at = _reach(gm, src, ix.row_index(shape_of(src)), target)
-            if at is None or sorted(_line(at, head_axis)) != sorted(set(_line(at, head_axis))):
+            if at is None or sorted(ix.line(at, head_axis)) != sorted(set(ix.line(at, head_axis))):
                 continue
-            rows = tuple((r,) for r in _line(at, head_axis))
-            slices.append(SliceRef(info.weight, 0, rows, "weight.out"))
-            if info.bias and info.bias != "<computed>":
-                slices.append(SliceRef(info.bias, 0, rows, "bias"))
+            rows = tuple((r,) for r in ix.line(at, head_axis))
+            slices.extend(_linear_rows(info, rows))
             code = _unit_code([list(r) for r in rows], info.out_features).expand(*shape_of(src)).clone()
             env_all.update(ix.propagate(gm, {src: code}))
             continue
         shape = shape_of(src)
         for axis in [a for a, d in enumerate(shape or ()) if d == heads]:
             at = _reach(gm, src, _axis_code(shape, axis), target)
-            if at is not None and _line(at, head_axis) == list(range(heads)):
+            if at is not None and ix.line(at, head_axis) == list(range(heads)):
                 slices.append(SliceRef(str(src.target), axis, tuple((h,) for h in range(heads)), "per_head"))
                 env_all.update(ix.propagate(gm, {src: _axis_code(shape, axis)}))
                 break
@@ -181,18 +178,16 @@ def head_group(gm: fx.GraphModule, found: Found, data: set[fx.Node]) -> CoupledG
     env_all: dict[fx.Node, torch.Tensor] = {}
     for lin, rows in per_producer.items():
         info = linear_info(nodes[lin], gm)
-        slices.append(SliceRef(info.weight, 0, tuple(tuple(r) for r in rows), "weight.out"))
+        slices.extend(_linear_rows(info, tuple(tuple(r) for r in rows)))
         if info.bias == "<computed>":
             slices.extend(_computed_bias_slices(gm, nodes[lin], rows, data))
-        elif info.bias:
-            slices.append(SliceRef(info.bias, 0, tuple(tuple(r) for r in rows), "bias"))
         code = _unit_code(rows, info.out_features).expand(*shape_of(nodes[lin])).clone()
         env = ix.propagate(gm, {nodes[lin]: code})
         slices.extend(_batchnorm_slices(gm, env, site.heads))
         env_all.update(env)
     proj = linear_info(nodes[site.proj], gm)
     slices.append(SliceRef(proj.weight, 1, tuple(tuple(c) for c in found.proj_cols), "weight.in"))
-    core_out = _core_output(gm, found, nodes)
+    core_out = found.out
     if core_out is not None and shape_of(core_out) is not None and len(shape_of(core_out)) >= 4:
         env_all.update(ix.propagate(gm, {core_out: _axis_code(shape_of(core_out), 1)}))
     scores = len(shape_of(nodes[site.core]) or ())  # rank of the logits (softmax/sdpa share it)
@@ -214,31 +209,14 @@ def value_dim_group(gm: fx.GraphModule, found: Found) -> CoupledGroup | None:
     if site.prunable.get("head_dim") is not None:
         return None
     nodes = {n.name: n for n in gm.graph.nodes}
-    v = linear_info(nodes[site.v], gm)
-    rows = tuple((r,) for head in found.v_rows for r in head)
-    slices = [SliceRef(v.weight, 0, rows, "weight.out")]
-    if v.bias and v.bias != "<computed>":
-        slices.append(SliceRef(v.bias, 0, rows, "bias"))
+    slices = _linear_rows(linear_info(nodes[site.v], gm), tuple((r,) for head in found.v_rows for r in head))
     proj = linear_info(nodes[site.proj], gm)
     slices.append(SliceRef(proj.weight, 1, tuple((c,) for head in found.proj_cols for c in head), "weight.in"))
     return CoupledGroup(name=f"{site.name}.v_dims", kind="head_dim", site=site.name, block=site.block,
                         units=site.heads * site.v_head_dim, unit_width=1, slices=tuple(slices))
 
 
-def _core_output(gm: fx.GraphModule, found: Found, nodes: dict[str, fx.Node]) -> fx.Node | None:
-    core = nodes[found.site.core]
-    if found.site.impl == "sdpa":
-        return core
-    frontier = [core]
-    for _ in range(6):
-        frontier = [u for n in frontier for u in n.users]
-        for u in frontier:
-            if op_kind(u, gm) in PRODUCTS:
-                return u
-    return None
-
-
-def mlp_group(gm: fx.GraphModule, site: MlpSite, data: set[fx.Node]) -> CoupledGroup | None:
+def mlp_group(gm: fx.GraphModule, site: MlpSite) -> CoupledGroup | None:
     if site.prunable.get("mlp") is not None:
         return None
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -252,16 +230,10 @@ def mlp_group(gm: fx.GraphModule, site: MlpSite, data: set[fx.Node]) -> CoupledG
             if sum(1 for r in col_rows if r >= 0) != site.hidden:
                 continue
             info = linear_info(lin, gm)
-            rows = tuple((r,) for r in col_rows)
-            slices.append(SliceRef(info.weight, 0, rows, "weight.out"))
-            if info.bias and info.bias != "<computed>":
-                slices.append(SliceRef(info.bias, 0, rows, "bias"))
-    for bn in batchnorms(site, gm, data):  # LeViT-style Linear+BatchNorm: the BN follows fc1's rows
-        mod = gm.get_submodule(bn.target)
-        if mod.num_features == site.hidden:
-            for pname in ("weight", "bias", "running_mean", "running_var"):
-                if getattr(mod, pname, None) is not None:
-                    slices.append(SliceRef(f"{bn.target}.{pname}", 0, tuple((u,) for u in range(site.hidden)), pname))
+            slices.extend(_linear_rows(info, tuple((r,) for r in col_rows)))
+            # LeViT-style Linear+BatchNorm: the BN channels the units flow through
+            code = _unit_code([[r] for r in col_rows], info.out_features).expand(*shape_of(lin)).clone()
+            slices.extend(_batchnorm_slices(gm, ix.propagate(gm, {lin: code}), site.hidden))
     info2 = linear_info(fc2, gm)
     slices.append(SliceRef(info2.weight, 1, tuple((c,) for c in range(site.hidden)), "weight.in"))
     return CoupledGroup(name=f"{site.name}.mlp", kind="mlp", site=site.name, block=site.block,

@@ -117,3 +117,11 @@ def channel_axis(idx: torch.Tensor) -> int | None:
         if not torch.equal(idx, first.expand_as(idx)):
             varying.append(ax)
     return varying[-1] if varying else None
+
+
+def line(t: torch.Tensor, axis: int) -> list[int]:
+    """The values of ``t`` along ``axis``, every other index at 0 (the line through the origin)."""
+    for other in reversed(range(t.dim())):
+        if other != axis:
+            t = t.select(other, 0)
+    return [int(v) for v in t.tolist()]

@@ -107,13 +107,6 @@ def _per_channel(node: fx.Node, gm: fx.GraphModule) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), _BatchNorm)
 
 
-def batchnorms(site: MlpSite, gm: fx.GraphModule, data: set[fx.Node]) -> list[fx.Node]:
-    """Per-unit BatchNorms between fc1 and fc2 (their parameters shrink with the units)."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    found = _producers(nodes[site.fc2], gm, data)
-    return [c for c in found[1] if _per_channel(c, gm)] if found else []
-
-
 def _reaches(src: fx.Node, dst: fx.Node, depth: int = 6) -> bool:
     frontier = {src}
     for _ in range(depth):
@@ -143,4 +136,4 @@ def _units_map(linears: list[fx.Node], fc2: fx.Node, gm: fx.GraphModule, hidden:
     return any(sum(1 for v in c if v >= 0) == hidden for c in cols.values())
 
 
-__all__ = ["find_mlps", "unit_columns", "batchnorms"]
+__all__ = ["find_mlps", "unit_columns"]
