@@ -11,6 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from vitgraph.analysis import analyse
+from vitgraph.analysis.shapes import propagate_shapes
 from vitgraph.meta import Block, Structure
 from vitgraph.frontend import check_exact, run_eager, trace_module
 
@@ -143,8 +144,8 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[type]
     gm = trace_module(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
                       model_name=name)
     gm.eval()
-    err = check_exact(gm, reference, example_inputs, name)
-    structure = analyse(gm, example_inputs)
+    err = check_exact(propagate_shapes(gm, example_inputs), reference, name)  # one run: shapes and exactness
+    structure = analyse(gm, example_inputs, shapes_known=True)
     return VitGraph(gm, example_inputs, structure, name, err)
 
 

@@ -55,10 +55,16 @@ def _tag(gm: fx.GraphModule, structure: Structure) -> None:
     put(structure.tokens.head, "head.fc", None, "head")
 
 
-def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Structure:
-    """Recognise attention, MLPs, blocks, tokens and coupled groups; price every node."""
+def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], *, shapes_known: bool = False
+            ) -> Structure:
+    """Recognise attention, MLPs, blocks, tokens and coupled groups; price every node.
+
+    ``shapes_known``: ``propagate_shapes`` already ran on these inputs (``vg.trace`` runs it once and
+    uses its output to check the trace), so the graph is not run a second time.
+    """
     batch = int(example_inputs[0].shape[0]) if example_inputs else 1
-    propagate_shapes(gm, example_inputs)
+    if not shapes_known:
+        propagate_shapes(gm, example_inputs)
     found = find_attention(gm, batch)
     claimed = {x for f in found for x in (f.site.q, f.site.k, f.site.v, f.site.proj) if x}
     data = _data_nodes(gm)
