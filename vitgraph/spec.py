@@ -1,0 +1,250 @@
+"""The compression spec: what to compress, by which method, under which budget.
+
+A spec is YAML (or a dict) validated on load into frozen dataclasses. Unknown keys are errors that
+name the key and list the allowed ones; ``preset`` fills the defaults of a published method first,
+then the user's keys override it::
+
+    preset: wdpruning
+    budget: {flops: 0.5}
+    train: {steps: 300}
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vitgraph.errors import SpecError
+
+WIDTH_METHODS = ("magnitude", "taylor", "wdpruning", "uvc")
+ONE_SHOT = ("magnitude", "taylor")
+
+
+@dataclass(frozen=True)
+class Budget:
+    flops: float = 0.5           # target fraction of the dense model's FLOPs
+    tolerance: float = 0.03      # the compact model lands within +- this fraction of the dense FLOPs
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.flops <= 1.0:
+            raise SpecError(f"budget.flops must be a fraction of the dense FLOPs in (0, 1], got {self.flops}")
+        if not 0.0 < self.tolerance < 0.5:
+            raise SpecError(f"budget.tolerance must be in (0, 0.5), got {self.tolerance}")
+
+
+@dataclass(frozen=True)
+class Width:
+    method: str = "magnitude"    # magnitude | taylor (one-shot) | wdpruning | uvc (learned)
+    heads: bool = True
+    head_dim: bool = False       # UVC value-dim pruning
+    mlp: bool = True
+    align: int = 8               # kept MLP units rounded to multiples of this (heads: whole heads)
+
+    def __post_init__(self) -> None:
+        if self.method not in WIDTH_METHODS:
+            raise SpecError(f"width.method {self.method!r} is not one of {', '.join(WIDTH_METHODS)}")
+        if self.align < 1:
+            raise SpecError(f"width.align must be a positive integer, got {self.align}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.heads or self.head_dim or self.mlp
+
+
+@dataclass(frozen=True)
+class Depth:
+    skip_blocks: bool = False    # UVC block gates
+    exits: tuple[int, ...] = ()  # WDPruning exit classifiers after these blocks (1-based)
+
+
+@dataclass(frozen=True)
+class Attention:
+    to_conv: bool = False        # SPViT (He et al.)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    stages: tuple[int, ...] = ()  # SPViT (Kong et al.) selectors before these blocks (0-based)
+    keep: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Distill:
+    alpha: float = 0.5           # weight of the KL term; 1 - alpha weighs the task loss
+    tau: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0 or self.tau <= 0:
+            raise SpecError(f"train.distill needs 0 <= alpha <= 1 and tau > 0, got alpha={self.alpha} tau={self.tau}")
+
+
+@dataclass(frozen=True)
+class Train:
+    steps: int = 0               # 0 = one-shot; otherwise learn gates, then fine-tune
+    batch_size: int = 64
+    lr: float = 5.0e-4           # weights
+    distill: Distill = field(default_factory=Distill)
+    search: float = 0.5          # fraction of the steps spent learning the gates (the rest fine-tunes)
+    arch_lr: float | None = None  # gates' learning rate (None: the method's default)
+    dual_lr: float | None = None  # multipliers' ascent rate (None: the method's default)
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    min_lr: float = 1.0e-5       # cosine schedules end here
+    clip_grad: float = 1.0       # max gradient norm (0 = off)
+    amp: bool = False            # autocast (bfloat16 on CPU, float16 on CUDA)
+    checkpoint_every: int = 0    # steps between checkpoints (0 = only at the end)
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise SpecError(f"train needs steps >= 0, batch_size >= 1 and lr > 0 "
+                            f"(got steps={self.steps}, batch_size={self.batch_size}, lr={self.lr})")
+        if not 0.0 <= self.search <= 1.0:
+            raise SpecError(f"train.search is the fraction of steps spent searching, in [0, 1]; got {self.search}")
+
+    @property
+    def search_steps(self) -> int:
+        return round(self.steps * self.search)
+
+
+@dataclass(frozen=True)
+class Spec:
+    preset: str | None = None
+    budget: Budget = field(default_factory=Budget)
+    width: Width = field(default_factory=Width)
+    depth: Depth = field(default_factory=Depth)
+    attention: Attention = field(default_factory=Attention)
+    tokens: Tokens = field(default_factory=Tokens)
+    train: Train = field(default_factory=Train)
+
+    # -- loading ------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> Spec:
+        path = Path(path)
+        if not path.is_file():
+            raise SpecError(f"spec file {path} does not exist; write one (see README, 'The spec') or use a preset: "
+                            f"{{preset: wdpruning}}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SpecError(f"spec file {path} is not valid YAML: {e}") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "spec") -> Spec:
+        if not isinstance(data, dict):
+            raise SpecError(f"{source}: a spec is a mapping of keys (budget, width, ...), got {type(data).__name__}")
+        data = dict(data)
+        preset = data.get("preset")
+        if preset is not None:
+            if preset not in PRESETS:
+                raise SpecError(f"{source}: unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+            data = _merge(PRESETS[preset], data)
+        return _build(cls, data, source, "")
+
+    @classmethod
+    def preset_spec(cls, name: str, **overrides: Any) -> Spec:
+        return cls.from_dict({"preset": name, **overrides})
+
+    # -- output -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        def plain(v: Any) -> Any:
+            if isinstance(v, tuple):
+                return list(v)
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            return v
+        return plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    @property
+    def learned(self) -> bool:
+        return self.width.enabled and self.width.method not in ONE_SHOT
+
+
+# Defaults of the published methods (../shared/methods.md); user keys override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "wdpruning": {"budget": {"flops": 0.5},
+                  "width": {"method": "wdpruning", "heads": True, "head_dim": False, "mlp": True, "align": 16},
+                  "train": {"steps": 300, "lr": 5.0e-4, "arch_lr": 2.5e-3, "dual_lr": 10.0, "search": 0.5}},
+    "uvc": {"budget": {"flops": 0.5},
+            "width": {"method": "uvc", "heads": True, "head_dim": True, "mlp": True, "align": 8},
+            "depth": {"skip_blocks": True},
+            "train": {"steps": 300, "lr": 1.0e-4, "distill": {"alpha": 0.1, "tau": 1.0}, "search": 0.5}},
+    "spvit_tokens": {"tokens": {"stages": [], "keep": []}, "width": {"heads": False, "mlp": False}},
+    "spvit_conv": {"attention": {"to_conv": True}, "width": {"heads": False, "mlp": True}},
+}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _build(cls: type, data: dict[str, Any], source: str, prefix: str) -> Any:
+    allowed = {f.name: f for f in fields(cls)}
+    unknown = [k for k in data if k not in allowed]
+    if unknown:
+        raise SpecError(f"{source}: unknown key {prefix + unknown[0]!r}; allowed keys"
+                        f"{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(allowed)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        f = allowed[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise SpecError(f"{source}: {key} must be a mapping with keys "
+                                f"{', '.join(x.name for x in fields(default))}, got {value!r}")
+            kwargs[name] = _build(type(default), value, source, key + ".")
+        else:
+            kwargs[name] = _coerce(value, default, f.type, key, source)
+    try:
+        return cls(**kwargs)
+    except SpecError as e:
+        raise SpecError(f"{source}: {e}") from None
+
+
+def _coerce(value: Any, default: Any, annotation: Any, key: str, source: str) -> Any:
+    """Check a leaf value against its default's type (ints may stand for floats)."""
+    if value is None:
+        if default is None or "None" in str(annotation):
+            return None
+        raise SpecError(f"{source}: {key} cannot be empty")
+    if isinstance(default, bool) or "bool" in str(annotation):
+        if not isinstance(value, bool):
+            raise SpecError(f"{source}: {key} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, tuple):
+        if isinstance(value, (int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise SpecError(f"{source}: {key} must be a list, got {value!r}")
+        return tuple(value)
+    if "float" in str(annotation):
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads "5e-4" as a string
+            except ValueError:
+                pass
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise SpecError(f"{source}: {key} must be a number, got {value!r}")
+        return float(value)
+    if "int" in str(annotation):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise SpecError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+    if "str" in str(annotation) and not isinstance(value, str):
+        raise SpecError(f"{source}: {key} must be a string, got {value!r}")
+    return value
