@@ -63,3 +63,7 @@ class ParityError(VitgraphError):
 
 class SpecError(VitgraphError):
     """A compression spec with an unknown key, a bad value or an impossible budget."""
+
+
+class DataError(VitgraphError):
+    """A data source that cannot be read: unknown name, missing folder, no images in the expected layout."""

@@ -1,0 +1,78 @@
+"""Pass infrastructure: a pass is a small object, ``pass(gm) -> PassResult(gm, modified)``.
+
+``requires`` runs on the input and ``ensures`` on the result; their failures raise
+:class:`PreconditionError` / :class:`PostconditionError` naming the pass. The manager runs passes in
+order and verifies the graph between them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from vitgraph.errors import PostconditionError, PreconditionError
+
+
+@dataclass(frozen=True)
+class PassResult:
+    gm: fx.GraphModule
+    modified: bool
+    counters: dict[str, int] = field(default_factory=dict)  # what the rewrite did, for tests and reports
+
+
+class VitPass:
+    """Base class: subclasses implement ``call`` and may tighten ``requires`` / ``ensures``."""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        """Raise PreconditionError when ``gm`` lacks what the pass needs."""
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        raise NotImplementedError
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        verify_graph(gm, self.name)
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        self.requires(gm)
+        result = self.call(gm)
+        self.ensures(result.gm)
+        return result
+
+
+def verify_graph(gm: fx.GraphModule, pass_name: str) -> None:
+    """The graph is well formed and every call_module / get_attr target exists."""
+    try:
+        gm.graph.lint()
+    except Exception as e:  # noqa: BLE001 - lint raises bare RuntimeError
+        raise PostconditionError(f"{pass_name}: the rewritten graph is malformed: {e}") from None
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            try:
+                gm.get_submodule(str(node.target))
+            except AttributeError:
+                raise PostconditionError(f"{pass_name}: {node.format_node()} calls a missing module") from None
+
+
+def require_nodes(gm: fx.GraphModule, names: Iterable[str], pass_name: str, what: str) -> dict[str, fx.Node]:
+    """Resolve node names recorded by the analysis; a missing one means the graph changed under it."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    missing = [n for n in names if n not in nodes]
+    if missing:
+        raise PreconditionError(f"{pass_name}: {what} node %{missing[0]} is not in the graph; the graph changed "
+                                f"after analysis - re-run vg.trace on it first")
+    return nodes
+
+
+def run_passes(gm: fx.GraphModule, passes: Iterable[VitPass]) -> tuple[fx.GraphModule, list[PassResult]]:
+    """Run ``passes`` in order; each one's ``ensures`` verifies the graph it hands to the next."""
+    results = []
+    for p in passes:
+        result = p(gm)
+        results.append(result)
+        gm = result.gm
+    return gm, results

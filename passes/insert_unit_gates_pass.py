@@ -1,0 +1,113 @@
+"""Instrument: put a :class:`UnitGate` in front of every consumer of a coupled group.
+
+Before (one attention)::
+
+    proj = self.blocks.0.attn.proj(merged)
+    add_1 = norm_pre + proj
+
+After::
+
+    gate = self.vg_gates.blocks_0_attn_heads(merged)              # channels x their head's mask
+    proj = self.blocks.0.attn.proj(gate)
+    gate_1 = self.vg_gates.blocks_0_attn_heads(proj, branch=True)  # x 0 once no head is kept
+    add_1 = norm_pre + gate_1
+
+Gates start open (no mask): the graph computes exactly what it computed before.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+
+from vitgraph.passes.base import PassResult, VitPass, require_nodes
+from vitgraph.analysis.ops import linear_info
+from vitgraph.errors import PreconditionError
+from vitgraph.gates import UnitGate
+from vitgraph.meta import SHAPE, Block, CoupledGroup
+
+GATES = "vg_gates"  # the submodule holding every gate
+
+
+def gate_name(group: str) -> str:
+    return group.replace(".", "_")
+
+
+def branch_add(block: Block | None, kind: str) -> tuple[str, str] | None:
+    """(add, skip) of the residual whose branch holds only this kind of site; None if there is none."""
+    if block is None:
+        return None
+    for r in block.residuals:
+        if r.kind == kind and r.identity_skip and r.skip_scale is None:
+            return r.add, r.skip
+    return None
+
+
+class InsertUnitGatesPass(VitPass):
+    """After: each group's consumer linears read their input through the group's gate; each
+    group's residual branch (when it can be removed) passes through the same gate in branch mode."""
+
+    def __init__(self, groups: Sequence[CoupledGroup], blocks: Sequence[Block]) -> None:
+        self.groups = list(groups)
+        self.blocks = {b.index: b for b in blocks}
+        self.gates: dict[str, UnitGate] = {}
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        if not self.groups:
+            raise PreconditionError(f"{self.name}: no coupled groups to gate")
+        if hasattr(gm, GATES):
+            raise PreconditionError(f"{self.name}: the graph already has gates ({GATES}); instrument the dense graph")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        gm.add_module(GATES, torch.nn.Module())
+        inserted = 0
+        for group in self.groups:
+            consumers = _consumers(gm, group)
+            if not consumers:
+                raise PreconditionError(f"{self.name}: group {group.name} has no consumer linear in the graph")
+            kind = "attn" if group.kind in ("heads", "head_dim") else "mlp"
+            branch = branch_add(self.blocks.get(group.block), kind) if group.block is not None else None
+            channel_unit = _channel_units(gm, group, consumers[0][1])
+            gate = UnitGate(group.name, group.units, channel_unit, min_units=0 if branch else 1)
+            target = f"{GATES}.{gate_name(group.name)}"
+            gm.add_submodule(target, gate)
+            self.gates[group.name] = gate
+            for node, _ in consumers:
+                src = node.args[0]
+                with gm.graph.inserting_before(node):
+                    g = gm.graph.call_module(target, (src,))
+                g.meta[SHAPE] = src.meta.get(SHAPE)
+                node.replace_input_with(src, g)
+                inserted += 1
+            if branch is not None:
+                add, skip = branch
+                nodes = require_nodes(gm, (add, skip), self.name, "residual")
+                operand = next(a for a in nodes[add].args if isinstance(a, fx.Node) and a is not nodes[skip])
+                with gm.graph.inserting_before(nodes[add]):
+                    g = gm.graph.call_module(target, (operand,), {"branch": True})
+                g.meta[SHAPE] = operand.meta.get(SHAPE)
+                nodes[add].replace_input_with(operand, g)
+                inserted += 1
+        gm.recompile()
+        return PassResult(gm, modified=inserted > 0, counters={"gates": len(self.gates), "gate_calls": inserted})
+
+
+def _consumers(gm: fx.GraphModule, group: CoupledGroup) -> list[tuple[fx.Node, str]]:
+    weights = {s.target for s in group.slices if s.what == "weight.in"}
+    out = []
+    for node in gm.graph.nodes:
+        info = linear_info(node, gm)
+        if info is not None and info.weight in weights:
+            out.append((node, info.weight))
+    return out
+
+
+def _channel_units(gm: fx.GraphModule, group: CoupledGroup, weight: str) -> torch.Tensor:
+    """For each input channel of the consumer: the unit that owns it (-1: none)."""
+    sl = next(s for s in group.slices if s.target == weight and s.what == "weight.in")
+    channels = gm.get_parameter(weight).shape[1]
+    owner = torch.full((channels,), -1, dtype=torch.long)
+    for u, idx in enumerate(sl.indices):
+        owner[list(idx)] = u
+    return owner

@@ -1,0 +1,124 @@
+"""Materialize: strip the gates and physically remove the units they closed.
+
+For each coupled group with pruned units: every slice (qkv rows and biases, per-head tables,
+norms, fc1 rows, the proj / fc2 input columns) keeps only the kept units' indices, and every
+reshape/view constant of the group moves by ``per_unit`` for each removed unit. A group with no
+unit left loses its whole residual branch: the add becomes its skip input. Then dead nodes and
+unused modules go, so the compact graph holds no trace of the gates.
+
+Invariant (tests/test_width.py): the gated graph in ``eval`` mode equals the result.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from vitgraph.passes.base import PassResult, VitPass, require_nodes
+from vitgraph.passes.insert_unit_gates_pass import GATES, branch_add
+from vitgraph.errors import PreconditionError
+from vitgraph.meta import Block, CoupledGroup
+
+
+class RemovePrunedUnitsPass(VitPass):
+    """After: no gate nodes; each group's tensors are sliced to ``kept[group]`` units; reshape
+    constants use the new counts; groups with nothing kept have no residual branch."""
+
+    def __init__(self, groups: Sequence[CoupledGroup], blocks: Sequence[Block], kept: Mapping[str, Sequence[int]]
+                 ) -> None:
+        self.groups = {g.name: g for g in groups}
+        self.blocks = {b.index: b for b in blocks}
+        self.kept = {k: sorted(int(u) for u in v) for k, v in kept.items()}
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        unknown = [k for k in self.kept if k not in self.groups]
+        if unknown:
+            raise PreconditionError(f"{self.name}: no coupled group named {unknown[0]!r}")
+        for name, units in self.kept.items():
+            n = self.groups[name].units
+            if any(not 0 <= u < n for u in units):
+                raise PreconditionError(f"{self.name}: kept units {units} of {name} are outside 0..{n - 1}")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        counters = {"gates_removed": _strip_gates(gm), "units_removed": 0, "branches_removed": 0}
+        for name, units in self.kept.items():
+            group = self.groups[name]
+            removed = group.units - len(units)
+            if removed == 0:
+                continue
+            counters["units_removed"] += removed
+            if not units:
+                kind = "attn" if group.kind in ("heads", "head_dim") else "mlp"
+                branch = branch_add(self.blocks.get(group.block), kind) if group.block is not None else None
+                if branch is None:
+                    raise PreconditionError(f"{self.name}: every unit of {name} is pruned but its residual branch "
+                                            f"cannot be removed; keep at least one unit")
+                nodes = require_nodes(gm, branch, self.name, "residual")
+                nodes[branch[0]].replace_all_uses_with(nodes[branch[1]])
+                gm.graph.erase_node(nodes[branch[0]])
+                counters["branches_removed"] += 1
+                continue
+            _slice(gm, group, units)
+            _rewrite_constants(gm, group, removed, self.name)
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        if hasattr(gm, GATES):
+            delattr(gm, GATES)
+        gm.recompile()
+        modified = counters["gates_removed"] > 0 or counters["units_removed"] > 0
+        return PassResult(gm, modified=modified, counters=counters)
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        super().ensures(gm)
+        if any(n.op == "call_module" and str(n.target).startswith(GATES) for n in gm.graph.nodes):
+            from vitgraph.errors import PostconditionError
+            raise PostconditionError(f"{self.name}: gate calls are left in the compact graph")
+
+
+def _strip_gates(gm: fx.GraphModule) -> int:
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith(GATES + "."):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            n += 1
+    return n
+
+
+def _slice(gm: fx.GraphModule, group: CoupledGroup, units: list[int]) -> None:
+    for sl in group.slices:
+        owner, _, attr = sl.target.rpartition(".")
+        module = gm.get_submodule(owner)
+        old = getattr(module, attr)
+        idx = torch.tensor(sorted(i for u in units for i in sl.indices[u]), dtype=torch.long, device=old.device)
+        new = old.detach().index_select(sl.axis, idx).clone()
+        if isinstance(old, nn.Parameter):
+            setattr(module, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            module.register_buffer(attr, new)
+        _sync_sizes(module)
+
+
+def _sync_sizes(module: nn.Module) -> None:
+    """Keep the size attributes of standard modules true to their new weights (repr, re-tracing)."""
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+        module.num_features = module.weight.shape[0]
+
+
+def _rewrite_constants(gm: fx.GraphModule, group: CoupledGroup, removed: int, pass_name: str) -> None:
+    nodes = require_nodes(gm, (c.node for c in group.constants), pass_name, "reshape")
+    for c in group.constants:
+        node = nodes[c.node]
+        sizes = list(node.args[1:])  # args[0] is the tensor, for x.view(...) and torch.reshape(x, ...)
+        value = c.value - removed * c.per_unit
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+            packed = list(sizes[0])
+            packed[c.arg_index] = value
+            node.args = (node.args[0], tuple(packed))
+        else:
+            sizes[c.arg_index] = value
+            node.args = (node.args[0], *sizes)

@@ -1,0 +1,137 @@
+"""Gate primitives shared by every pass (methods.md §0) and the gate module the graph calls.
+
+Each primitive has one implementation here. Forward values are exact hard decisions where the
+method says so; backward rules are the ones the methods specify (straight-through, surrogates).
+Ties are broken by index everywhere, so every DDP rank takes the same decision.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class _SteStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p: Tensor, surrogate: Tensor) -> Tensor:  # noqa: D102
+        return (p > 0.5).to(p.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:  # noqa: D102
+        return None, grad
+
+
+def ste_step(p: Tensor, surrogate: Tensor | None = None) -> Tensor:
+    """Forward ``1[p > 0.5]``; backward the gradient of ``surrogate`` (default: p itself)."""
+    surrogate = p if surrogate is None else surrogate
+    return _SteStep.apply(p.detach(), surrogate)
+
+
+def concrete(p: Tensor, tau: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    """Binary-concrete sample: forward ``1[g > 0]``, backward through ``sigmoid(g)``."""
+    u = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype).clamp(1e-6, 1 - 1e-6)
+    p = p.clamp(1e-6, 1 - 1e-6)
+    g = (u.log() - (1 - u).log() + p.log() - (1 - p).log()) / tau
+    soft = torch.sigmoid(g)
+    return (g > 0).to(p.dtype) - soft.detach() + soft
+
+
+def gumbel2(logits: Tensor, tau: float = 1.0, hard: bool = True) -> Tensor:
+    """Gumbel-softmax over a trailing axis of size 2; ``hard`` gives a one-hot forward, soft gradient."""
+    if logits.shape[-1] != 2:
+        raise ValueError(f"gumbel2 expects a trailing axis of size 2, got shape {tuple(logits.shape)}")
+    return nn.functional.gumbel_softmax(logits, tau=tau, hard=hard, dim=-1)
+
+
+class _TopK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores: Tensor, k: Tensor) -> Tensor:  # noqa: D102
+        mask = topk_hard(scores.detach(), int(k.item()))
+        ctx.save_for_backward(mask)
+        return mask
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # noqa: D102
+        (mask,) = ctx.saved_tensors
+        return grad, (mask * grad).sum()  # WDPruning: d t = sum_i mask_i dmask_i, no sigmoid factor
+
+
+def topk_hard(scores: Tensor, k: int) -> Tensor:
+    """1 on the k largest scores, 0 elsewhere; ties go to the lower index (stable on every rank)."""
+    n = scores.numel()
+    k = max(0, min(int(k), n))
+    order = torch.sort(scores.detach().float(), descending=True, stable=True).indices
+    mask = torch.zeros(n, dtype=scores.dtype, device=scores.device)
+    mask[order[:k]] = 1
+    return mask
+
+
+def topk_mask(scores: Tensor, k: Tensor) -> Tensor:
+    """``topk_hard`` whose backward passes the gradient to the scores unchanged and to ``k`` as a sum.
+
+    ``k`` is a (float) tensor carrying the gradient path to whatever produced it (a threshold).
+    """
+    return _TopK.apply(scores, k)
+
+
+class _Ceil(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, clip: float) -> Tensor:  # noqa: D102
+        ctx.clip = clip
+        return torch.ceil(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        return (grad.clamp(-ctx.clip, ctx.clip) if ctx.clip else grad), None
+
+
+def ceil_ste(x: Tensor, clip: float = 0.0) -> Tensor:
+    """Forward ``ceil``, backward identity (clipped to ``[-clip, clip]`` when ``clip`` > 0)."""
+    return _Ceil.apply(x, clip)
+
+
+class _LeastSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values: Tensor, k: Tensor) -> Tensor:  # noqa: D102
+        ordered = torch.sort(values.detach(), stable=True).values
+        kk = max(0, min(int(k.item()), values.numel()))
+        ctx.next = ordered[kk] if kk < values.numel() else ordered.new_zeros(())
+        return ordered[:kk].sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:  # noqa: D102
+        return None, grad * ctx.next
+
+
+def least_sum(values: Tensor, k: Tensor) -> Tensor:
+    """Sum of the ``k`` smallest values; its gradient w.r.t. ``k`` is the (k+1)-th smallest value."""
+    return _LeastSum.apply(values, k)
+
+
+class UnitGate(nn.Module):
+    """Masks the units of one coupled group where their consumer reads them.
+
+    Called twice in the graph: on the consumer linear's input (each channel times its unit's mask)
+    and, with ``branch=True``, on the residual branch it feeds (times 0 when no unit is kept, so a
+    layer with every head pruned contributes nothing, exactly as the deleted branch will). With no
+    mask set the gate is the identity: the ``open`` mode.
+    """
+
+    def __init__(self, group: str, units: int, channel_unit: Tensor, min_units: int) -> None:
+        super().__init__()
+        self.group = group
+        self.units = units
+        self.min_units = min_units
+        self.register_buffer("channel_unit", channel_unit.long(), persistent=False)
+        self.mask: Tensor | None = None
+
+    def forward(self, x: Tensor, branch: bool = False) -> Tensor:
+        m = self.mask
+        if m is None:
+            return x
+        if branch:
+            return x * (m.detach().sum() > 0).to(x.dtype)
+        full = torch.cat([m, m.new_ones(1)])[self.channel_unit]  # -1: a channel no unit owns
+        return x * full.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.group}, units={self.units}, channels={self.channel_unit.numel()}"

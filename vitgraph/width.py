@@ -1,0 +1,326 @@
+"""Width methods: which units of each gated group to keep, learned or scored.
+
+A method owns the parameters that decide (scores, thresholds, counts, multipliers) and turns them
+into per-group masks for the three modes of methods.md §0. Every method ends the same way:
+``freeze`` takes its hard decisions, projects the kept counts onto the FLOPs budget (``allocate``)
+and stores them as buffers; from then on the masks are those buffers, and ``materialize`` bakes
+exactly them in.
+
+* ``magnitude`` / ``taylor`` — one-shot importance, uniform keep ratio, no training.
+* ``wdpruning`` — per-unit scores, per-group learnable threshold, top-k masks, augmented
+  Lagrangian on the expected FLOPs (methods.md §2).
+* ``uvc`` — learned count of units to drop per group, lowest-norm groups selected, proximal
+  shrinking, primal-dual updates (methods.md §4, width part).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vitgraph.errors import SpecError
+from vitgraph.gates import ceil_ste, least_sum, topk_hard, topk_mask
+
+CostFn = Callable[[Mapping[str, Any]], Any]  # kept fraction per group -> fraction of the dense FLOPs
+
+
+@dataclass(frozen=True)
+class Site:
+    """One gated group as the methods see it."""
+
+    name: str
+    kind: str                 # "heads" | "mlp"
+    units: int
+    align: int                # kept counts are multiples of this (1 for heads)
+    min_units: int            # 0 when the branch can be removed, else 1
+    consumer: str             # the consumer weight (proj / fc2) whose columns rank units
+    channel_unit: Tensor      # consumer input channel -> unit (-1: none)
+    weights: tuple[tuple[str, int, tuple[tuple[int, ...], ...]], ...]  # (param, axis, indices per unit)
+
+    def round(self, fraction: float) -> int:
+        """Kept units for a kept fraction: aligned, at least ``min_units``, at most all."""
+        if fraction >= 1.0:
+            return self.units
+        a = self.align if self.units >= self.align else 1
+        k = int(math.floor(fraction * self.units / a + 0.5)) * a
+        return max(self.min_units, min(self.units, k))
+
+
+# -- budget projection --------------------------------------------------------------------------
+def allocate(sites: Sequence[Site], fractions: Mapping[str, float], target: float, cost: CostFn
+             ) -> dict[str, int]:
+    """Kept counts whose cost lands nearest ``target``, shaped like ``fractions``.
+
+    One scale multiplies every fraction (bisection; cost grows with it); then the coarse groups
+    (heads) stay where they are and a second scale on the fine ones (MLP units) closes the gap
+    that a whole head leaves.
+    """
+    def counts(scale: float, names: set[str], base: Mapping[str, int]) -> dict[str, int]:
+        return {s.name: s.round(fractions[s.name] * scale) if s.name in names else base[s.name] for s in sites}
+
+    def fraction_of(c: Mapping[str, int]) -> float:
+        return float(cost({s.name: c[s.name] / s.units for s in sites}))
+
+    def search(names: set[str], base: Mapping[str, int]) -> dict[str, int]:
+        hi = 1.0 / max(1e-6, min(fractions[n] for n in names))
+        lo = 0.0
+        best = counts(hi, names, base)
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            c = counts(mid, names, base)
+            if abs(fraction_of(c) - target) < abs(fraction_of(best) - target):
+                best = c
+            lo, hi = (mid, hi) if fraction_of(c) < target else (lo, mid)
+        return best
+
+    everything = {s.name for s in sites}
+    kept = search(everything, {})
+    fine = {s.name for s in sites if s.kind == "mlp"}
+    if fine and fine != everything:
+        fractions = {**fractions, **{n: max(kept[n], 1) / s.units for s in sites for n in [s.name] if n in fine}}
+        kept = search(fine, kept)
+    return kept
+
+
+# -- the methods ---------------------------------------------------------------------------------
+class WidthMethod(nn.Module):
+    """Base: frozen decisions as buffers, budget projection, the mode logic."""
+
+    name = "base"
+
+    def __init__(self, sites: Sequence[Site], cost: CostFn, budget: float) -> None:
+        super().__init__()
+        self.sites = list(sites)
+        self.cost_fn = cost
+        self.budget = budget
+        for i, s in enumerate(self.sites):
+            self.register_buffer(f"frozen_{i}", torch.ones(s.units, dtype=torch.bool))
+        self.register_buffer("is_frozen", torch.zeros((), dtype=torch.bool))
+        self.projection: dict[str, float] = {}
+        self._gm: Any = None  # the gated GraphModule, set by GatedModel (not a submodule: no double registration)
+
+    # what subclasses provide
+    def ranking(self) -> dict[str, Tensor]:
+        """Per group, a score per unit: the higher, the more a unit deserves to stay."""
+        raise NotImplementedError
+
+    def learned_masks(self, mode: str) -> dict[str, Tensor]:
+        """Per group, a mask over units (differentiable in ``train`` mode, hard in ``eval``)."""
+        raise NotImplementedError
+
+    def penalties(self) -> dict[str, Tensor]:
+        return {}
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {}
+
+    def optim_defaults(self, search_steps: int) -> dict[str, dict[str, Any]]:
+        return {}
+
+    def after_step(self, step: int, lr: float) -> None:
+        """Hook run after each optimizer step (proximal updates)."""
+
+    # shared
+    def frozen_masks(self) -> dict[str, Tensor]:
+        return {s.name: getattr(self, f"frozen_{i}").float() for i, s in enumerate(self.sites)}
+
+    def masks(self, mode: str) -> dict[str, Tensor] | None:
+        if mode == "open":
+            return None
+        if bool(self.is_frozen):
+            return self.frozen_masks()
+        return self.learned_masks(mode)
+
+    def hard_fraction(self) -> float:
+        masks = self.masks("eval") or {}
+        return float(self.cost_fn({s.name: float(masks[s.name].sum()) / s.units for s in self.sites}))
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Fix the decisions: learned kept counts, projected onto the budget, best-ranked units kept."""
+        learned = self.learned_masks("eval")
+        fractions = {s.name: max(float(learned[s.name].sum()), 1.0) / s.units for s in self.sites}
+        before = float(self.cost_fn({s.name: float(learned[s.name].sum()) / s.units for s in self.sites}))
+        kept = allocate(self.sites, fractions, self.budget, self.cost_fn)
+        ranking = self.ranking()
+        for i, s in enumerate(self.sites):
+            getattr(self, f"frozen_{i}").copy_(topk_hard(ranking[s.name], kept[s.name]).bool())
+        self.is_frozen.fill_(True)
+        self.projection = {"learned": before, "final": self.hard_fraction()}
+
+    def status(self) -> dict[str, float]:
+        return {"flops": self.hard_fraction()}
+
+    # weights the methods read
+    def consumer_weight(self, site: Site) -> Tensor:
+        return self._gm.get_parameter(site.consumer)
+
+    def column_norms(self, site: Site) -> Tensor:
+        """Squared norm of each unit's consumer columns (W_o head columns, W_2 unit columns)."""
+        cols = self.consumer_weight(site).detach().float().pow(2).sum(0)
+        owner = site.channel_unit.to(cols.device)
+        keep = owner >= 0
+        return torch.zeros(site.units, device=cols.device).index_add_(0, owner[keep], cols[keep])
+
+
+class OneShot(WidthMethod):
+    """Importance from weights (``magnitude``) or from gradients on calibration data (``taylor``)."""
+
+    def __init__(self, sites: Sequence[Site], cost: CostFn, budget: float, importance: Mapping[str, Tensor],
+                 name: str) -> None:
+        super().__init__(sites, cost, budget)
+        self.name = name
+        for i, s in enumerate(self.sites):
+            self.register_buffer(f"importance_{i}", importance[s.name].detach().float().clone())
+
+    def ranking(self) -> dict[str, Tensor]:
+        return {s.name: getattr(self, f"importance_{i}") for i, s in enumerate(self.sites)}
+
+    def learned_masks(self, mode: str) -> dict[str, Tensor]:
+        return {s.name: torch.ones(s.units) for s in self.sites}  # uniform shape; freeze() projects it
+
+
+def magnitude_importance(gm: nn.Module, sites: Sequence[Site]) -> dict[str, Tensor]:
+    """L2 norm of every weight slice a unit owns (its rows in q/k/v or fc1, its columns in proj or fc2)."""
+    out = {}
+    for s in sites:
+        total = torch.zeros(s.units)
+        for param, axis, indices in s.weights:
+            w = gm.get_parameter(param).detach().float()
+            per_index = w.pow(2).sum(dim=[d for d in range(w.dim()) if d != axis])
+            total += torch.stack([per_index[list(idx)].sum() for idx in indices])
+        out[s.name] = total.sqrt()
+    return out
+
+
+class WDPruning(WidthMethod):
+    """Scores + a threshold per group; k = ceil(sigmoid(t) n) aligned; mask = top-k(scores)."""
+
+    name = "wdpruning"
+
+    def __init__(self, sites: Sequence[Site], cost: CostFn, budget: float) -> None:
+        super().__init__(sites, cost, budget)
+        self.scores = nn.ParameterList([nn.Parameter(torch.zeros(s.units)) for s in self.sites])
+        self.thresholds = nn.ParameterList([nn.Parameter(torch.tensor(10.0)) for _ in self.sites])
+        self.lambdas = nn.Parameter(torch.zeros(2))
+        self._expected: Tensor | None = None
+
+    def _k(self, site: Site, t: Tensor) -> Tensor:
+        keep = torch.sigmoid(t)
+        a = site.align if site.units % site.align == 0 and site.units >= site.align else 1
+        raw = ceil_ste(keep * site.units / a) * a  # ceil(sigmoid(t) n) rounded up to the alignment
+        return raw.clamp(max(a if site.min_units else 0, site.min_units), site.units)
+
+    def ranking(self) -> dict[str, Tensor]:
+        # scores first; the consumer norm breaks the ties of never-trained scores
+        return {s.name: self.scores[i].detach() + 1e-6 * self.column_norms(s) / (1 + self.column_norms(s).max())
+                for i, s in enumerate(self.sites)}
+
+    def learned_masks(self, mode: str) -> dict[str, Tensor]:
+        out = {}
+        ranking = self.ranking() if mode != "train" else None
+        for i, s in enumerate(self.sites):
+            k = self._k(s, self.thresholds[i])
+            scores = self.scores[i] if mode == "train" else ranking[s.name]
+            out[s.name] = topk_mask(scores, k) if mode == "train" else topk_hard(scores, int(k.item()))
+        return out
+
+    def expected_fraction(self) -> Tensor:
+        kept = {s.name: torch.maximum(torch.sigmoid(self.thresholds[i]), torch.tensor(1.0 / s.units))
+                for i, s in enumerate(self.sites)}
+        return self.cost_fn(kept)
+
+    def penalties(self) -> dict[str, Tensor]:
+        if bool(self.is_frozen):
+            return {}
+        gap = torch.relu(self.expected_fraction() - self.budget)  # zero (and no gradient) once within budget
+        return {"lagrangian": self.lambdas[0] * gap + self.lambdas[1] * gap * gap}
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"weights": list(self.scores), "arch": list(self.thresholds), "dual": [self.lambdas]}
+
+    def optim_defaults(self, search_steps: int) -> dict[str, dict[str, Any]]:
+        # (decision) the paper's threshold lr 2.5e-3 assumes ~100 epochs; scale it to the search so a
+        # threshold can travel from 10 (keep all) towards 0 within half of it.
+        arch_lr = max(2.5e-3, 20.0 / max(1, search_steps))
+        return {"arch": {"lr": arch_lr, "weight_decay": 0.0, "schedule": "cosine", "optimizer": "adamw"},
+                "dual": {"lr": 10.0, "weight_decay": 0.0, "schedule": "cosine", "optimizer": "sgd"}}
+
+    def status(self) -> dict[str, float]:
+        return {"flops": self.hard_fraction(), "expected": float(self.expected_fraction())}
+
+
+class UVC(WidthMethod):
+    """Learned fraction of units to drop per group; the lowest-norm units are the ones dropped.
+
+    (decision) Counts are learned as fractions of the group (``removed = ceil(c n)``), so one step
+    size serves 6 heads and 1536 MLP units alike; methods.md learns raw counts over ~75k steps.
+    """
+
+    name = "uvc"
+
+    def __init__(self, sites: Sequence[Site], cost: CostFn, budget: float) -> None:
+        super().__init__(sites, cost, budget)
+        self.counts = nn.ParameterList([nn.Parameter(torch.zeros(())) for _ in self.sites])
+        # y_eff = 0.01 y: with the dual group's step 1, y_eff rises by 1e-4 x LeastSum per step (methods.md
+        # §4.5) while z rises by (R - B)
+        self.y = nn.Parameter(torch.full((len(self.sites),), 0.1))
+        self.z = nn.Parameter(torch.tensor(1e-3))
+
+    def _removed(self, i: int, s: Site) -> Tensor:
+        return ceil_ste(self.counts[i] * s.units, clip=1.0).clamp(0, s.units - max(1, s.min_units))
+
+    def ranking(self) -> dict[str, Tensor]:
+        return {s.name: self.column_norms(s) for s in self.sites}
+
+    def learned_masks(self, mode: str) -> dict[str, Tensor]:
+        if mode == "train":  # stage 1 does not mask: proximal steps shrink the selected groups instead
+            return {s.name: torch.ones(s.units) for s in self.sites}
+        return {s.name: 1.0 - topk_hard(-self.column_norms(s), int(self._removed(i, s).item()))
+                for i, s in enumerate(self.sites)}
+
+    def penalties(self) -> dict[str, Tensor]:
+        if bool(self.is_frozen):
+            return {}
+        terms, kept = [], {}
+        for i, s in enumerate(self.sites):
+            removed = self._removed(i, s)
+            terms.append(0.01 * self.y[i] * least_sum(self.column_norms(s), removed))
+            kept[s.name] = 1.0 - removed / s.units
+        return {"groups": torch.stack(terms).sum(), "budget": self.z * (self.cost_fn(kept) - self.budget)}
+
+    @torch.no_grad()
+    def after_step(self, step: int, lr: float) -> None:
+        if bool(self.is_frozen):
+            return
+        for i, s in enumerate(self.sites):
+            self.counts[i].clamp_(0.0, 1.0 - max(1, s.min_units) / s.units)
+            selected = 1.0 - self.learned_masks("eval")[s.name]
+            if selected.any():
+                w = self.consumer_weight(s)
+                cols = torch.cat([selected, selected.new_zeros(1)])[s.channel_unit.to(w.device)].bool()
+                w[:, cols] /= 1.0 + 2.0 * lr * 0.01 * float(self.y[i])
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"arch": list(self.counts), "dual": [self.y, self.z]}
+
+    def optim_defaults(self, search_steps: int) -> dict[str, dict[str, Any]]:
+        return {"arch": {"lr": 0.02, "weight_decay": 0.0, "schedule": "constant", "optimizer": "sgd"},
+                "dual": {"lr": 1.0, "weight_decay": 0.0, "schedule": "constant", "optimizer": "sgd"}}
+
+
+def build_method(method: str, sites: Sequence[Site], cost: CostFn, budget: float,
+                 importance: Mapping[str, Tensor] | None = None) -> WidthMethod:
+    if method in ("magnitude", "taylor"):
+        if importance is None:
+            raise SpecError(f"width.method {method} needs importance scores")
+        return OneShot(sites, cost, budget, importance, method)
+    if method == "wdpruning":
+        return WDPruning(sites, cost, budget)
+    if method == "uvc":
+        return UVC(sites, cost, budget)
+    raise SpecError(f"width.method {method!r} is not one of magnitude, taylor, wdpruning, uvc")
