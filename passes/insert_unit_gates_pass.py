@@ -44,6 +44,29 @@ def branch_add(block: Block | None, kind: str) -> tuple[str, str] | None:
     return None
 
 
+def branch_nodes(gm: fx.GraphModule, block: Block, kind: str) -> set[str]:
+    """Names of the nodes that only the removable ``kind`` branch of ``block`` computes."""
+    found = branch_add(block, kind)
+    if found is None:
+        return set()
+    nodes = {n.name: n for n in gm.graph.nodes}
+    add, skip = nodes[found[0]], nodes[found[1]]
+    inside = set(block.nodes)
+
+    def ancestors(start: fx.Node) -> set[str]:
+        seen, stack = set(), [start]
+        while stack:
+            n = stack.pop()
+            if n.name in seen or n.name not in inside:
+                continue
+            seen.add(n.name)
+            stack.extend(n.all_input_nodes)
+        return seen
+
+    operand = next(a for a in add.args if isinstance(a, fx.Node) and a is not skip)
+    return ancestors(operand) - ancestors(skip)
+
+
 class InsertUnitGatesPass(VitPass):
     """After: each group's consumer linears read their input through the group's gate; each
     group's residual branch (when it can be removed) passes through the same gate in branch mode."""

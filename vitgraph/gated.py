@@ -21,7 +21,7 @@ from vitgraph.analysis.cost import evaluate
 from vitgraph.errors import SpecError
 from vitgraph.gates import UnitGate
 from vitgraph.graph import VitGraph
-from vitgraph.passes.insert_unit_gates_pass import InsertUnitGatesPass
+from vitgraph.passes.insert_unit_gates_pass import InsertUnitGatesPass, branch_nodes
 from vitgraph.passes.remove_pruned_units_pass import RemovePrunedUnitsPass
 from vitgraph.spec import Spec
 from vitgraph.width import Site, WidthMethod, build_method, magnitude_importance
@@ -158,8 +158,16 @@ def instrument(g: VitGraph, spec: Spec, *, calibration: Iterable[tuple[Tensor, T
     sites = _sites(g, spec, p.gates)
     dense = g.structure.flops
 
+    blocks = {b.index: b for b in g.structure.blocks}
+    removable = {s.name: branch_nodes(g.gm, blocks[g.structure.group(s.name).block], "attn" if s.kind == "heads" else
+                                      "mlp") for s in sites if s.min_units == 0}
+
     def cost(kept: Any) -> Any:
-        return evaluate(g.gm, kept) / dense
+        total = evaluate(g.gm, kept)
+        for name, nodes in removable.items():  # a branch with no unit left is deleted whole
+            if float(kept.get(name, 1.0)) == 0.0:
+                total = total - evaluate(g.gm, kept, nodes=nodes)
+        return total / dense
 
     floor = float(cost({s.name: s.round(0.0) / s.units for s in sites}))
     if spec.budget.flops < floor - spec.budget.tolerance:

@@ -1,0 +1,110 @@
+"""Does width pruning's FLOPs cut turn into speed? Dense vs one-shot-compressed ViT on every lowering target.
+
+The model (default deit_small_patch16_224, random weights: timing does not depend on them) is compressed
+by ``vg.compress`` to ``--flops`` of its dense FLOPs with one-shot magnitude width pruning (heads + MLP),
+then dense and compact run side by side in eager PyTorch, torch.compile and ONNX Runtime (spinning off),
+all runners of one batch size interleaved; medians. Per target and batch it prints the speed-up and the
+*efficiency* = speed-up / (dense FLOPs / compact FLOPs): 1.0 means latency fell as much as FLOPs did::
+
+    python bench/width_speed.py --flops 0.5 --batches 1,16 --json width_speed.json
+    python bench/width_speed.py --targets eager,onnx --repeats 10     # skip the torch.compile build
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import vitgraph as vg
+from vitgraph.frontend import trace_module
+from vitgraph.targets import bench
+
+
+def flops(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs per image (2 x multiply-adds), as vitgraph's cost model counts them."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x[:1])
+    return counter.get_total_flops()
+
+
+def params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def compress(model: nn.Module, x: torch.Tensor, target: float, align: int | None) -> tuple[nn.Module, dict[str, Any]]:
+    width: dict[str, Any] = {"method": "magnitude", "heads": True, "mlp": True}
+    if align is not None:
+        width["align"] = align
+    spec = vg.Spec.from_dict({"budget": {"flops": target}, "width": width})
+    result = vg.compress(model, spec, example_inputs=(x,), data="none")
+    return result.compact, result.report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="deit_small_patch16_224", help="timm model name")
+    parser.add_argument("--flops", type=float, default=0.5, help="target fraction of dense FLOPs")
+    parser.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
+    parser.add_argument("--targets", default=",".join(bench.TARGETS), help="comma-separated: eager,compile,onnx")
+    parser.add_argument("--align", type=int, default=None, help="width.align in the spec (default: the spec's)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", metavar="OUT", help="write every figure here")
+    args = parser.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    targets = [t for t in args.targets.split(",") if t]
+
+    torch.manual_seed(0)
+    model = timm.create_model(args.model).eval()
+    x = torch.randn(1, *model.pretrained_cfg["input_size"])
+    compact, report = compress(model, x, args.flops, args.align)
+    dense = trace_module(model, (x,))  # both sides fx graphs: the comparison is the width, not the front end
+    fl = {"dense": flops(dense, x), "compact": flops(compact, x)}
+    pa = {"dense": params(dense), "compact": params(compact)}
+    ratio = fl["dense"] / fl["compact"]
+    print(f"{args.model}: target {args.flops:.2f} of dense FLOPs; torch threads {torch.get_num_threads()}, "
+          "ORT intra-op threads the same, spinning off")
+    print(f"  dense   {fl['dense'] / 1e9:6.2f} GFLOPs {pa['dense'] / 1e6:6.2f} M params")
+    print(f"  compact {fl['compact'] / 1e9:6.2f} GFLOPs {pa['compact'] / 1e6:6.2f} M params  "
+          f"(FLOPs fraction {fl['compact'] / fl['dense']:.3f}; report says "
+          f"{report['compressed']['flops'] / report['dense']['flops']:.3f})")
+
+    rows: list[dict[str, Any]] = []
+    models = {"dense": dense, "compact": compact}
+    with tempfile.TemporaryDirectory(prefix="width-speed-") as workdir:
+        for batch in batches:
+            run: dict[str, Callable[[], Any]] = {}
+            for name, module in models.items():
+                for target, fn in bench.runners(module, (x,), batch=batch, targets=targets, workdir=workdir,
+                                                name=f"{args.model}-{name}", atol=1e-3).items():
+                    run[f"{name}/{target}"] = fn
+            timing = bench.measure(run, warmup=args.warmup, repeats=args.repeats)
+            for target in targets:
+                d, c = timing[f"dense/{target}"], timing[f"compact/{target}"]
+                speedup = d.median_ms / c.median_ms
+                rows.append({"target": target, "batch": batch, "dense_ms": d.median_ms, "compact_ms": c.median_ms,
+                             "dense_iqr_ms": d.iqr_ms, "compact_iqr_ms": c.iqr_ms, "speedup": speedup,
+                             "efficiency": speedup / ratio, "n": d.n})
+
+    print(f"\n{'target':<9}{'batch':>6}{'dense ms':>11}{'compact ms':>12}{'speed-up':>10}{'efficiency':>12}")
+    for r in rows:
+        print(f"{r['target']:<9}{r['batch']:>6}{r['dense_ms']:>11.2f}{r['compact_ms']:>12.2f}"
+              f"{r['speedup']:>9.2f}x{r['efficiency']:>12.2f}")
+    print(f"(efficiency = speed-up / {ratio:.2f}, the dense/compact FLOPs ratio; medians of {args.repeats} "
+          "interleaved rounds)")
+    if args.json:
+        out = {"model": args.model, "target_flops": args.flops, "flops": fl, "params": pa, "flops_ratio": ratio,
+               "spec": report.get("spec"), "rows": rows}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,685 @@
+"""The generic training loop: task loss + distillation + the model's own penalties, one optimizer per group.
+
+Invariant: a run is a function of (model, data, spec.train, world size) alone. Batches are a seeded
+permutation per epoch indexed by the step, learning rates are functions of the step, and a checkpoint
+holds every other piece of state (optimizers, half-accumulated gradients, every rank's RNGs), so
+``fit(..., resume=True)`` ends with parameters bit-for-bit equal to those of an uninterrupted run::
+
+    result = fit(gated, data.train, spec.train, teacher=dense, val_data=data.val, out_dir="run")
+    result.top1, result.history          # 0.93, run/metrics.jsonl
+
+Steps ``[0, search_steps)`` train every group (``weights``, ``arch``, ``dual``); at ``search_steps`` the
+model's ``freeze()`` fixes its decisions and only ``weights`` train on. Under ``torchrun`` (or an
+initialised process group) the model runs in DistributedDataParallel; ``train.batch_size`` is per
+process (as in timm), and each rank takes its slice of the same permutation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from vitgraph.errors import SpecError, VitgraphError
+from vitgraph.spec import Distill, Train
+
+GROUPS = ("weights", "arch", "dual")
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+_FORMAT = 1
+
+
+@runtime_checkable
+class Compressible(Protocol):
+    """What :func:`fit` asks of a gated model besides being an ``nn.Module`` (duck-typed).
+
+    - ``param_groups()``: ``{"weights" | "arch" | "dual": [parameters]}``; a parameter in one group only.
+    - ``optim_defaults()``: per group ``{"lr", "weight_decay", "every", "schedule": "cosine" | "constant",
+      "optimizer": "adamw" | "sgd", "momentum"}``; see :class:`GroupConfig`. ``train.lr`` (and
+      ``train.weight_decay``) override the ``weights`` entry, ``train.arch_lr`` / ``train.dual_lr`` the others.
+    - ``penalties()``: loss terms computed by the last forward, still in the autograd graph; ``fit`` adds them.
+
+    Optional, called when present:
+
+    - ``after_step(step, lr)``: after the optimizers stepped (proximal updates, re-applied masks);
+      ``lr`` is the ``weights`` learning rate of that step.
+    - ``freeze()``: once, when the search ends: decisions become fixed. ``fit`` then stops training
+      ``arch`` and ``dual``. On resume it is called again *after* the arch parameters are restored, so it
+      must be a function of the module's state.
+    - ``status()``: ``{"flops": 0.53, ...}`` shown in the progress bar and logged.
+
+    ``dual`` parameters take gradient *ascent* steps and are clamped at >= 0 after each step.
+    """
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]: ...
+
+    def optim_defaults(self) -> dict[str, dict[str, Any]]: ...
+
+    def penalties(self) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """How one parameter group is optimised. ``every=k`` steps its optimizer every k-th step (summing grads)."""
+
+    name: str
+    lr: float
+    weight_decay: float = 0.0
+    every: int = 1
+    schedule: str = "cosine"
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        problem = (f"lr must be a number >= 0, got {self.lr!r}" if not isinstance(self.lr, (int, float)) or self.lr < 0
+                   else f"every must be an integer >= 1, got {self.every!r}" if not isinstance(self.every, int)
+                   or self.every < 1
+                   else f"schedule must be 'cosine' or 'constant', got {self.schedule!r}"
+                   if self.schedule not in ("cosine", "constant")
+                   else f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}"
+                   if self.optimizer not in ("adamw", "sgd") else None)
+        if problem:
+            raise VitgraphError(f"optimizer settings of group {self.name!r}: {problem}")
+
+
+@dataclass(frozen=True)
+class FitResult:
+    steps: int                  # optimizer steps done in total (including those before a resume)
+    loss: float | None          # mean loss over the last logging window (None when no step ran)
+    top1: float | None          # validation top-1 accuracy at the end (None without val_data)
+    seconds: float              # wall time of this call
+    images_per_s: float         # training throughput of this call, all processes together
+    history: Path | None        # metrics.jsonl (None without out_dir)
+
+
+# -- parameter groups and schedules ------------------------------------------------------------------------
+
+def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The model's groups (all trainable parameters are ``weights`` for a plain module), checked."""
+    if not isinstance(model, Compressible):
+        return {"weights": [p for p in model.parameters() if p.requires_grad]}
+    groups = {k: list(v) for k, v in model.param_groups().items() if len(v)}
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        raise VitgraphError(f"{type(model).__name__}.param_groups() has group {unknown[0]!r}; "
+                            f"groups are {', '.join(GROUPS)}")
+    seen: dict[int, str] = {}
+    for name, params in groups.items():
+        for p in params:
+            if id(p) in seen:
+                raise VitgraphError(f"{type(model).__name__}.param_groups(): a parameter of shape {tuple(p.shape)} "
+                                    f"is in both {seen[id(p)]!r} and {name!r}; give it one group")
+            seen[id(p)] = name
+    return {name: groups[name] for name in GROUPS if name in groups}
+
+
+def group_configs(model: nn.Module, groups: dict[str, list[nn.Parameter]], cfg: Train) -> dict[str, GroupConfig]:
+    defaults = model.optim_defaults() if isinstance(model, Compressible) else {}
+    overrides = {"weights": {"lr": cfg.lr, "weight_decay": cfg.weight_decay}, "arch": {"lr": cfg.arch_lr},
+                 "dual": {"lr": cfg.dual_lr}}
+    allowed = [f.name for f in dataclasses.fields(GroupConfig) if f.name != "name"]
+    out = {}
+    for name in groups:
+        settings = dict(defaults.get(name, {}))
+        settings.update({k: v for k, v in overrides[name].items() if v is not None})
+        bad = [k for k in settings if k not in allowed]
+        if bad:
+            raise VitgraphError(f"{type(model).__name__}.optim_defaults()[{name!r}] has key {bad[0]!r}; "
+                                f"allowed: {', '.join(allowed)}")
+        if "lr" not in settings:
+            raise VitgraphError(f"{type(model).__name__}.optim_defaults() gives no lr for group {name!r}; "
+                                f"add one there or set train.{name}_lr in the spec")
+        out[name] = GroupConfig(name=name, **settings)
+    return out
+
+
+def lr_at(step: int, base: float, floor: float, kind: str, start: int, end: int, warmup: int = 0) -> float:
+    """The rate at ``step`` of a phase ``[start, end)``: linear warm-up, then constant or cosine down to ``floor``."""
+    i = step - start
+    if i < warmup:
+        return base * (i + 1) / warmup
+    if kind == "constant":
+        return base
+    t = min(1.0, (i - warmup) / max(end - start - warmup - 1, 1))
+    return floor + (base - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The phases of a run: ``search`` [0, search_end) then ``finetune``, or one ``train`` phase."""
+
+    steps: int
+    search_end: int
+    two_phase: bool
+
+    @classmethod
+    def of(cls, cfg: Train, has_arch: bool) -> Plan:
+        return cls(cfg.steps, min(cfg.search_steps, cfg.steps) if has_arch else cfg.steps, has_arch)
+
+    def phase(self, step: int) -> str:
+        return "train" if not self.two_phase else "search" if step < self.search_end else "finetune"
+
+    def lr(self, g: GroupConfig, step: int, cfg: Train) -> float:
+        if g.name != "weights":  # arch and dual only train while searching
+            return lr_at(step, g.lr, g.lr * cfg.min_lr / cfg.lr, g.schedule, 0, self.search_end)
+        if step < self.search_end:  # the warm-up belongs to the first phase that trains weights
+            return lr_at(step, g.lr, cfg.min_lr, g.schedule, 0, self.search_end, min(cfg.warmup_steps, self.search_end))
+        warmup = cfg.warmup_steps if self.search_end == 0 else 0
+        return lr_at(step, g.lr, cfg.min_lr, "cosine", self.search_end, self.steps, min(warmup, self.steps))
+
+
+def _optimizer(g: GroupConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if g.name == "weights":  # no decay on biases, norms and other 1-D parameters (as timm does)
+        decay = [p for p in params if p.ndim > 1]
+        rest = [p for p in params if p.ndim <= 1]
+        groups = [{"params": ps, "weight_decay": wd} for ps, wd in ((decay, g.weight_decay), (rest, 0.0)) if ps]
+    else:
+        groups = [{"params": params, "weight_decay": g.weight_decay}]
+    ascent = g.name == "dual"
+    if g.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=g.lr, momentum=g.momentum, maximize=ascent)
+    return torch.optim.AdamW(groups, lr=g.lr, maximize=ascent)
+
+
+# -- losses and evaluation ---------------------------------------------------------------------------------
+
+def task_loss(student: torch.Tensor, target: torch.Tensor, teacher: torch.Tensor | None = None,
+              distill: Distill = Distill()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(loss, terms)``: CE, or ``(1 - alpha) CE + alpha tau^2 KL(student/tau || teacher/tau)`` with a teacher."""
+    ce = F.cross_entropy(student, target)
+    if teacher is None:
+        return ce, {"task": ce}
+    tau = distill.tau
+    kl = F.kl_div(F.log_softmax(student / tau, -1), F.log_softmax(teacher / tau, -1), reduction="batchmean",
+                  log_target=True) * tau * tau
+    return (1.0 - distill.alpha) * ce + distill.alpha * kl, {"task": ce, "distill": kl}
+
+
+def _logits(out: Any, who: str) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise VitgraphError(f"{who} returned {type(out).__name__}; fit and evaluate need a tensor of logits "
+                            f"(wrap the model so that forward returns them)")
+    return out.float()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset | DataLoader, batch_size: int = 256, *, num_workers: int = 0) -> float:
+    """Top-1 accuracy of ``model`` on ``data``; under torch.distributed every rank scores a shard (collective)."""
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    if len(dataset) == 0:
+        raise VitgraphError("evaluate: the validation set is empty; pass val_data with at least one image")
+    world = _World.current()
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    shard = list(range(world.rank, len(dataset), world.size))
+    if isinstance(dataset, TensorDataset):
+        index = torch.tensor(shard, dtype=torch.long)
+        batches: Any = ((dataset.tensors[0][i], dataset.tensors[1][i]) for i in index.split(batch_size))
+    else:
+        batches = DataLoader(Subset(dataset, shard), batch_size=batch_size, num_workers=num_workers)
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    try:
+        for x, y in batches:
+            y = torch.as_tensor(y).to(device)
+            pred = _logits(model(x.to(device)), type(model).__name__).argmax(-1)
+            counts += torch.stack([(pred == y).sum().double(), torch.tensor(float(y.numel()), device=device)])
+    finally:
+        model.train(was_training)
+    if world.distributed:
+        torch.distributed.all_reduce(counts)
+    return float(counts[0] / counts[1])
+
+
+# -- data order --------------------------------------------------------------------------------------------
+
+class _Batches:
+    """Step -> this rank's sample indices: a seeded permutation per epoch, cut into global batches."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, world: _World) -> None:
+        self.n, self.batch_size, self.seed, self.world = len(dataset), batch_size, seed, world
+        self.steps_per_epoch = self.n // (batch_size * world.size)
+        if self.steps_per_epoch == 0:
+            raise SpecError(f"the training set has {self.n} images, fewer than one batch of {batch_size} x "
+                            f"{world.size} process(es); lower train.batch_size or use more data")
+        self._epoch: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def fingerprint(self) -> dict[str, int]:
+        return {"n": self.n, "batch_size": self.batch_size, "seed": self.seed, "world_size": self.world.size}
+
+    def indices(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
+            perm = torch.randperm(self.n, generator=g)
+            self._epoch = (epoch, perm, torch.randint(0, 2**62, (self.n,), generator=g))  # per-sample aug seeds
+        start = (pos * self.world.size + self.world.rank) * self.batch_size
+        return self._epoch[1][start:start + self.batch_size], self._epoch[2][start:start + self.batch_size]
+
+
+class _StepSampler:
+    def __init__(self, batches: _Batches, start: int, end: int) -> None:
+        self.batches, self.start, self.end = batches, start, end
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.end):
+            index, seeds = self.batches.indices(step)
+            yield list(zip(index.tolist(), seeds.tolist()))
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+class _Seeded(Dataset):
+    """Runs a sample's random augmentation from its own seed, so it does not depend on workers or resumes."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        py, npy = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % 2**32)
+                return self.dataset[index]
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+def _batches(dataset: Dataset, order: _Batches, start: int, end: int, num_workers: int,
+             device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(dataset, TensorDataset):  # in memory: index the tensors, no per-sample Python
+        x_all, y_all = dataset.tensors[0], dataset.tensors[1]
+        for step in range(start, end):
+            index, _ = order.indices(step)
+            yield x_all[index].to(device, non_blocking=True), y_all[index].to(device, non_blocking=True)
+        return
+    # its own generator: creating the iterator must not draw from the global RNG (resumes would drift)
+    loader = DataLoader(_Seeded(dataset), batch_sampler=_StepSampler(order, start, end), num_workers=num_workers,
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(order.seed))
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
+
+
+# -- processes ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _World:
+    rank: int = 0
+    size: int = 1
+    distributed: bool = False
+
+    @classmethod
+    def current(cls) -> _World:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), True)
+        return cls()
+
+    @classmethod
+    def setup(cls) -> _World:
+        """Joins the process group torchrun describes (WORLD_SIZE > 1) unless one is already up."""
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+            cuda = torch.cuda.is_available()
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        return cls.current()
+
+
+class _WithPenalties(nn.Module):
+    """Returns the penalties next to the logits so DDP sees every parameter they reach."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[Any, dict[str, torch.Tensor]]:
+        out = self.model(x)
+        return out, (self.model.penalties() if isinstance(self.model, Compressible) else {})
+
+
+def _wrap(model: nn.Module, world: _World, device: torch.device) -> nn.Module:
+    net = _WithPenalties(model)
+    if not world.distributed:
+        return net
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # find_unused_parameters: sampled gates may bypass a branch in a step
+    return DDP(net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+            "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    """Write-then-rename in the same folder: a crash leaves the previous checkpoint, never half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise VitgraphError(f"cannot resume: {path} does not exist; start without resume (drop --resume) or "
+                            f"point out_dir at the folder of the run to continue")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing here
+        raise VitgraphError(f"cannot resume: {path} is not a readable vitgraph checkpoint ({e})") from None
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        raise VitgraphError(f"cannot resume: {path} is not a vitgraph checkpoint of format {_FORMAT}")
+    return state
+
+
+def _restore_model(model: nn.Module, saved: dict[str, torch.Tensor], frozen: bool, freeze: Any, path: Path) -> None:
+    def check(own: dict[str, torch.Tensor], strict: bool) -> None:
+        missing = [k for k in own if k not in saved]
+        extra = [k for k in saved if k not in own] if strict else []
+        shape = [k for k in own if k in saved and own[k].shape != saved[k].shape]
+        if missing or extra or shape:
+            what = (f"{len(missing)} missing (first {missing[0]!r})" if missing else
+                    f"{len(extra)} unexpected (first {extra[0]!r})" if extra else
+                    f"{shape[0]!r} is {tuple(saved[shape[0]].shape)} there, {tuple(own[shape[0]].shape)} here")
+            raise VitgraphError(f"cannot resume: {path} was written for a different model: state entries {what}; "
+                                f"resume with the model of that run, or start fresh in another out_dir")
+
+    check(dict(model.named_parameters()), strict=False)
+    if frozen:  # freeze() may compute decisions from the arch parameters, and may add buffers
+        model.load_state_dict(saved, strict=False)
+        freeze()
+    check(model.state_dict(), strict=True)
+    model.load_state_dict(saved)
+
+
+# -- logging -----------------------------------------------------------------------------------------------
+
+class _Metrics:
+    """metrics.jsonl on rank 0; a resumed run first drops lines past its checkpoint (they will be redone)."""
+
+    def __init__(self, path: Path | None, start: int, resume: bool) -> None:
+        self.path = path
+        if path is None:
+            return
+        kept = []
+        if resume and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class _Bar:
+    def __init__(self, enabled: bool, total: int, start: int) -> None:
+        self.progress = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                 console=Console(stderr=True))
+        self.task = self.progress.add_task("train", total=total, completed=start, info="")
+        self.progress.start()
+
+    def update(self, done: int, phase: str, info: str | None = None) -> None:
+        if self.progress is not None:
+            fields = {"info": info} if info is not None else {}
+            self.progress.update(self.task, completed=done, description=phase, **fields)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+# -- the loop ----------------------------------------------------------------------------------------------
+
+def fit(model: nn.Module, train_data: Dataset | DataLoader | None, cfg: Train, *, teacher: nn.Module | None = None,
+        val_data: Dataset | DataLoader | None = None, out_dir: str | Path | None = None, resume: bool = False,
+        progress: bool = True, evaluate_every: int = 0, num_workers: int | None = None) -> FitResult:
+    """Train ``model`` for ``cfg.steps`` steps (see the module docstring); returns what happened.
+
+    ``train_data`` yields ``(image, label)``; a DataLoader is accepted for its dataset (and workers) — the
+    batch order is always fit's own. ``out_dir`` receives checkpoint.pt and metrics.jsonl (rank 0).
+    """
+    t_begin = time.perf_counter()
+    if isinstance(train_data, DataLoader):
+        num_workers = train_data.num_workers if num_workers is None else num_workers
+        train_data = train_data.dataset
+    if cfg.steps > 0 and train_data is None:
+        raise SpecError(f"train.steps is {cfg.steps} but there is no training data: training needs data "
+                        f"(--data digits or --data imagefolder:PATH), or set train.steps: 0 for one-shot")
+    if resume and out_dir is None:
+        raise SpecError("resume=True needs out_dir, the folder holding the run's checkpoint.pt")
+    world = _World.setup()
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    if world.distributed and torch.distributed.get_backend() == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+        model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and world.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    groups = param_groups(model)
+    configs = group_configs(model, groups, cfg)
+    plan = Plan.of(cfg, bool(groups.get("arch")))
+    optimizers = {name: _optimizer(configs[name], params) for name, params in groups.items()}
+    all_params = [p for params in groups.values() for p in params]
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
+    amp = (torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+           if cfg.amp else nullcontext())
+    order = _Batches(train_data, cfg.batch_size, cfg.seed, world) if cfg.steps > 0 else None
+    frozen = False
+
+    def switch() -> None:  # the search ends: decisions fixed, arch and dual stop training
+        nonlocal frozen
+        frozen = True
+        if hasattr(model, "freeze"):
+            model.freeze()
+        for p in groups.get("arch", []) + groups.get("dual", []):
+            p.requires_grad_(False)
+            p.grad = None
+
+    start, last_loss = 0, None
+    ckpt = out / CHECKPOINT if out is not None else None
+    if resume:
+        state = _load(ckpt)
+        if order is not None and state["data"] != order.fingerprint():
+            raise VitgraphError(f"cannot resume: {ckpt} was written for data/batching {state['data']}, this run has "
+                                f"{order.fingerprint()}; use the same data, train.batch_size, train.seed and "
+                                f"number of processes")
+        if state["step"] > cfg.steps:
+            raise VitgraphError(f"cannot resume: {ckpt} is at step {state['step']}, past train.steps={cfg.steps}; "
+                                f"raise train.steps or start fresh in another out_dir")
+        _restore_model(model, state["model"], state["frozen"], switch, ckpt)
+        try:
+            for name, opt in optimizers.items():
+                opt.load_state_dict(state["optimizers"][name])
+        except (KeyError, ValueError) as e:
+            raise VitgraphError(f"cannot resume: the optimizer state in {ckpt} does not fit this model's parameter "
+                                f"groups ({e}); resume with the model of that run") from None
+        if state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        for p, g in zip(all_params, state["grads"]):
+            p.grad = None if g is None else g.to(device)
+        _set_rng_state(state["rng"][world.rank])
+        start, last_loss = state["step"], state["loss"]
+    else:
+        torch.manual_seed(cfg.seed + world.rank)
+        random.seed(cfg.seed + world.rank)
+        np.random.seed((cfg.seed + world.rank) % 2**32)
+
+    def checkpoint(step: int) -> None:
+        if ckpt is None:
+            return
+        rngs = [None] * world.size
+        if world.distributed:
+            torch.distributed.all_gather_object(rngs, _rng_state())
+        else:
+            rngs = [_rng_state()]
+        if world.rank == 0:
+            _save(ckpt, {"format": _FORMAT, "step": step, "frozen": frozen, "loss": last_loss,
+                         "model": model.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                         "grads": [p.grad for p in all_params], "rng": rngs, "data": order.fingerprint(),
+                         "train": dataclasses.asdict(cfg)})
+
+    metrics = _Metrics(out / METRICS if out is not None and world.rank == 0 else None, start, resume)
+    log_every = cfg.log_every if cfg.log_every > 0 else max(cfg.steps, 1)
+    bar = _Bar(progress and world.rank == 0 and sys.stderr.isatty(), cfg.steps, start)
+    sums: dict[str, torch.Tensor] = {}
+    window = {"steps": 0, "images": 0, "t": time.perf_counter()}
+    images_total, top1 = 0, None
+    model.train()
+    net = _wrap(model, world, device)
+
+    lrs: dict[str, float] = {}
+
+    def log(done: int) -> dict[str, Any]:
+        nonlocal last_loss
+        names = sorted(sums)
+        values = torch.stack([sums[k] for k in names]) / max(window["steps"], 1)
+        if world.distributed:
+            torch.distributed.all_reduce(values)
+            values /= world.size
+        terms = dict(zip(names, values.tolist()))
+        last_loss = terms.pop("loss")
+        if not math.isfinite(last_loss):
+            raise VitgraphError(f"the loss is {last_loss} at step {done} (terms {terms}); lower train.lr, "
+                                f"keep train.clip_grad on, or check the model's penalties")
+        seconds = time.perf_counter() - window["t"]
+        record = {"step": done, "phase": plan.phase(done - 1), "loss": last_loss, "terms": terms,
+                  "lr": dict(lrs),
+                  "status": _status(model) if world.rank == 0 else {},
+                  "images_per_s": window["images"] / seconds if seconds > 0 else 0.0}
+        metrics.write(record)
+        sums.clear()
+        window.update(steps=0, images=0, t=time.perf_counter())
+        return record
+
+    try:
+        data_iter = _batches(train_data, order, start, cfg.steps, num_workers or 0, device) if order else iter(())
+        for step in range(start, cfg.steps):
+            if plan.two_phase and step == plan.search_end and not frozen:
+                switch()
+                net = _wrap(model, world, device)  # DDP must forget the parameters that stopped training
+            x, y = next(data_iter)
+            active = [k for k in optimizers if k == "weights" or not frozen]
+            lrs = {k: plan.lr(configs[k], step, cfg) for k in active}
+            for k in active:
+                for pg in optimizers[k].param_groups:
+                    pg["lr"] = lrs[k]
+            with amp:
+                out_s, penalties = net(x)
+                t_logits = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = _logits(teacher(x), "the teacher")
+            loss, terms = task_loss(_logits(out_s, type(model).__name__), y, t_logits, cfg.distill)
+            for name, value in penalties.items():
+                terms[name] = value.float()
+                loss = loss + terms[name]
+            scaler.scale(loss).backward()
+            for k in active:
+                if (step + 1) % configs[k].every:
+                    continue  # this group accumulates gradients until its k-th step
+                opt = optimizers[k]
+                if k == "weights" and cfg.clip_grad > 0:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(groups[k], cfg.clip_grad)
+                scaler.step(opt)
+                if k == "dual":
+                    with torch.no_grad():
+                        for p in groups[k]:
+                            p.clamp_(min=0.0)
+                opt.zero_grad(set_to_none=True)
+            scaler.update()
+            if hasattr(model, "after_step"):
+                model.after_step(step, lrs.get("weights", 0.0))
+
+            done = step + 1
+            for name, value in {"loss": loss, **terms}.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().double()
+            window["steps"] += 1
+            window["images"] += x.shape[0] * world.size
+            images_total += x.shape[0] * world.size
+            info = None
+            if done % log_every == 0 or done == cfg.steps:
+                record = log(done)
+                info = _info(record)
+            if val_data is not None and evaluate_every > 0 and done % evaluate_every == 0 and done < cfg.steps:
+                acc = evaluate(model, val_data, cfg.batch_size, num_workers=num_workers or 0)
+                metrics.write({"step": done, "phase": plan.phase(step), "top1": acc})
+            if cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                checkpoint(done)
+            bar.update(done, plan.phase(step), info)
+    finally:
+        bar.close()
+    train_seconds = time.perf_counter() - t_begin
+
+    if plan.two_phase and not frozen:  # a run that only searched still ends with fixed decisions
+        switch()
+    if val_data is not None:
+        top1 = evaluate(model, val_data, cfg.batch_size, num_workers=num_workers or 0)
+        metrics.write({"step": cfg.steps, "phase": "end", "top1": top1})
+    if cfg.steps > 0:
+        checkpoint(cfg.steps)
+    return FitResult(steps=cfg.steps, loss=last_loss, top1=top1, seconds=time.perf_counter() - t_begin,
+                     images_per_s=images_total / train_seconds if train_seconds > 0 else 0.0,
+                     history=metrics.path)
+
+
+def _status(model: nn.Module) -> dict[str, float]:
+    if not hasattr(model, "status"):
+        return {}
+    return {k: float(v) for k, v in model.status().items()}
+
+
+def _info(record: dict[str, Any]) -> str:
+    parts = [f"loss {record['loss']:.4f}"] + [f"{k} {v:.3g}" for k, v in record["status"].items()]
+    return "  ".join(parts + [f"{record['images_per_s']:.0f} img/s"])
