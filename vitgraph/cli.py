@@ -35,7 +35,7 @@ def _load(args: argparse.Namespace, ref: str) -> Any:
         raise VitgraphError(f"cannot tell which input size {ref} expects; pass --input-size C,H,W")
     torch.manual_seed(0)
     x = torch.randn(max(1, args.batch), *size)
-    return trace(model, x, name=ref)
+    return trace(model, x, name=getattr(model, "vg_name", None) or ref)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -109,8 +109,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    raise VitgraphError("`vitgraph compile` needs the compression passes (width/depth pruning), which this "
-                        "version does not ship yet. Use `vitgraph inspect` and `vitgraph export` meanwhile.")
+    import dataclasses
+
+    from vitgraph.compress import compress
+    from vitgraph.spec import Spec
+
+    spec = Spec.load(args.spec)
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
+    if overrides:
+        spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, **overrides))
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    unknown = set(targets) - {"eager", "compile", "onnx"}
+    if unknown:
+        raise VitgraphError(f"--targets: unknown {sorted(unknown)}; choose from eager, compile, onnx")
+    g = _load(args, args.model)
+    result = compress(g, spec, data=args.data, out_dir=args.out, resume=args.resume, progress=not args.quiet,
+                      latency_targets=targets)
+    print(_compile_summary(result.report))
+    print("wrote " + ", ".join(sorted(Path(p).name for p in result.files.values())) + f" to {args.out}")
+    return 0
+
+
+def _compile_summary(report: dict[str, Any]) -> str:
+    d, c = report["dense"], report["compressed"]
+
+    def top1(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    lines = [f"{report['model']}: {report['method']} -> {report['budget']['achieved']:.3f} of the dense FLOPs "
+             f"(target {report['budget']['target']}), parity {report['parity']['max_abs_err']:.1e}",
+             f"  FLOPs  {d['flops'] / 1e9:8.3f} G -> {c['flops'] / 1e9:8.3f} G",
+             f"  params {d['params'] / 1e6:8.2f} M -> {c['params'] / 1e6:8.2f} M",
+             f"  top-1  {top1(d['top1']):>8} -> {top1(c['top1']):>8}"]
+    for t, v in report["latency_ms"].items():
+        lines.append(f"  {t} batch {v['batch']}: {v['dense']:.2f} ms -> {v['compressed']:.2f} ms "
+                     f"({v['dense'] / v['compressed']:.2f}x)")
+    return "\n".join(lines)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -153,9 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("--spec", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--data", default="none")
-    s.add_argument("--steps", type=int)
-    s.add_argument("--batch-size", type=int)
+    s.add_argument("--data", default="none", help="digits | imagefolder:PATH | none (one-shot, default)")
+    s.add_argument("--steps", type=int, help="override train.steps")
+    s.add_argument("--batch-size", type=int, help="override train.batch_size")
+    s.add_argument("--resume", action="store_true", help="continue the training run checkpointed in OUT/train")
+    s.add_argument("--targets", default="eager", help="latency measured for the report: eager,compile,onnx")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     _model_args(s)
     s.set_defaults(func=cmd_compile)
 

@@ -53,6 +53,14 @@ class GatedModel(nn.Module):
         self._penalties = self.method.penalties() if self.mode == "train" and torch.is_grad_enabled() else {}
         return self.gm(*args)
 
+    def train(self, mode: bool = True) -> GatedModel:
+        """``train()`` / ``eval()`` also switch the gates between learning and hard decisions
+        (an explicit ``open`` stays open)."""
+        super().train(mode)
+        if getattr(self, "mode", None) != "open":
+            self.mode = "train" if mode else "eval"
+        return self
+
     def set_mode(self, mode: str) -> GatedModel:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

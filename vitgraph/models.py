@@ -131,8 +131,7 @@ def load_model(ref: str, *, pretrained: bool = False, checkpoint: str | None = N
     if ":" in ref and not Path(ref).exists():
         model = _from_reference(ref, kwargs)
     elif Path(ref).exists():
-        raise VitgraphError(f"{ref} is a path; loading compiled outputs needs `vitgraph compile`, which writes "
-                            "model.pt2 — run the .pt2 with torch.export.load(path).module()")
+        model = load_compiled(ref)
     else:
         model = _from_timm(ref, pretrained, kwargs)
     if checkpoint:
@@ -140,8 +139,27 @@ def load_model(ref: str, *, pretrained: bool = False, checkpoint: str | None = N
     return model.eval()
 
 
+def load_compiled(ref: str) -> nn.Module:
+    """The compact graph a ``vitgraph compile --out DIR`` wrote (DIR, or DIR/compact.pt)."""
+    path = Path(ref)
+    folder = path if path.is_dir() else path.parent
+    if not (folder / "compact.pt").is_file():
+        raise VitgraphError(f"{ref} is a path but not a folder written by `vitgraph compile` (no compact.pt in "
+                            f"{folder}); for a .pt2 use torch.export.load(path).module()")
+    model = torch.load(folder / "compact.pt", map_location="cpu", weights_only=False)
+    report = folder / "report.json"
+    if report.is_file():
+        import json
+        info = json.loads(report.read_text())
+        model.vg_input_size = tuple(info.get("input_size") or ()) or None
+        model.vg_name = f"{info.get('model', folder.name)} (compressed)"
+    return model
+
+
 def default_input_size(model: nn.Module) -> tuple[int, int, int] | None:
     """(C, H, W) the model was built for, read from its patch embedding or config."""
+    if getattr(model, "vg_input_size", None):
+        return tuple(model.vg_input_size)
     pe = getattr(model, "patch_embed", None)
     img = getattr(pe, "img_size", None)
     proj = getattr(pe, "proj", None)

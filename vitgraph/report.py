@@ -100,3 +100,70 @@ def write_dot(g: "VitGraph", path: str | Path) -> list[Path]:
         subprocess.run(["dot", "-Tsvg", str(path), "-o", str(svg)], check=True)
         written.append(svg)
     return written
+
+
+def write_markdown(report: dict, out_dir: Path | str) -> dict[str, str]:
+    """``report.md`` (before/after, per-block widths) and ``kept.png`` (kept heads / MLP units per block)."""
+    out = Path(out_dir)
+    dense, comp = report["dense"], report["compressed"]
+
+    def top1(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.2f} %"
+
+    lines = [f"# {report['model']} compressed with `{report['method']}`", "",
+             f"Budget: {report['budget']['target']:.2f} of the dense FLOPs; achieved "
+             f"**{report['budget']['achieved']:.3f}**. Parity (compact vs gated graph): "
+             f"{report['parity']['max_abs_err']:.1e}.", "",
+             "| | FLOPs (G) | params (M) | top-1 |" + "".join(f" {t} ms |" for t in report["latency_ms"]),
+             "|---|---|---|---|" + "---|" * len(report["latency_ms"])]
+    for label, row in (("dense", dense), ("compressed", comp)):
+        lat = "".join(f" {v[label if label == 'dense' else 'compressed']:.2f} |" for v in report["latency_ms"].values())
+        lines.append(f"| {label} | {row['flops'] / 1e9:.3f} | {row['params'] / 1e6:.2f} | {top1(row['top1'])} |{lat}")
+    lines += ["", "| block | heads | MLP hidden | GFLOPs |", "|---|---|---|---|"]
+    before = {b["index"]: b for b in report.get("dense_blocks", [])}
+    for b in report["blocks"]:
+        d = before.get(b["index"], {})
+        heads = b["attention"]["heads"] if b["attention"] else 0
+        hidden = b["mlp"]["hidden"] if b["mlp"] else 0
+        dh = d.get("attention", {}) and d["attention"]["heads"]
+        dm = d.get("mlp", {}) and d["mlp"]["hidden"]
+        lines.append(f"| {b['index']} | {heads} / {dh} | {hidden} / {dm} | {b['flops'] / 1e9:.3f} |")
+    if report.get("skipped_sites"):
+        lines += ["", "Sites left dense:"] + [f"- `{k}`: {v}" for k, v in report["skipped_sites"].items()]
+    files = {}
+    png = _plot_kept(report, out / "kept.png")
+    if png:
+        lines += ["", "![kept heads and MLP units per block](kept.png)"]
+        files["kept.png"] = str(png)
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    files["report.md"] = str(out / "report.md")
+    return files
+
+
+def _plot_kept(report: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    before = {b["index"]: b for b in report.get("dense_blocks", [])}
+    idx = [b["index"] for b in report["blocks"]]
+
+    def frac(b: dict, key: str, field: str) -> float:
+        d = before.get(b["index"], {}).get(key)
+        return (b[key][field] if b[key] else 0) / d[field] if d else 0.0
+
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(idx) + 2), 3))
+    w = 0.4
+    ax.bar([i - w / 2 for i in idx], [frac(b, "attention", "heads") for b in report["blocks"]], w, label="heads")
+    ax.bar([i + w / 2 for i in idx], [frac(b, "mlp", "hidden") for b in report["blocks"]], w, label="MLP units")
+    ax.set_xlabel("block")
+    ax.set_ylabel("kept fraction")
+    ax.set_ylim(0, 1.05)
+    ax.legend(loc="lower right")
+    ax.set_title(f"{report['model']}: {report['budget']['achieved']:.2f} of dense FLOPs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

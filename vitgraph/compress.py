@@ -1,0 +1,187 @@
+"""``vg.compress``: the whole pipeline in one call — trace, instrument, train, materialize, verify.
+
+    result = vg.compress(model, vg.Spec.load("spec.yaml"), example_inputs=(x,), data="digits")
+    result.compact          # fx.GraphModule, physically smaller
+    result.report           # the report.json contract
+    result.save("out/")     # model.pt2, compact.pt, spec.yaml, report.json, report.md, kept.png
+
+Every result is checked: the compact graph must equal the gated graph in ``eval`` mode (the
+decisions it bakes in) and land within ``budget.tolerance`` of ``budget.flops``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from vitgraph.errors import ParityError, SpecError
+from vitgraph.frontend import max_abs_diff
+from vitgraph.gated import GatedModel, instrument, materialize
+from vitgraph.graph import VitGraph, block_dict, trace
+from vitgraph.spec import Spec
+
+PARITY_ATOL = 1e-4   # gated eval vs compact, fp32, relative to the output's scale
+
+
+@dataclass
+class Result:
+    """What ``compress`` produced; ``report`` follows the report.json contract."""
+
+    compact: fx.GraphModule
+    dense: VitGraph
+    compressed: VitGraph
+    gated: GatedModel
+    spec: Spec
+    report: dict[str, Any]
+    fit: Any = None
+    files: dict[str, str] = field(default_factory=dict)
+
+    def save(self, out_dir: str | Path, *, pt2: bool = True) -> dict[str, str]:
+        """Write the artifacts of ``vitgraph compile`` into ``out_dir``."""
+        from vitgraph.report import write_markdown
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        files = {}
+        if pt2:
+            from vitgraph.targets import export as export_target
+            path = out / "model.pt2"
+            lowering = export_target.lower(self.compact, self.compressed.example_inputs, path)
+            self.report["parity"]["pt2_max_abs_err"] = lowering.max_abs_err
+            self.report["parity"]["max_abs_err"] = max(self.report["parity"]["max_abs_err"], lowering.max_abs_err)
+            files["model.pt2"] = str(path)
+        torch.save(self.compact, out / "compact.pt")
+        files["compact.pt"] = str(out / "compact.pt")
+        self.spec.save(out / "spec.yaml")
+        files["spec.yaml"] = str(out / "spec.yaml")
+        (out / "report.json").write_text(json.dumps(self.report, indent=2))
+        files["report.json"] = str(out / "report.json")
+        files.update(write_markdown(self.report, out))
+        self.files = files
+        return files
+
+
+def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, example_inputs: Any = None,
+             data: Any = "none", name: str | None = None, out_dir: str | Path | None = None, resume: bool = False,
+             progress: bool = True, latency_targets: tuple[str, ...] = ("eager",)) -> Result:
+    """Compress ``model`` as ``spec`` says. ``data``: "none", "digits", "imagefolder:PATH" or a ``Data``."""
+    from vitgraph.data import Data, load_data
+    from vitgraph.models import default_input_size
+    from vitgraph.train import evaluate, fit
+
+    t0 = time.perf_counter()
+    spec = _as_spec(spec)
+    if example_inputs is None and not isinstance(model, VitGraph):
+        size = default_input_size(model)
+        if size is None:
+            raise SpecError("compress needs example_inputs: this model does not say which input size it expects")
+        torch.manual_seed(0)
+        example_inputs = (torch.randn(2, *size),)
+    g = model if isinstance(model, VitGraph) else trace(model, example_inputs, name=name)
+    size = tuple(g.input_size)
+    dataset = data if isinstance(data, Data) else load_data(str(data), size, spec.train.batch_size,
+                                                             seed=spec.train.seed)
+    calibration = None
+    if spec.width.method == "taylor" and dataset.train is not None:
+        calibration = dataset.loader("train", shuffle=True, seed=spec.train.seed)
+    gated = instrument(g, spec, calibration=calibration)
+
+    fitted = None
+    if spec.train.steps > 0:
+        teacher = g.gm
+        fitted = fit(gated, dataset.train, spec.train, teacher=teacher, val_data=dataset.val,
+                     out_dir=Path(out_dir) / "train" if out_dir is not None else None, resume=resume,
+                     progress=progress)
+    elif spec.learned:
+        pass  # no training: freeze() below projects the untrained decisions onto the budget
+    if not bool(gated.method.is_frozen):
+        gated.freeze()
+    gated.eval()
+
+    compact = materialize(gated)
+    compressed = trace(compact, g.example_inputs, name=f"{g.name} (compressed)")
+    parity = _parity(gated, compact, g.example_inputs)
+    achieved = compressed.structure.flops / g.structure.flops
+    if abs(achieved - spec.budget.flops) > spec.budget.tolerance:
+        raise SpecError(f"{g.name}: the compact model has {achieved:.3f} of the dense FLOPs, outside budget.flops "
+                        f"{spec.budget.flops} +- {spec.budget.tolerance}: the allowed sites cannot reach it "
+                        f"(see 'vitgraph inspect' for which sites the spec can prune)")
+    report = {
+        "model": g.name,
+        "input_size": list(size),
+        "spec": spec.to_dict(),
+        "dense": {"flops": g.structure.flops, "params": g.structure.params, "top1": None},
+        "compressed": {"flops": compressed.structure.flops, "params": compressed.structure.params, "top1": None},
+        "blocks": [block_dict(b) for b in compressed.structure.blocks],
+        "dense_blocks": [block_dict(b) for b in g.structure.blocks],
+        "parity": {"max_abs_err": parity, "gated_vs_compact": parity},
+        "latency_ms": {},
+        "budget": {"target": spec.budget.flops, "achieved": achieved, "tolerance": spec.budget.tolerance,
+                   **({"learned": gated.method.projection.get("learned")} if spec.learned else {}),
+                   "projected": bool(spec.learned)},
+        "kept": {k: len(v) for k, v in gated.decisions().items()},
+        "units": {s.name: s.units for s in gated.method.sites},
+        "skipped_sites": gated.skipped,
+        "method": spec.width.method,
+        "train": None,
+    }
+    if dataset.val is not None:
+        report["dense"]["top1"] = evaluate(g.gm, dataset.val, spec.train.batch_size)
+        report["compressed"]["top1"] = evaluate(compact, dataset.val, spec.train.batch_size)
+    if fitted is not None:
+        report["train"] = {"steps": fitted.steps, "seconds": fitted.seconds, "images_per_s": fitted.images_per_s,
+                           "final_loss": fitted.final_loss}
+    if latency_targets:
+        report["latency_ms"] = _latency(g.gm, compact, g.example_inputs, latency_targets)
+    report["seconds"] = time.perf_counter() - t0
+    result = Result(compact, g, compressed, gated, spec, report, fitted)
+    if out_dir is not None:
+        result.save(out_dir)
+    return result
+
+
+def _as_spec(spec: Spec | dict[str, Any] | str | Path) -> Spec:
+    if isinstance(spec, Spec):
+        return spec
+    if isinstance(spec, dict):
+        return Spec.from_dict(spec)
+    return Spec.load(spec)
+
+
+def _parity(gated: GatedModel, compact: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> float:
+    """Max abs error, compact vs the gated graph in eval mode, on the example and on a fresh batch."""
+    gen = torch.Generator().manual_seed(1)
+    fresh = tuple(torch.randn(3, *x.shape[1:], generator=gen, dtype=x.dtype) for x in example_inputs)
+    err, scale = 0.0, 0.0
+    with torch.no_grad(), gated.using("eval"):
+        for inputs in (example_inputs, fresh):
+            expected = gated(*inputs)
+            err = max(err, max_abs_diff(compact(*inputs), expected))
+            scale = max(scale, float(expected.abs().max()))
+    if err > PARITY_ATOL * max(1.0, scale):
+        raise ParityError(f"materialize: the compact graph differs from the gated graph by {err:.2e} "
+                          f"(allowed {PARITY_ATOL:.0e} x output scale {scale:.2f}); please report this model")
+    return err
+
+
+def _latency(dense: nn.Module, compact: nn.Module, example_inputs: tuple[torch.Tensor, ...],
+             targets: tuple[str, ...], batch: int = 1, repeats: int = 10) -> dict[str, dict[str, float]]:
+    """Median latency (ms) of dense and compact, measured interleaved, per target."""
+    from vitgraph.targets import bench
+
+    out = {}
+    for target in targets:
+        runners = {}
+        for label, module in (("dense", dense), ("compressed", compact)):
+            runners[label] = bench.runners(module, tuple(x[:1] for x in example_inputs), batch=batch,
+                                           targets=(target,), name=f"{label}")[target]
+        timings = bench.measure(runners, repeats=repeats)
+        out[target] = {k: round(v.median_ms, 3) for k, v in timings.items()}
+        out[target]["batch"] = batch
+    return out
