@@ -154,23 +154,26 @@ def digits(args: argparse.Namespace) -> dict[str, Any]:
     from vitgraph.spec import Spec
     from vitgraph.train import evaluate, fit
 
+    def cfg(steps: int) -> Any:
+        return Spec.from_dict({"train": {"steps": steps, "batch_size": args.batch_size}}).train
+
     torch.manual_seed(0)
     dense = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=4, in_chans=1, num_classes=10,
                               embed_dim=192, depth=6, num_heads=3)
-    train, val = load_data("digits", (1, 32, 32), args.batch_size)
-    fit(dense, train, Spec.from_dict({"train": {"steps": args.dense_steps}}).train, val_data=val)
+    data = load_data("digits", (1, 32, 32), args.batch_size)
+    fit(dense, data.train, cfg(args.dense_steps), progress=False)
     dense.eval()
     x = torch.randn(1, 1, 32, 32)
-    top1: dict[str, Any] = {"dense": evaluate(dense, val, args.batch_size)}
+    top1: dict[str, Any] = {"dense": evaluate(dense, data.val)}
     tp_model, ratio, frac = tp_at_budget(dense, x, args.flops, args.tp_round_to)
-    top1["tp_oneshot"] = evaluate(tp_model, val, args.batch_size)
-    fit(tp_model, train, Spec.from_dict({"train": {"steps": args.steps}}).train, teacher=dense, val_data=val)
-    top1["tp"], top1["tp_flops"], top1["tp_ratio"] = evaluate(tp_model.eval(), val, args.batch_size), frac, ratio
+    top1["tp_oneshot"] = evaluate(tp_model, data.val)
+    fit(tp_model, data.train, cfg(args.steps), teacher=dense, progress=False)  # same loss, KD and schedule as vitgraph
+    top1["tp"], top1["tp_flops"], top1["tp_ratio"] = evaluate(tp_model, data.val), frac, ratio
     if args.only != "tp":
         oneshot, _ = vg_compress(dense, x, args.flops)
-        top1["vitgraph_oneshot"] = evaluate(oneshot, val, args.batch_size)
-        compact, report = vg_compress(dense, x, args.flops, data="digits", steps=args.steps)
-        top1["vitgraph"], top1["vitgraph_flops"] = evaluate(compact, val, args.batch_size), flops(compact, x) / flops(dense, x)
+        top1["vitgraph_oneshot"] = evaluate(oneshot, data.val)
+        compact, report = vg_compress(dense, x, args.flops, data="digits", steps=args.steps, batch_size=args.batch_size)
+        top1["vitgraph"], top1["vitgraph_flops"] = evaluate(compact, data.val), flops(compact, x) / flops(dense, x)
         top1["vitgraph_report"] = report.get("compressed")
     print(f"\ndigits ViT (random init, {args.dense_steps} dense steps; {args.steps} fine-tune steps each, KD from dense)")
     for key in ("dense", "tp_oneshot", "tp", "vitgraph_oneshot", "vitgraph"):
@@ -188,8 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
     parser.add_argument("--skip-digits", action="store_true", help="no training / top-1 comparison")
     parser.add_argument("--only", choices=("tp", "both"), default="both", help="tp: skip vitgraph entirely")
-    parser.add_argument("--steps", type=int, default=300, help="fine-tune steps after pruning (digits)")
-    parser.add_argument("--dense-steps", type=int, default=600, help="dense training steps (digits)")
+    parser.add_argument("--steps", type=int, default=150, help="fine-tune steps after pruning (digits)")
+    parser.add_argument("--dense-steps", type=int, default=300, help="dense training steps (digits)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--tp-round-to", type=int, default=1, help="TP channel rounding (its ViT recipe: 1)")
     parser.add_argument("--json", metavar="OUT", help="write every figure here")

@@ -92,6 +92,9 @@ def test_imagefolder_train_val_folders(tmp_path: Path) -> None:
     data = load_data(f"imagefolder:{tmp_path}", (3, 16, 16), batch_size=2)
     assert len(data.train) == 9 and len(data.val) == 3 and data.num_classes == 2
     assert sorted(data.val[i][1] for i in range(3)) == [0, 0, 1]
+    _write_images(tmp_path / "only" / "train", {"a": 10, "b": 10})  # train/ alone: split 90/10
+    only = load_data(f"imagefolder:{tmp_path / 'only'}", (3, 16, 16), batch_size=2)
+    assert len(only.train) == 18 and len(only.val) == 2
 
 
 def test_imagefolder_errors(tmp_path: Path) -> None:

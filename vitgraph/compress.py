@@ -136,7 +136,7 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
         report["compressed"]["top1"] = evaluate(compact, dataset.val, spec.train.batch_size)
     if fitted is not None:
         report["train"] = {"steps": fitted.steps, "seconds": fitted.seconds, "images_per_s": fitted.images_per_s,
-                           "final_loss": fitted.final_loss}
+                           "final_loss": fitted.loss}
     if latency_targets:
         report["latency_ms"] = _latency(g.gm, compact, g.example_inputs, latency_targets)
     report["seconds"] = time.perf_counter() - t0

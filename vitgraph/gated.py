@@ -173,7 +173,7 @@ def instrument(g: VitGraph, spec: Spec, *, calibration: Iterable[tuple[Tensor, T
     def cost(kept: Any) -> Any:
         total = evaluate(g.gm, kept)
         for name, nodes in removable.items():  # a branch with no unit left is deleted whole
-            if float(kept.get(name, 1.0)) == 0.0:
+            if float(torch.as_tensor(kept.get(name, 1.0)).detach()) == 0.0:
                 total = total - evaluate(g.gm, kept, nodes=nodes)
         return total / dense
 

@@ -89,6 +89,11 @@ def ceil_ste(x: Tensor, clip: float = 0.0) -> Tensor:
     return _Ceil.apply(x, clip)
 
 
+def clamp_ste(x: Tensor, low: float, high: float) -> Tensor:
+    """Forward ``clamp``, backward identity: a count held at its bound still learns to leave it."""
+    return x + (x.clamp(low, high) - x).detach()
+
+
 class _LeastSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values: Tensor, k: Tensor) -> Tensor:  # noqa: D102

@@ -175,7 +175,7 @@ class Spec:
 PRESETS: dict[str, dict[str, Any]] = {
     "wdpruning": {"budget": {"flops": 0.5},
                   "width": {"method": "wdpruning", "heads": True, "head_dim": False, "mlp": True, "align": 16},
-                  "train": {"steps": 300, "lr": 5.0e-4, "arch_lr": 2.5e-3, "dual_lr": 10.0, "search": 0.5}},
+                  "train": {"steps": 300, "lr": 5.0e-4, "search": 0.5}},
     "uvc": {"budget": {"flops": 0.5},
             "width": {"method": "uvc", "heads": True, "head_dim": True, "mlp": True, "align": 8},
             "depth": {"skip_blocks": True},

@@ -22,7 +22,6 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol, runtime_checkable
@@ -81,7 +80,7 @@ class GroupConfig:
     every: int = 1
     schedule: str = "cosine"
     optimizer: str = "adamw"
-    momentum: float = 0.9
+    momentum: float = 0.0         # SGD only; explicit settings opt into momentum
 
     def __post_init__(self) -> None:
         problem = (f"lr must be a number >= 0, got {self.lr!r}" if not isinstance(self.lr, (int, float)) or self.lr < 0
@@ -477,18 +476,137 @@ class _Bar:
 
 # -- the loop ----------------------------------------------------------------------------------------------
 
+class _Run:
+    """A run's training state: groups, optimizers, phase. ``state()``/``restore()`` are all of it."""
+
+    def __init__(self, model: nn.Module, cfg: Train, world: _World, device: torch.device) -> None:
+        self.model, self.cfg, self.world, self.device = model, cfg, world, device
+        self.groups = param_groups(model)
+        self.configs = group_configs(model, self.groups, cfg)
+        self.plan = Plan.of(cfg, bool(self.groups.get("arch")))
+        self.optimizers = {name: _optimizer(self.configs[name], ps) for name, ps in self.groups.items()}
+        self.params = [p for ps in self.groups.values() for p in ps]
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
+        self.frozen = False
+        self.lrs: dict[str, float] = {}
+
+    def switch(self) -> None:
+        """The search ends: the model fixes its decisions, arch and dual stop training."""
+        self.frozen = True
+        if hasattr(self.model, "freeze"):
+            self.model.freeze()
+        for p in self.groups.get("arch", []) + self.groups.get("dual", []):
+            p.requires_grad_(False)
+            p.grad = None
+
+    def step(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, teacher: nn.Module | None,
+             step: int) -> dict[str, torch.Tensor]:
+        """One forward/backward; each active group's optimizer steps on its k-th step. Returns the loss terms."""
+        cfg, scaler = self.cfg, self.scaler
+        active = [k for k in self.optimizers if k == "weights" or not self.frozen]
+        self.lrs = {k: self.plan.lr(self.configs[k], step, cfg) for k in active}
+        for k in active:
+            for pg in self.optimizers[k].param_groups:
+                pg["lr"] = self.lrs[k]
+        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        with torch.autocast(self.device.type, dtype=dtype, enabled=cfg.amp):
+            out, penalties = net(x)
+            t_logits = None
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = _logits(teacher(x), "the teacher")
+        loss, terms = task_loss(_logits(out, type(self.model).__name__), y, t_logits, cfg.distill)
+        for name, value in penalties.items():
+            terms[name] = value.float()
+            loss = loss + terms[name]
+        # GradScaler (CUDA float16) rescales every step: groups with every > 1 then sum differently scaled grads
+        scaler.scale(loss).backward()
+        for k in active:
+            if (step + 1) % self.configs[k].every:
+                continue  # this group accumulates gradients until its k-th step
+            opt = self.optimizers[k]
+            if k == "weights" and cfg.clip_grad > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(self.groups[k], cfg.clip_grad)
+            scaler.step(opt)
+            if k == "dual":
+                with torch.no_grad():
+                    for p in self.groups[k]:
+                        p.clamp_(min=0.0)
+            opt.zero_grad(set_to_none=True)
+        scaler.update()
+        if hasattr(self.model, "after_step"):
+            self.model.after_step(step, self.lrs.get("weights", 0.0))
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
+
+    def state(self, step: int, loss: float | None, order: _Batches) -> dict[str, Any] | None:
+        """The checkpoint (on rank 0; None elsewhere). Collective under DDP: it gathers every rank's RNGs."""
+        rngs: list[Any] = [None] * self.world.size
+        if self.world.distributed:
+            torch.distributed.all_gather_object(rngs, _rng_state())
+        else:
+            rngs = [_rng_state()]
+        if self.world.rank != 0:
+            return None
+        return {"format": _FORMAT, "step": step, "frozen": self.frozen, "loss": loss,
+                "model": self.model.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "grads": [p.grad for p in self.params], "rng": rngs, "data": order.fingerprint(),
+                "train": dataclasses.asdict(self.cfg)}
+
+    def restore(self, state: dict[str, Any], path: Path) -> None:
+        _restore_model(self.model, state["model"], state["frozen"], self.switch, path)
+        try:
+            for name, opt in self.optimizers.items():
+                opt.load_state_dict(state["optimizers"][name])
+        except (KeyError, ValueError) as e:
+            raise VitgraphError(f"cannot resume: the optimizer state in {path} does not fit this model's parameter "
+                                f"groups ({e}); resume with the model of that run") from None
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        for p, g in zip(self.params, state["grads"]):
+            p.grad = None if g is None else g.to(self.device)
+        _set_rng_state(state["rng"][self.world.rank])  # last: freeze() above may draw random numbers
+
+
+class _Window:
+    """Loss terms and images since the last log line, averaged over steps (and ranks)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.images, self.t = 0, 0, time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor], images: int) -> None:
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.double()
+        self.steps, self.images = self.steps + 1, self.images + images
+
+    def flush(self, world: _World) -> tuple[dict[str, float], float]:
+        names = sorted(self.sums)
+        values = torch.stack([self.sums[k] for k in names]) / max(self.steps, 1)
+        if world.distributed:
+            torch.distributed.all_reduce(values)
+            values /= world.size
+        seconds = time.perf_counter() - self.t
+        rate = self.images / seconds if seconds > 0 else 0.0
+        self.__init__()
+        return dict(zip(names, values.tolist())), rate
+
+
 def fit(model: nn.Module, train_data: Dataset | DataLoader | None, cfg: Train, *, teacher: nn.Module | None = None,
         val_data: Dataset | DataLoader | None = None, out_dir: str | Path | None = None, resume: bool = False,
         progress: bool = True, evaluate_every: int = 0, num_workers: int | None = None) -> FitResult:
     """Train ``model`` for ``cfg.steps`` steps (see the module docstring); returns what happened.
 
     ``train_data`` yields ``(image, label)``; a DataLoader is accepted for its dataset (and workers) — the
-    batch order is always fit's own. ``out_dir`` receives checkpoint.pt and metrics.jsonl (rank 0).
+    batch order is always fit's own. ``out_dir`` receives checkpoint.pt and metrics.jsonl (rank 0 writes).
+    A fresh run seeds torch, numpy and ``random`` with ``train.seed + rank``; a resumed one restores them.
     """
     t_begin = time.perf_counter()
     if isinstance(train_data, DataLoader):
         num_workers = train_data.num_workers if num_workers is None else num_workers
         train_data = train_data.dataset
+    workers = num_workers or 0
     if cfg.steps > 0 and train_data is None:
         raise SpecError(f"train.steps is {cfg.steps} but there is no training data: training needs data "
                         f"(--data digits or --data imagefolder:PATH), or set train.steps: 0 for one-shot")
@@ -504,29 +622,11 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader | None, cfg: Train, *
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and world.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-
-    groups = param_groups(model)
-    configs = group_configs(model, groups, cfg)
-    plan = Plan.of(cfg, bool(groups.get("arch")))
-    optimizers = {name: _optimizer(configs[name], params) for name, params in groups.items()}
-    all_params = [p for params in groups.values() for p in params]
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
-    amp = (torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
-           if cfg.amp else nullcontext())
-    order = _Batches(train_data, cfg.batch_size, cfg.seed, world) if cfg.steps > 0 else None
-    frozen = False
-
-    def switch() -> None:  # the search ends: decisions fixed, arch and dual stop training
-        nonlocal frozen
-        frozen = True
-        if hasattr(model, "freeze"):
-            model.freeze()
-        for p in groups.get("arch", []) + groups.get("dual", []):
-            p.requires_grad_(False)
-            p.grad = None
-
-    start, last_loss = 0, None
     ckpt = out / CHECKPOINT if out is not None else None
+
+    run = _Run(model, cfg, world, device)
+    order = _Batches(train_data, cfg.batch_size, cfg.seed, world) if cfg.steps > 0 else None
+    start, last_loss = 0, None
     if resume:
         state = _load(ckpt)
         if order is not None and state["data"] != order.fingerprint():
@@ -536,18 +636,7 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader | None, cfg: Train, *
         if state["step"] > cfg.steps:
             raise VitgraphError(f"cannot resume: {ckpt} is at step {state['step']}, past train.steps={cfg.steps}; "
                                 f"raise train.steps or start fresh in another out_dir")
-        _restore_model(model, state["model"], state["frozen"], switch, ckpt)
-        try:
-            for name, opt in optimizers.items():
-                opt.load_state_dict(state["optimizers"][name])
-        except (KeyError, ValueError) as e:
-            raise VitgraphError(f"cannot resume: the optimizer state in {ckpt} does not fit this model's parameter "
-                                f"groups ({e}); resume with the model of that run") from None
-        if state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        for p, g in zip(all_params, state["grads"]):
-            p.grad = None if g is None else g.to(device)
-        _set_rng_state(state["rng"][world.rank])
+        run.restore(state, ckpt)
         start, last_loss = state["step"], state["loss"]
     else:
         torch.manual_seed(cfg.seed + world.rank)
@@ -555,131 +644,57 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader | None, cfg: Train, *
         np.random.seed((cfg.seed + world.rank) % 2**32)
 
     def checkpoint(step: int) -> None:
-        if ckpt is None:
-            return
-        rngs = [None] * world.size
-        if world.distributed:
-            torch.distributed.all_gather_object(rngs, _rng_state())
-        else:
-            rngs = [_rng_state()]
-        if world.rank == 0:
-            _save(ckpt, {"format": _FORMAT, "step": step, "frozen": frozen, "loss": last_loss,
-                         "model": model.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                         "grads": [p.grad for p in all_params], "rng": rngs, "data": order.fingerprint(),
-                         "train": dataclasses.asdict(cfg)})
+        state = run.state(step, last_loss, order) if ckpt is not None else None
+        if state is not None:
+            _save(ckpt, state)
 
     metrics = _Metrics(out / METRICS if out is not None and world.rank == 0 else None, start, resume)
     log_every = cfg.log_every if cfg.log_every > 0 else max(cfg.steps, 1)
     bar = _Bar(progress and world.rank == 0 and sys.stderr.isatty(), cfg.steps, start)
-    sums: dict[str, torch.Tensor] = {}
-    window = {"steps": 0, "images": 0, "t": time.perf_counter()}
-    images_total, top1 = 0, None
+    window, images, top1 = _Window(), 0, None
     model.train()
     net = _wrap(model, world, device)
-
-    lrs: dict[str, float] = {}
-
-    def log(done: int) -> dict[str, Any]:
-        nonlocal last_loss
-        names = sorted(sums)
-        values = torch.stack([sums[k] for k in names]) / max(window["steps"], 1)
-        if world.distributed:
-            torch.distributed.all_reduce(values)
-            values /= world.size
-        terms = dict(zip(names, values.tolist()))
-        last_loss = terms.pop("loss")
-        if not math.isfinite(last_loss):
-            raise VitgraphError(f"the loss is {last_loss} at step {done} (terms {terms}); lower train.lr, "
-                                f"keep train.clip_grad on, or check the model's penalties")
-        seconds = time.perf_counter() - window["t"]
-        record = {"step": done, "phase": plan.phase(done - 1), "loss": last_loss, "terms": terms,
-                  "lr": dict(lrs),
-                  "status": _status(model) if world.rank == 0 else {},
-                  "images_per_s": window["images"] / seconds if seconds > 0 else 0.0}
-        metrics.write(record)
-        sums.clear()
-        window.update(steps=0, images=0, t=time.perf_counter())
-        return record
-
+    t_loop = time.perf_counter()
     try:
-        data_iter = _batches(train_data, order, start, cfg.steps, num_workers or 0, device) if order else iter(())
-        for step in range(start, cfg.steps):
-            if plan.two_phase and step == plan.search_end and not frozen:
-                switch()
+        data_iter = _batches(train_data, order, start, cfg.steps, workers, device) if order else iter(())
+        for step, (x, y) in zip(range(start, cfg.steps), data_iter):
+            if run.plan.two_phase and step == run.plan.search_end and not run.frozen:
+                run.switch()
                 net = _wrap(model, world, device)  # DDP must forget the parameters that stopped training
-            x, y = next(data_iter)
-            active = [k for k in optimizers if k == "weights" or not frozen]
-            lrs = {k: plan.lr(configs[k], step, cfg) for k in active}
-            for k in active:
-                for pg in optimizers[k].param_groups:
-                    pg["lr"] = lrs[k]
-            with amp:
-                out_s, penalties = net(x)
-                t_logits = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits = _logits(teacher(x), "the teacher")
-            loss, terms = task_loss(_logits(out_s, type(model).__name__), y, t_logits, cfg.distill)
-            for name, value in penalties.items():
-                terms[name] = value.float()
-                loss = loss + terms[name]
-            scaler.scale(loss).backward()
-            for k in active:
-                if (step + 1) % configs[k].every:
-                    continue  # this group accumulates gradients until its k-th step
-                opt = optimizers[k]
-                if k == "weights" and cfg.clip_grad > 0:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(groups[k], cfg.clip_grad)
-                scaler.step(opt)
-                if k == "dual":
-                    with torch.no_grad():
-                        for p in groups[k]:
-                            p.clamp_(min=0.0)
-                opt.zero_grad(set_to_none=True)
-            scaler.update()
-            if hasattr(model, "after_step"):
-                model.after_step(step, lrs.get("weights", 0.0))
-
-            done = step + 1
-            for name, value in {"loss": loss, **terms}.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().double()
-            window["steps"] += 1
-            window["images"] += x.shape[0] * world.size
-            images_total += x.shape[0] * world.size
-            info = None
+            window.add(run.step(net, x, y, teacher, step), x.shape[0] * world.size)
+            images += x.shape[0] * world.size
+            done, phase, info = step + 1, run.plan.phase(step), None
             if done % log_every == 0 or done == cfg.steps:
-                record = log(done)
-                info = _info(record)
+                terms, rate = window.flush(world)
+                last_loss = terms.pop("loss")
+                if not math.isfinite(last_loss):
+                    raise VitgraphError(f"the loss is {last_loss} at step {done} (terms {terms}); lower train.lr, "
+                                        f"keep train.clip_grad on, or check the model's penalties")
+                status = _status(model) if world.rank == 0 else {}
+                metrics.write({"step": done, "phase": phase, "loss": last_loss, "terms": terms, "lr": run.lrs,
+                               "status": status, "images_per_s": rate})
+                info = "  ".join([f"loss {last_loss:.4f}", *(f"{k} {v:.3g}" for k, v in status.items()),
+                                  f"{rate:.0f} img/s"])
             if val_data is not None and evaluate_every > 0 and done % evaluate_every == 0 and done < cfg.steps:
-                acc = evaluate(model, val_data, cfg.batch_size, num_workers=num_workers or 0)
-                metrics.write({"step": done, "phase": plan.phase(step), "top1": acc})
+                metrics.write({"step": done, "phase": phase,
+                               "top1": evaluate(model, val_data, cfg.batch_size, num_workers=workers)})
             if cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 checkpoint(done)
-            bar.update(done, plan.phase(step), info)
+            bar.update(done, phase, info)
     finally:
         bar.close()
-    train_seconds = time.perf_counter() - t_begin
+    train_seconds = time.perf_counter() - t_loop
 
-    if plan.two_phase and not frozen:  # a run that only searched still ends with fixed decisions
-        switch()
+    if run.plan.two_phase and not run.frozen:  # a run that only searched still ends with fixed decisions
+        run.switch()
     if val_data is not None:
-        top1 = evaluate(model, val_data, cfg.batch_size, num_workers=num_workers or 0)
+        top1 = evaluate(model, val_data, cfg.batch_size, num_workers=workers)
         metrics.write({"step": cfg.steps, "phase": "end", "top1": top1})
     if cfg.steps > 0:
         checkpoint(cfg.steps)
     return FitResult(steps=cfg.steps, loss=last_loss, top1=top1, seconds=time.perf_counter() - t_begin,
-                     images_per_s=images_total / train_seconds if train_seconds > 0 else 0.0,
-                     history=metrics.path)
+                     images_per_s=images / train_seconds if train_seconds > 0 else 0.0, history=metrics.path)
 
 
 def _status(model: nn.Module) -> dict[str, float]:
-    if not hasattr(model, "status"):
-        return {}
-    return {k: float(v) for k, v in model.status().items()}
-
-
-def _info(record: dict[str, Any]) -> str:
-    parts = [f"loss {record['loss']:.4f}"] + [f"{k} {v:.3g}" for k, v in record["status"].items()]
-    return "  ".join(parts + [f"{record['images_per_s']:.0f} img/s"])
+    return {k: float(v) for k, v in model.status().items()} if hasattr(model, "status") else {}

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from vitgraph.errors import SpecError
-from vitgraph.gates import ceil_ste, least_sum, topk_hard, topk_mask
+from vitgraph.gates import ceil_ste, clamp_ste, least_sum, topk_hard, topk_mask
 
 CostFn = Callable[[Mapping[str, Any]], Any]  # kept fraction per group -> fraction of the dense FLOPs
 
@@ -213,7 +213,7 @@ class WDPruning(WidthMethod):
         keep = torch.sigmoid(t)
         a = site.align if site.units % site.align == 0 and site.units >= site.align else 1
         raw = ceil_ste(keep * site.units / a) * a  # ceil(sigmoid(t) n) rounded up to the alignment
-        return raw.clamp(max(a if site.min_units else 0, site.min_units), site.units)
+        return clamp_ste(raw, max(a if site.min_units else 0, site.min_units), site.units)
 
     def ranking(self) -> dict[str, Tensor]:
         # scores first; the consumer norm breaks the ties of never-trained scores
@@ -244,9 +244,9 @@ class WDPruning(WidthMethod):
         return {"weights": list(self.scores), "arch": list(self.thresholds), "dual": [self.lambdas]}
 
     def optim_defaults(self, search_steps: int) -> dict[str, dict[str, Any]]:
-        # (decision) the paper's threshold lr 2.5e-3 assumes ~100 epochs; scale it to the search so a
-        # threshold can travel from 10 (keep all) towards 0 within half of it.
-        arch_lr = max(2.5e-3, 20.0 / max(1, search_steps))
+        # (decision) the paper's threshold lr 2.5e-3 assumes ~100 epochs; scale it to the search so that,
+        # under the cosine schedule, a threshold can travel from 10 (keep all) past 0 (keep half).
+        arch_lr = max(2.5e-3, 40.0 / max(1, search_steps))
         return {"arch": {"lr": arch_lr, "weight_decay": 0.0, "schedule": "cosine", "optimizer": "adamw"},
                 "dual": {"lr": 10.0, "weight_decay": 0.0, "schedule": "cosine", "optimizer": "sgd"}}
 
@@ -272,7 +272,7 @@ class UVC(WidthMethod):
         self.z = nn.Parameter(torch.tensor(1e-3))
 
     def _removed(self, i: int, s: Site) -> Tensor:
-        return ceil_ste(self.counts[i] * s.units, clip=1.0).clamp(0, s.units - max(1, s.min_units))
+        return clamp_ste(ceil_ste(self.counts[i] * s.units, clip=1.0), 0, s.units - max(1, s.min_units))
 
     def ranking(self) -> dict[str, Tensor]:
         return {s.name: self.column_norms(s) for s in self.sites}
