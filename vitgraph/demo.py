@@ -15,15 +15,15 @@ from pathlib import Path
 import torch
 
 INPUT = (1, 16, 16)
-DENSE_STEPS = 600
+DENSE_STEPS = 300
 COMPRESS_STEPS = 400
 
 
 def demo_model() -> torch.nn.Module:
     import timm
 
-    return timm.create_model("deit_tiny_patch16_224", img_size=INPUT[1], patch_size=2, in_chans=1, num_classes=10,
-                             embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0)
+    return timm.create_model("deit_tiny_patch16_224", img_size=INPUT[1], patch_size=4, in_chans=1, num_classes=10,
+                             embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0)
 
 
 def run_demo(out: Path, *, dense_steps: int = DENSE_STEPS, compress_steps: int = COMPRESS_STEPS,
@@ -46,7 +46,7 @@ def run_demo(out: Path, *, dense_steps: int = DENSE_STEPS, compress_steps: int =
 
     console.print(f"[bold]1/3[/] training the dense ViT on digits ({len(data.train)} train / {len(data.val)} val "
                   f"images, {dense_steps} steps)")
-    fit(model, data.train, Train(steps=dense_steps, batch_size=64, lr=1e-3, warmup_steps=50, seed=0),
+    fit(model, data.train, Train(steps=dense_steps, batch_size=64, lr=2e-3, warmup_steps=30, seed=0),
         out_dir=out / "dense", progress=progress)
     model.eval()
 
