@@ -141,9 +141,14 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
         report["latency_ms"] = _latency(g.gm, compact, g.example_inputs, latency_targets)
     report["seconds"] = time.perf_counter() - t0
     result = Result(compact, g, compressed, gated, spec, report, fitted)
-    if out_dir is not None:
+    if out_dir is not None and _rank() == 0:  # under torchrun every rank holds the same result
         result.save(out_dir)
     return result
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _as_spec(spec: Spec | dict[str, Any] | str | Path) -> Spec:
