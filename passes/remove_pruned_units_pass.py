@@ -60,8 +60,8 @@ class RemovePrunedUnitsPass(VitPass):
                 gm.graph.erase_node(nodes[branch[0]])
                 counters["branches_removed"] += 1
                 continue
-            _slice(gm, group, units)
-            _rewrite_constants(gm, group, removed, self.name)
+            slice_group(gm, group, units)
+            rewrite_constants(gm, group, removed, self.name)
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         if hasattr(gm, GATES):
@@ -87,7 +87,8 @@ def _strip_gates(gm: fx.GraphModule) -> int:
     return n
 
 
-def _slice(gm: fx.GraphModule, group: CoupledGroup, units: list[int]) -> None:
+def slice_group(gm: fx.GraphModule, group: CoupledGroup, units: list[int]) -> None:
+    """Keep only ``units`` in every parameter and buffer slice of ``group``."""
     for sl in group.slices:
         owner, _, attr = sl.target.rpartition(".")
         module = gm.get_submodule(owner)
@@ -109,7 +110,8 @@ def _sync_sizes(module: nn.Module) -> None:
         module.num_features = module.weight.shape[0]
 
 
-def _rewrite_constants(gm: fx.GraphModule, group: CoupledGroup, removed: int, pass_name: str) -> None:
+def rewrite_constants(gm: fx.GraphModule, group: CoupledGroup, removed: int, pass_name: str = "rewrite") -> None:
+    """Move every reshape/view constant of ``group`` by ``per_unit`` for each of ``removed`` units."""
     nodes = require_nodes(gm, (c.node for c in group.constants), pass_name, "reshape")
     for c in group.constants:
         node = nodes[c.node]

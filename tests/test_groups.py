@@ -15,6 +15,7 @@ import torch
 
 import vitgraph as vg
 from tests.handmade import handmade_vit
+from vitgraph.passes.remove_pruned_units_pass import rewrite_constants, slice_group
 
 TINY = {
     "deit": ("deit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2), 32),
@@ -101,35 +102,11 @@ def test_expected_groups_per_model():
     assert {n.rsplit(".", 1)[1] for n in names["mvitv2"]} == {"mlp"}  # pooled q/k/v: heads not separable
 
 
-def _set_size(node: torch.fx.Node, axis: int, value: int) -> None:
-    """Set output dim ``axis`` of a reshape/view to ``value``, whether sizes are varargs or one tuple."""
-    sizes = list(node.args[1:])  # args[0] is the tensor, for x.view(...) and torch.reshape(x, ...)
-    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-        packed = list(sizes[0])
-        packed[axis] = value
-        node.args = (node.args[0], tuple(packed))
-    else:
-        sizes[axis] = value
-        node.args = (node.args[0], *sizes)
-
-
 def _physically_pruned(gm: torch.fx.GraphModule, group: vg.CoupledGroup, removed: list[int]) -> torch.nn.Module:
-    """Slice every parameter of the group and rewrite its reshape constants, as a materialize pass must."""
+    """Slice every parameter of the group and rewrite its reshape constants (the materialize pass's own steps)."""
     out = copy.deepcopy(gm)
-    keep_units = [u for u in range(group.units) if u not in removed]
-    for sl in group.slices:
-        owner, _, attr = sl.target.rpartition(".")
-        module = out.get_submodule(owner)
-        old = getattr(module, attr)
-        idx = torch.tensor(sorted(i for u in keep_units for i in sl.indices[u]))
-        new = old.detach().index_select(sl.axis, idx)
-        if isinstance(old, torch.nn.Parameter):
-            setattr(module, attr, torch.nn.Parameter(new))
-        else:
-            module.register_buffer(attr, new)
-    for c in group.constants:
-        node = next(n for n in out.graph.nodes if n.name == c.node)
-        _set_size(node, c.arg_index, c.value - len(removed) * c.per_unit)
+    slice_group(out, group, [u for u in range(group.units) if u not in removed])
+    rewrite_constants(out, group, len(removed))
     out.recompile()
     return out
 

@@ -94,7 +94,8 @@ def test_wdpruning_thresholds_fall_and_duals_rise_under_the_budget():
     before = gated.method.expected_fraction().item()
     fit(gated, load_data("digits", (1, 16, 16), 32).train, spec.train, progress=False)
     assert gated.method.lambdas.min() > 0  # the constraint was violated, so the multipliers rose
-    assert gated.method.expected_fraction().item() < before - 0.2
+    assert all(float(t) < 9.0 for t in gated.method.thresholds)  # every threshold left its start (10)
+    assert gated.method.expected_fraction().item() < before - 0.1  # R moves towards R_t
 
 
 def test_uvc_duals_stay_nonnegative_and_counts_grow():

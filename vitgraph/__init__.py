@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 _LAZY = {"instrument": "vitgraph.gated", "materialize": "vitgraph.gated", "GatedModel": "vitgraph.gated",
-         "fit": "vitgraph.train", "compress": "vitgraph.compress", "Result": "vitgraph.compress"}
+         "fit": "vitgraph.train", "compress": "vitgraph.pipeline", "Result": "vitgraph.pipeline"}
 
 
 def __getattr__(name: str) -> Any:

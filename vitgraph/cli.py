@@ -111,7 +111,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from vitgraph.compress import compress
+    from vitgraph.pipeline import compress
     from vitgraph.spec import Spec
 
     spec = Spec.load(args.spec)
