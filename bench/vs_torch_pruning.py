@@ -35,7 +35,8 @@ from vitgraph.targets import bench
 try:
     import torch_pruning as tp
 except ImportError:
-    sys.exit("bench/vs_torch_pruning.py needs Torch-Pruning: pip install -e '.[bench]'  (or: pip install torch-pruning)")
+    sys.exit("bench/vs_torch_pruning.py needs Torch-Pruning: pip install -e '.[bench]'  "
+             "(or: pip install torch-pruning)")
 
 
 def flops(model: nn.Module, x: torch.Tensor) -> int:
@@ -88,8 +89,11 @@ def vg_compress(model: nn.Module, x: torch.Tensor, target: float, data: str = "n
     spec = {"budget": {"flops": target}, "width": {"method": "magnitude", "heads": True, "mlp": True}}
     if steps:
         spec["train"] = {"steps": steps, "batch_size": batch_size}
-    result = vg.compress(model, vg.Spec.from_dict(spec), example_inputs=(x[:1],), data=data, progress=False,
-                         latency_targets=())  # this script times both sides itself
+    # vg.compress is the function on first access, then the submodule vitgraph/compress.py: take the function
+    compress = vg.compress  # read once: a second read already gives the module
+    compress = compress if callable(compress) else compress.compress
+    result = compress(model, vg.Spec.from_dict(spec), example_inputs=(x[:1],), data=data, progress=False,
+                      latency_targets=())  # this script times both sides itself
     return result.compact, result.report
 
 
@@ -175,11 +179,13 @@ def digits(args: argparse.Namespace) -> dict[str, Any]:
         compact, report = vg_compress(dense, x, args.flops, data="digits", steps=args.steps, batch_size=args.batch_size)
         top1["vitgraph"], top1["vitgraph_flops"] = evaluate(compact, data.val), flops(compact, x) / flops(dense, x)
         top1["vitgraph_report"] = report.get("compressed")
-    print(f"\ndigits ViT (random init, {args.dense_steps} dense steps; {args.steps} fine-tune steps each, KD from dense)")
+    print(f"\ndigits ViT ({args.dense_steps} dense steps from random init; {args.steps} fine-tune steps each, "
+          "KD from dense); top-1 on the held-out split")
     for key in ("dense", "tp_oneshot", "tp", "vitgraph_oneshot", "vitgraph"):
         if key in top1:
-            print(f"  top-1 {key:<17} {top1[key]:.4f}")
-    print(f"  TP lands at {frac:.3f} FLOPs (ratio {ratio:.3f}); vitgraph at {top1.get('vitgraph_flops', float('nan')):.3f}")
+            print(f"  {key:<17} {top1[key]:.4f}")
+    print(f"  TP lands at {frac:.3f} FLOPs (ratio {ratio:.3f}); "
+          f"vitgraph at {top1.get('vitgraph_flops', float('nan')):.3f}")
     return top1
 
 
@@ -219,9 +225,10 @@ def main(argv: list[str] | None = None) -> None:
 
     xs = torch.randn(4, *x.shape[1:])
     out["tp_fused_vs_unfused"] = fused_vs_unfused(tp_model, xs)
-    head_dims = tp_prune(model, x, ratio, heads=False, round_to=args.tp_round_to)  # TP's default mode (prune_head_dims) at the same ratio
+    head_dims = tp_prune(model, x, ratio, heads=False, round_to=args.tp_round_to)  # TP's default mode, same ratio
     out["tp_headdim_fused_vs_unfused"] = fused_vs_unfused(head_dims, xs)
-    scale = model(xs).abs().max().item()
+    with torch.no_grad():
+        scale = model(xs).abs().max().item()
     print(f"  TP fused vs unfused attention, max |diff| (outputs up to {scale:.3g}): heads recipe "
           f"{out['tp_fused_vs_unfused']:.2e}; head-dim mode ({shape(head_dims)}) "
           f"{out['tp_headdim_fused_vs_unfused']:.2e}  <- m.scale stays 1/sqrt(old head_dim) there")

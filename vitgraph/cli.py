@@ -125,6 +125,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     g = _load(args, args.model)
     result = compress(g, spec, data=args.data, out_dir=args.out, resume=args.resume, progress=not args.quiet,
                       latency_targets=targets)
+    if not result.files:  # a non-zero torchrun rank: rank 0 reports and writes
+        return 0
     print(_compile_summary(result.report))
     print("wrote " + ", ".join(sorted(Path(p).name for p in result.files.values())) + f" to {args.out}")
     return 0
