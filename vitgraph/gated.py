@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from vitgraph.analysis.cost import evaluate
+from vitgraph.analysis.shapes import propagate_shapes
 from vitgraph.errors import SpecError
 from vitgraph.gates import UnitGate
 from vitgraph.graph import VitGraph
@@ -230,4 +231,5 @@ def materialize(gated: GatedModel) -> fx.GraphModule:
     result = RemovePrunedUnitsPass(g.structure.groups, g.structure.blocks, kept)(gm)
     compact = result.gm
     compact.eval()
+    propagate_shapes(compact, g.example_inputs)  # node shapes describe the compact graph, not the dense one
     return compact
