@@ -35,7 +35,7 @@ def run_demo(out: Path, *, dense_steps: int = DENSE_STEPS, compress_steps: int =
     from vitgraph import targets
     from vitgraph.data import load_data
     from vitgraph.spec import Train
-    from vitgraph.train import evaluate, fit
+    from vitgraph.train import fit
 
     t0 = time.perf_counter()
     console = Console()

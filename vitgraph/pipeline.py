@@ -98,9 +98,7 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
         fitted = fit(gated, dataset.train, spec.train, teacher=teacher, val_data=dataset.val,
                      out_dir=Path(out_dir) / "train" if out_dir is not None else None, resume=resume,
                      progress=progress)
-    elif spec.learned:
-        pass  # no training: freeze() below projects the untrained decisions onto the budget
-    if not bool(gated.method.is_frozen):
+    if not bool(gated.method.is_frozen):  # learned with no steps: project the untrained decisions
         gated.freeze()
     gated.eval()
 

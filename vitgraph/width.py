@@ -81,7 +81,7 @@ def allocate(sites: Sequence[Site], fractions: Mapping[str, float], target: floa
     kept = search(everything, {})
     fine = {s.name for s in sites if s.kind == "mlp"}
     if fine and fine != everything:
-        fractions = {**fractions, **{n: max(kept[n], 1) / s.units for s in sites for n in [s.name] if n in fine}}
+        fractions = {**fractions, **{s.name: max(kept[s.name], 1) / s.units for s in sites if s.name in fine}}
         kept = search(fine, kept)
     return kept
 
@@ -216,9 +216,11 @@ class WDPruning(WidthMethod):
         return clamp_ste(raw, max(a if site.min_units else 0, site.min_units), site.units)
 
     def ranking(self) -> dict[str, Tensor]:
-        # scores first; the consumer norm breaks the ties of never-trained scores
-        return {s.name: self.scores[i].detach() + 1e-6 * self.column_norms(s) / (1 + self.column_norms(s).max())
-                for i, s in enumerate(self.sites)}
+        out = {}
+        for i, s in enumerate(self.sites):  # scores first; the consumer norm breaks ties of untrained scores
+            norms = self.column_norms(s)
+            out[s.name] = self.scores[i].detach() + 1e-6 * norms / (1 + norms.max())
+        return out
 
     def learned_masks(self, mode: str) -> dict[str, Tensor]:
         out = {}
