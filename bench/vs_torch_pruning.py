@@ -7,8 +7,8 @@ channel ratio), uniform per-layer ratios, the classifier ignored, then each timm
 (``FlopCounterMode``, 2 x MACs) land on the target. vitgraph uses ``vg.compress`` (one-shot magnitude,
 heads + MLP). Both compact models are timed beside the dense one, interleaved, in eager PyTorch and ONNX
 Runtime (spinning off); efficiency = speed-up / (dense FLOPs / compact FLOPs). On a small digits ViT both
-are fine-tuned with the same steps and distillation and their top-1 compared. Weights are random (no
-network). Needs ``pip install -e '.[bench]'``::
+are fine-tuned with the same steps and distillation and their top-1 compared. The timed model keeps random
+weights (no network; timing does not depend on them). Needs ``pip install -e '.[bench]'``::
 
     python bench/vs_torch_pruning.py --flops 0.5 --batches 1,16 --json vs_tp.json
     python bench/vs_torch_pruning.py --only tp --skip-digits     # TP alone (no vitgraph pipeline)
@@ -89,11 +89,8 @@ def vg_compress(model: nn.Module, x: torch.Tensor, target: float, data: str = "n
     spec = {"budget": {"flops": target}, "width": {"method": "magnitude", "heads": True, "mlp": True}}
     if steps:
         spec["train"] = {"steps": steps, "batch_size": batch_size}
-    # vg.compress is the function on first access, then the submodule vitgraph/compress.py: take the function
-    compress = vg.compress  # read once: a second read already gives the module
-    compress = compress if callable(compress) else compress.compress
-    result = compress(model, vg.Spec.from_dict(spec), example_inputs=(x[:1],), data=data, progress=False,
-                      latency_targets=())  # this script times both sides itself
+    result = vg.compress(model, vg.Spec.from_dict(spec), example_inputs=(x[:1],), data=data, progress=False,
+                         latency_targets=())  # this script times both sides itself
     return result.compact, result.report
 
 
@@ -158,14 +155,14 @@ def digits(args: argparse.Namespace) -> dict[str, Any]:
     from vitgraph.spec import Spec
     from vitgraph.train import evaluate, fit
 
-    def cfg(steps: int) -> Any:
-        return Spec.from_dict({"train": {"steps": steps, "batch_size": args.batch_size}}).train
+    def cfg(steps: int, **extra: Any) -> Any:
+        return Spec.from_dict({"train": {"steps": steps, "batch_size": args.batch_size, **extra}}).train
 
     torch.manual_seed(0)
     dense = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=4, in_chans=1, num_classes=10,
                               embed_dim=192, depth=6, num_heads=3)
     data = load_data("digits", (1, 32, 32), args.batch_size)
-    fit(dense, data.train, cfg(args.dense_steps), progress=False)
+    fit(dense, data.train, cfg(args.dense_steps, lr=2e-3, warmup_steps=30), progress=False)  # vitgraph demo's recipe
     dense.eval()
     x = torch.randn(1, 1, 32, 32)
     top1: dict[str, Any] = {"dense": evaluate(dense, data.val)}

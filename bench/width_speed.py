@@ -43,11 +43,7 @@ def compress(model: nn.Module, x: torch.Tensor, target: float, align: int | None
     if align is not None:
         width["align"] = align
     spec = vg.Spec.from_dict({"budget": {"flops": target}, "width": width})
-    # vitgraph/__init__ resolves ``compress`` lazily, and importing the submodule vitgraph/compress.py rebinds
-    # vg.compress to that module after the first access; take the function either way.
-    compress_fn = vg.compress  # read once: a second read already gives the module
-    compress_fn = compress_fn if callable(compress_fn) else compress_fn.compress
-    result = compress_fn(model, spec, example_inputs=(x,), data="none", progress=False, latency_targets=())
+    result = vg.compress(model, spec, example_inputs=(x,), data="none", progress=False, latency_targets=())
     return result.compact, result.report
 
 
