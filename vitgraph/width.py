@@ -51,39 +51,52 @@ class Site:
 
 
 # -- budget projection --------------------------------------------------------------------------
-def allocate(sites: Sequence[Site], fractions: Mapping[str, float], target: float, cost: CostFn
-             ) -> dict[str, int]:
-    """Kept counts whose cost lands nearest ``target``, shaped like ``fractions``.
+def allocate(sites: Sequence[Site], fractions: Mapping[str, float], target: float, cost: CostFn,
+             tolerance: float = 0.01) -> dict[str, int]:
+    """Kept counts whose cost lands on ``target``, shaped like ``fractions``.
 
-    One scale multiplies every fraction (bisection; cost grows with it); then the coarse groups
-    (heads) stay where they are and a second scale on the fine ones (MLP units) closes the gap
-    that a whole head leaves.
+    1. The continuous solution: one scale on every fraction, unrounded, with cost == target.
+    2. Coarse groups (heads) take their rounded count there: 1.5 of 3 heads becomes 2 heads, rather
+       than whichever count happens to hit the budget.
+    3. A second scale on the fine groups (MLP units, rounded to ``align``) closes the gap.
+    If the fine groups cannot close it within ``tolerance``, every group is rounded together and the
+    fine ones refined after, landing as near as the granularity allows.
     """
-    def counts(scale: float, names: set[str], base: Mapping[str, int]) -> dict[str, int]:
-        return {s.name: s.round(fractions[s.name] * scale) if s.name in names else base[s.name] for s in sites}
+    def scaled(scale: float, names: set[str], base: Mapping[str, float], rounded: bool) -> dict[str, float]:
+        out = dict(base)
+        for s in sites:
+            if s.name in names:
+                x = min(1.0, fractions[s.name] * scale)
+                out[s.name] = s.round(x) if rounded else x * s.units
+        return out
 
-    def fraction_of(c: Mapping[str, int]) -> float:
+    def fraction_of(c: Mapping[str, float]) -> float:
         return float(cost({s.name: c[s.name] / s.units for s in sites}))
 
-    def search(names: set[str], base: Mapping[str, int]) -> dict[str, int]:
-        hi = 1.0 / max(1e-6, min(fractions[n] for n in names))
-        lo = 0.0
-        best = counts(hi, names, base)
+    def bisect(names: set[str], base: Mapping[str, float], rounded: bool) -> tuple[float, dict[str, float]]:
+        lo, hi = 0.0, 1.0 / max(1e-6, min(fractions[n] for n in names))
+        best = (hi, scaled(hi, names, base, rounded))
         for _ in range(40):
             mid = (lo + hi) / 2
-            c = counts(mid, names, base)
-            if abs(fraction_of(c) - target) < abs(fraction_of(best) - target):
-                best = c
+            c = scaled(mid, names, base, rounded)
+            if abs(fraction_of(c) - target) < abs(fraction_of(best[1]) - target):
+                best = (mid, c)
             lo, hi = (mid, hi) if fraction_of(c) < target else (lo, mid)
         return best
 
     everything = {s.name for s in sites}
-    kept = search(everything, {})
     fine = {s.name for s in sites if s.kind == "mlp"}
     if fine and fine != everything:
+        scale, _ = bisect(everything, {}, rounded=False)
+        coarse = scaled(scale, everything - fine, {}, rounded=True)
+        _, kept = bisect(fine, coarse, rounded=True)
+        if abs(fraction_of(kept) - target) <= tolerance:
+            return {k: int(v) for k, v in kept.items()}
+    _, kept = bisect(everything, {}, rounded=True)
+    if fine and fine != everything:
         fractions = {**fractions, **{s.name: max(kept[s.name], 1) / s.units for s in sites if s.name in fine}}
-        kept = search(fine, kept)
-    return kept
+        _, kept = bisect(fine, kept, rounded=True)
+    return {k: int(v) for k, v in kept.items()}
 
 
 # -- the methods ---------------------------------------------------------------------------------
