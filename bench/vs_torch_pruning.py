@@ -83,10 +83,10 @@ def tp_at_budget(model: nn.Module, x: torch.Tensor, target: float, round_to: int
 
 
 def vg_compress(model: nn.Module, x: torch.Tensor, target: float, data: str = "none", steps: int = 0,
-                batch_size: int = 64) -> tuple[nn.Module, dict[str, Any]]:
+                batch_size: int = 64, method: str = "magnitude") -> tuple[nn.Module, dict[str, Any]]:
     import vitgraph as vg
 
-    spec = {"budget": {"flops": target}, "width": {"method": "magnitude", "heads": True, "mlp": True}}
+    spec = {"budget": {"flops": target}, "width": {"method": method, "heads": True, "mlp": True}}
     if steps:
         spec["train"] = {"steps": steps, "batch_size": batch_size}
     result = vg.compress(model, vg.Spec.from_dict(spec), example_inputs=(x[:1],), data=data, progress=False,
@@ -176,9 +176,13 @@ def digits(args: argparse.Namespace) -> dict[str, Any]:
         compact, report = vg_compress(dense, x, args.flops, data="digits", steps=args.steps, batch_size=args.batch_size)
         top1["vitgraph"], top1["vitgraph_flops"] = evaluate(compact, data.val), flops(compact, x) / flops(dense, x)
         top1["vitgraph_report"] = report.get("compressed")
+        # learned masks within the same step budget: half searches (WDPruning), half fine-tunes
+        compact, _ = vg_compress(dense, x, args.flops, data="digits", steps=args.steps, batch_size=args.batch_size,
+                                 method="wdpruning")
+        top1["vitgraph_wdpruning"] = evaluate(compact, data.val)
     print(f"\ndigits ViT ({args.dense_steps} dense steps from random init; {args.steps} fine-tune steps each, "
           "KD from dense); top-1 on the held-out split")
-    for key in ("dense", "tp_oneshot", "tp", "vitgraph_oneshot", "vitgraph"):
+    for key in ("dense", "tp_oneshot", "tp", "vitgraph_oneshot", "vitgraph", "vitgraph_wdpruning"):
         if key in top1:
             print(f"  {key:<17} {top1[key]:.4f}")
     print(f"  TP lands at {frac:.3f} FLOPs (ratio {ratio:.3f}); "

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 INPUT = (1, 16, 16)
-DENSE_STEPS = 300
-COMPRESS_STEPS = 400
+DENSE_STEPS = 600
+COMPRESS_STEPS = 1000   # 30 % learn the masks, 70 % fine-tune the frozen architecture
 
 
 def demo_model() -> torch.nn.Module:
@@ -53,7 +53,7 @@ def run_demo(out: Path, *, dense_steps: int = DENSE_STEPS, compress_steps: int =
     console.print("[bold]2/3[/] compressing to 50 % FLOPs with preset wdpruning (learn masks, then fine-tune "
                   "with distillation)")
     spec = vg.Spec.from_dict({"preset": "wdpruning", "budget": {"flops": 0.5},
-                              "train": {"steps": compress_steps, "batch_size": 64, "lr": 5e-4}})
+                              "train": {"steps": compress_steps, "search": 0.3, "batch_size": 64, "lr": 5e-4}})
     example = (torch.randn(2, *INPUT),)
     result = vg.compress(model, spec, example_inputs=example, data=data, name="deit (digits, 16px)",
                          out_dir=out / "compressed", progress=progress, latency_targets=())

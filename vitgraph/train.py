@@ -81,6 +81,7 @@ class GroupConfig:
     schedule: str = "cosine"
     optimizer: str = "adamw"
     momentum: float = 0.0         # SGD only; explicit settings opt into momentum
+    beta1: float = 0.9            # AdamW only: 0 stops a parameter as soon as its gradient does
 
     def __post_init__(self) -> None:
         problem = (f"lr must be a number >= 0, got {self.lr!r}" if not isinstance(self.lr, (int, float)) or self.lr < 0
@@ -190,7 +191,7 @@ def _optimizer(g: GroupConfig, params: list[nn.Parameter]) -> torch.optim.Optimi
     ascent = g.name == "dual"
     if g.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=g.lr, momentum=g.momentum, maximize=ascent)
-    return torch.optim.AdamW(groups, lr=g.lr, maximize=ascent)
+    return torch.optim.AdamW(groups, lr=g.lr, betas=(g.beta1, 0.999), maximize=ascent)
 
 
 # -- losses and evaluation ---------------------------------------------------------------------------------
