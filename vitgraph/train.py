@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -34,11 +34,12 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from vitgraph.errors import SpecError, VitgraphError
 from vitgraph.spec import Distill, Train
+from vitgraph.train_state import (FORMAT, _batches, _Batches, _load, _restore_model, _rng_state, _save,
+                                  _set_rng_state)
 
 GROUPS = ("weights", "arch", "dual")
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-_FORMAT = 1
 
 
 @runtime_checkable
@@ -244,83 +245,6 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, batch_size: int = 256
     return float(counts[0] / counts[1])
 
 
-# -- data order --------------------------------------------------------------------------------------------
-
-class _Batches:
-    """Step -> this rank's sample indices: a seeded permutation per epoch, cut into global batches."""
-
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, world: _World) -> None:
-        self.n, self.batch_size, self.seed, self.world = len(dataset), batch_size, seed, world
-        self.steps_per_epoch = self.n // (batch_size * world.size)
-        if self.steps_per_epoch == 0:
-            raise SpecError(f"the training set has {self.n} images, fewer than one batch of {batch_size} x "
-                            f"{world.size} process(es); lower train.batch_size or use more data")
-        self._epoch: tuple[int, torch.Tensor, torch.Tensor] | None = None
-
-    def fingerprint(self) -> dict[str, int]:
-        return {"n": self.n, "batch_size": self.batch_size, "seed": self.seed, "world_size": self.world.size}
-
-    def indices(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        if self._epoch is None or self._epoch[0] != epoch:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
-            perm = torch.randperm(self.n, generator=g)
-            self._epoch = (epoch, perm, torch.randint(0, 2**62, (self.n,), generator=g))  # per-sample aug seeds
-        start = (pos * self.world.size + self.world.rank) * self.batch_size
-        return self._epoch[1][start:start + self.batch_size], self._epoch[2][start:start + self.batch_size]
-
-
-class _StepSampler:
-    def __init__(self, batches: _Batches, start: int, end: int) -> None:
-        self.batches, self.start, self.end = batches, start, end
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for step in range(self.start, self.end):
-            index, seeds = self.batches.indices(step)
-            yield list(zip(index.tolist(), seeds.tolist()))
-
-    def __len__(self) -> int:
-        return self.end - self.start
-
-
-class _Seeded(Dataset):
-    """Runs a sample's random augmentation from its own seed, so it does not depend on workers or resumes."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
-        py, npy = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                random.seed(seed)
-                np.random.seed(seed % 2**32)
-                return self.dataset[index]
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
-
-
-def _batches(dataset: Dataset, order: _Batches, start: int, end: int, num_workers: int,
-             device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    if isinstance(dataset, TensorDataset):  # in memory: index the tensors, no per-sample Python
-        x_all, y_all = dataset.tensors[0], dataset.tensors[1]
-        for step in range(start, end):
-            index, _ = order.indices(step)
-            yield x_all[index].to(device, non_blocking=True), y_all[index].to(device, non_blocking=True)
-        return
-    # its own generator: creating the iterator must not draw from the global RNG (resumes would drift)
-    loader = DataLoader(_Seeded(dataset), batch_sampler=_StepSampler(order, start, end), num_workers=num_workers,
-                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(order.seed))
-    for x, y in loader:
-        yield x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
-
-
 # -- processes ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -367,68 +291,6 @@ def _wrap(model: nn.Module, world: _World, device: torch.device) -> nn.Module:
 
     # find_unused_parameters: sampled gates may bypass a branch in a step
     return DDP(net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-
-
-# -- checkpoints -------------------------------------------------------------------------------------------
-
-def _rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-            "python": random.getstate()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _save(path: Path, state: dict[str, Any]) -> None:
-    """Write-then-rename in the same folder: a crash leaves the previous checkpoint, never half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _load(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise VitgraphError(f"cannot resume: {path} does not exist; start without resume (drop --resume) or "
-                            f"point out_dir at the folder of the run to continue")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing here
-        raise VitgraphError(f"cannot resume: {path} is not a readable vitgraph checkpoint ({e})") from None
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise VitgraphError(f"cannot resume: {path} is not a vitgraph checkpoint of format {_FORMAT}")
-    return state
-
-
-def _restore_model(model: nn.Module, saved: dict[str, torch.Tensor], frozen: bool, freeze: Any, path: Path) -> None:
-    def check(own: dict[str, torch.Tensor], strict: bool) -> None:
-        missing = [k for k in own if k not in saved]
-        extra = [k for k in saved if k not in own] if strict else []
-        shape = [k for k in own if k in saved and own[k].shape != saved[k].shape]
-        if missing or extra or shape:
-            what = (f"{len(missing)} missing (first {missing[0]!r})" if missing else
-                    f"{len(extra)} unexpected (first {extra[0]!r})" if extra else
-                    f"{shape[0]!r} is {tuple(saved[shape[0]].shape)} there, {tuple(own[shape[0]].shape)} here")
-            raise VitgraphError(f"cannot resume: {path} was written for a different model: state entries {what}; "
-                                f"resume with the model of that run, or start fresh in another out_dir")
-
-    check(dict(model.named_parameters()), strict=False)
-    if frozen:  # freeze() may compute decisions from the arch parameters, and may add buffers
-        model.load_state_dict(saved, strict=False)
-        freeze()
-    check(model.state_dict(), strict=True)
-    model.load_state_dict(saved)
 
 
 # -- logging -----------------------------------------------------------------------------------------------
@@ -549,7 +411,7 @@ class _Run:
             rngs = [_rng_state()]
         if self.world.rank != 0:
             return None
-        return {"format": _FORMAT, "step": step, "frozen": self.frozen, "loss": loss,
+        return {"format": FORMAT, "step": step, "frozen": self.frozen, "loss": loss,
                 "model": self.model.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "grads": [p.grad for p in self.params], "rng": rngs, "data": order.fingerprint(),

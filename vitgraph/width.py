@@ -270,7 +270,7 @@ class WDPruning(WidthMethod):
                 "dual": {"lr": 10.0, "weight_decay": 0.0, "schedule": "cosine", "optimizer": "sgd"}}
 
     def status(self) -> dict[str, float]:
-        return {"flops": self.hard_fraction(), "expected": float(self.expected_fraction())}
+        return {"flops": self.hard_fraction(), "expected": float(self.expected_fraction().detach())}
 
 
 class UVC(WidthMethod):
