@@ -318,7 +318,9 @@ class UVC(WidthMethod):
             return
         for i, s in enumerate(self.sites):
             self.counts[i].clamp_(0.0, 1.0 - max(1, s.min_units) / s.units)
-            selected = 1.0 - self.learned_masks("eval")[s.name]
+        masks = self.learned_masks("eval")  # once per step, after the counts are clamped
+        for i, s in enumerate(self.sites):
+            selected = 1.0 - masks[s.name]
             if selected.any():
                 w = self.consumer_weight(s)
                 cols = torch.cat([selected, selected.new_zeros(1)])[s.channel_unit.to(w.device)].bool()
