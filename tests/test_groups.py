@@ -25,6 +25,8 @@ TINY = {
                                     num_heads=2), 32),
     "swin": ("swin_tiny_patch4_window7_224", dict(img_size=56, embed_dim=32, depths=(1, 1), num_heads=(2, 4)),
              56),
+    "swin_shifted": ("swin_tiny_patch4_window7_224", dict(img_size=56, embed_dim=32, depths=(2,), num_heads=(2,)),
+                     56),  # block 1 shifts its windows: the logits pass a head-count view around the mask
     "xcit": ("xcit_tiny_12_p16_224", dict(img_size=32, embed_dim=64, depth=2, num_heads=4), 32),
     "levit": ("levit_128", dict(img_size=128), 128),
     "mvitv2": ("mvitv2_tiny", dict(img_size=64), 64),

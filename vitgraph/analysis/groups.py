@@ -14,7 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from vitgraph.analysis import index as ix
 from vitgraph.analysis.attention import Found
 from vitgraph.analysis.mlp import unit_columns
-from vitgraph.analysis.ops import linear_info
+from vitgraph.analysis.ops import PRODUCTS, linear_info, op_kind
 from vitgraph.meta import VALUE, ConstRef, CoupledGroup, Linear, MlpSite, SliceRef, shape_of
 
 _RESHAPES = {"reshape", "view"}
@@ -117,6 +117,17 @@ def _axis_code(shape: tuple[int, ...], axis: int) -> torch.Tensor:
     return torch.arange(shape[axis], dtype=torch.float64).view(view).expand(*shape).clone()
 
 
+def _logits_product(gm: fx.GraphModule, core: fx.Node) -> fx.Node | None:
+    """The ``q @ k^T`` product feeding an explicit softmax (through scaling, biases and masks)."""
+    frontier = [core]
+    for _ in range(8):
+        frontier = [m for n in frontier for m in n.all_input_nodes]
+        hit = next((n for n in frontier if op_kind(n, gm) in PRODUCTS), None)
+        if hit is not None:
+            return hit
+    return None
+
+
 def _reach(gm: fx.GraphModule, src: fx.Node, code: torch.Tensor, dst: fx.Node) -> torch.Tensor | None:
     return code if src is dst else ix.propagate(gm, {src: code}).get(dst)
 
@@ -190,6 +201,10 @@ def head_group(gm: fx.GraphModule, found: Found, data: set[fx.Node]) -> CoupledG
     core_out = found.out
     if core_out is not None and shape_of(core_out) is not None and len(shape_of(core_out)) >= 4:
         env_all.update(ix.propagate(gm, {core_out: _axis_code(shape_of(core_out), 1)}))
+    logits = _logits_product(gm, nodes[site.core]) if site.impl == "explicit" else None
+    if logits is not None and len(shape_of(logits) or ()) >= 4:  # reshapes of the logits (Swin's shift mask)
+        shape = shape_of(logits)
+        env_all.update(ix.propagate(gm, {logits: _axis_code(shape, len(shape) - 3)}))
     scores = len(shape_of(nodes[site.core]) or ())  # rank of the logits (softmax/sdpa share it)
     for extra in found.score_inputs:  # per-head position tables and temperatures on the logits
         shape = shape_of(extra)
