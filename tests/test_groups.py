@@ -113,15 +113,17 @@ def _physically_pruned(gm: torch.fx.GraphModule, group: vg.CoupledGroup, removed
     return out
 
 
-@pytest.mark.parametrize("key", ["handmade", "hugging_face", "deit", "eva02", "beit", "swin", "xcit", "levit", "cait",
+@pytest.mark.parametrize("key", ["handmade", "hugging_face", "deit", "eva02", "beit", "swin", "swin_shifted", "xcit",
+                                 "levit", "cait",
                                  "relpos", "dinov2_reg"])
 def test_physical_slicing_with_rewritten_constants_equals_masking(key):
     """Removing units for real (weights sliced, reshape constants rewritten) equals zeroing them."""
     g = _graph(key)
     x = torch.randn(2, *g.input_size)
-    heads = [gr for gr in g.structure.groups if gr.kind in ("heads", "mlp") and gr.units > 1]
-    assert any(gr.kind == "heads" for gr in heads)
-    for group in heads[:1] + heads[-1:] + [gr for gr in heads if gr.kind == "mlp"][:1]:
+    groups = [gr for gr in g.structure.groups if gr.kind in ("heads", "mlp") and gr.units > 1]
+    heads = [gr for gr in groups if gr.kind == "heads"]
+    assert heads
+    for group in heads[:1] + heads[-1:] + [gr for gr in groups if gr.kind == "mlp"][:1]:  # first and last block
         removed = list(range(0, group.units, 2))[: group.units - 1]  # every other unit, at least one kept
         with torch.no_grad():
             expected = _zeroed(g.gm, group, removed, consumers=True)(x)

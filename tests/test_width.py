@@ -22,14 +22,15 @@ def _random_decisions(gated, seed: int) -> dict[str, int]:
     method = gated.method
     kept = {}
     heads_seen = 0
+    heads_total = sum(s.kind == "heads" for s in method.sites)
     for i, site in enumerate(method.sites):
         mask = torch.rand(site.units, generator=gen) < 0.5
         if site.kind == "heads":
             heads_seen += 1
             if heads_seen == 1 and site.min_units == 0:
                 mask[:] = False         # degenerate: every head of this layer pruned
-            elif heads_seen == 2:
-                mask[:] = True          # degenerate: nothing pruned
+            elif heads_seen == 2 and heads_total > 2:
+                mask[:] = True          # degenerate: nothing pruned (the last layer stays random)
         if mask.sum() < site.min_units:
             mask[0] = True
         getattr(method, f"frozen_{i}").copy_(mask)
