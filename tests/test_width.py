@@ -139,3 +139,19 @@ def test_taylor_importance_uses_gradients():
     scores = gated.method.importance_0
     assert scores.shape[0] == gated.method.sites[0].units and scores.abs().sum() > 0
     assert abs(gated.cost()["fraction"] - 0.5) <= 0.03
+
+
+def test_starrelu_mlp_rows_are_sliced_once():
+    """MetaFormer's StarReLU reads fc1 twice (scale * relu(x)^2 + bias): each unit still owns one fc1 row."""
+    from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer, SepConv
+
+    torch.manual_seed(0)  # a small caformer
+    model = MetaFormer(depths=(1, 1, 1, 1), dims=(16, 32, 64, 64), token_mixers=[SepConv, SepConv, Attention, Attention],
+                       norm_layers=[LayerNorm2dNoBias] * 2 + [LayerNormNoBias] * 2, num_classes=10).eval()
+    g = vg.trace(model, torch.randn(2, 3, 64, 64))
+    gated = instrument(g, Spec.from_dict({"budget": {"flops": 0.95}, "width": {"heads": False, "align": 4}}))
+    _random_decisions(gated, seed=3)
+    x = g.example_inputs[0]
+    with torch.no_grad():
+        compact = materialize(gated)
+        assert (compact(x) - gated.set_mode("eval")(x)).abs().max() <= 1e-5 * g.gm(x).abs().max()

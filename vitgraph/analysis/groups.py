@@ -84,7 +84,9 @@ def _merged(slices: list[SliceRef]) -> tuple[SliceRef, ...]:
         key = (sl.target, sl.axis)
         if key in out:
             prev = out[key]
-            sl = SliceRef(sl.target, sl.axis, tuple(a + b for a, b in zip(prev.indices, sl.indices)), sl.what)
+            # a row reached twice (the same fc1 read as value and gate, e.g. StarReLU) is still one row
+            sl = SliceRef(sl.target, sl.axis, tuple(tuple(dict.fromkeys(a + b)) for a, b in zip(prev.indices, sl.indices)),
+                          sl.what)
         out[key] = sl
     return tuple(out.values())
 
