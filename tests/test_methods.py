@@ -72,6 +72,7 @@ def test_learned_method_compresses_to_budget_with_exact_rewrite(method, tmp_path
                          latency_targets=())
     report = result.report
     assert abs(report["budget"]["achieved"] - 0.5) <= 0.03
+    assert report["budget"]["projected"] == (abs(report["budget"]["learned"] - report["budget"]["achieved"]) > 1e-6)
     assert report["parity"]["max_abs_err"] <= 1e-4  # compress raises ParityError above this
     assert report["compressed"]["top1"] is not None and report["train"]["steps"] == 24
     # random eval-mode decisions of this method also materialize exactly

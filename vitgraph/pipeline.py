@@ -120,9 +120,7 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
         "dense_blocks": [block_dict(b) for b in g.structure.blocks],
         "parity": {"max_abs_err": parity, "gated_vs_compact": parity},
         "latency_ms": {},
-        "budget": {"target": spec.budget.flops, "achieved": achieved, "tolerance": spec.budget.tolerance,
-                   **({"learned": gated.method.projection.get("learned")} if spec.learned else {}),
-                   "projected": bool(spec.learned)},
+        "budget": _budget_report(spec, gated, achieved),
         "kept": {k: len(v) for k, v in gated.decisions().items()},
         "units": {s.name: s.units for s in gated.method.sites},
         "skipped_sites": gated.skipped,
@@ -147,6 +145,17 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
 def _rank() -> int:
     dist = torch.distributed
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _budget_report(spec: Spec, gated: GatedModel, achieved: float) -> dict[str, Any]:
+    """Target and achieved FLOPs fraction; for learned methods also where learning stopped, and whether the
+    final projection had to move the kept counts to reach the budget."""
+    out: dict[str, Any] = {"target": spec.budget.flops, "achieved": achieved, "tolerance": spec.budget.tolerance}
+    learned = gated.method.projection.get("learned")
+    if spec.learned and learned is not None:
+        out["learned"] = learned
+        out["projected"] = abs(learned - achieved) > 1e-6
+    return out
 
 
 def _as_spec(spec: Spec | dict[str, Any] | str | Path) -> Spec:
