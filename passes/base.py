@@ -1,8 +1,8 @@
 """Pass infrastructure: a pass is a small object, ``pass(gm) -> PassResult(gm, modified)``.
 
 ``requires`` runs on the input and ``ensures`` on the result; their failures raise
-:class:`PreconditionError` / :class:`PostconditionError` naming the pass. The manager runs passes in
-order and verifies the graph between them.
+:class:`PreconditionError` / :class:`PostconditionError` naming the pass, so every graph a pass
+hands on has been verified.
 """
 from __future__ import annotations
 
@@ -66,13 +66,3 @@ def require_nodes(gm: fx.GraphModule, names: Iterable[str], pass_name: str, what
         raise PreconditionError(f"{pass_name}: {what} node %{missing[0]} is not in the graph; the graph changed "
                                 f"after analysis - re-run vg.trace on it first")
     return nodes
-
-
-def run_passes(gm: fx.GraphModule, passes: Iterable[VitPass]) -> tuple[fx.GraphModule, list[PassResult]]:
-    """Run ``passes`` in order; each one's ``ensures`` verifies the graph it hands to the next."""
-    results = []
-    for p in passes:
-        result = p(gm)
-        results.append(result)
-        gm = result.gm
-    return gm, results

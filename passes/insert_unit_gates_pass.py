@@ -16,7 +16,7 @@ Gates start open (no mask): the graph computes exactly what it computed before.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -34,24 +34,25 @@ def gate_name(group: str) -> str:
     return group.replace(".", "_")
 
 
-def branch_add(block: Block | None, kind: str) -> tuple[str, str] | None:
-    """(add, skip) of the residual whose branch holds only this kind of site; None if there is none."""
-    if block is None:
-        return None
-    for r in block.residuals:
+def branch_add(blocks: Mapping[int, Block], group: CoupledGroup) -> tuple[str, str] | None:
+    """(add, skip) of the residual whose branch holds only the group's site (attention for heads, the
+    MLP for its units) with a plain identity shortcut; None when that branch cannot be removed."""
+    block = blocks.get(group.block) if group.block is not None else None
+    kind = "attn" if group.kind in ("heads", "head_dim") else "mlp"
+    for r in block.residuals if block is not None else ():
         if r.kind == kind and r.identity_skip and r.skip_scale is None:
             return r.add, r.skip
     return None
 
 
-def branch_nodes(gm: fx.GraphModule, block: Block, kind: str) -> set[str]:
-    """Names of the nodes that only the removable ``kind`` branch of ``block`` computes."""
-    found = branch_add(block, kind)
+def branch_nodes(gm: fx.GraphModule, blocks: Mapping[int, Block], group: CoupledGroup) -> set[str]:
+    """Names of the nodes that only the group's removable residual branch computes."""
+    found = branch_add(blocks, group)
     if found is None:
         return set()
     nodes = {n.name: n for n in gm.graph.nodes}
     add, skip = nodes[found[0]], nodes[found[1]]
-    inside = set(block.nodes)
+    inside = set(blocks[group.block].nodes)
 
     def ancestors(start: fx.Node) -> set[str]:
         seen, stack = set(), [start]
@@ -89,8 +90,7 @@ class InsertUnitGatesPass(VitPass):
             consumers = _consumers(gm, group)
             if not consumers:
                 raise PreconditionError(f"{self.name}: group {group.name} has no consumer linear in the graph")
-            kind = "attn" if group.kind in ("heads", "head_dim") else "mlp"
-            branch = branch_add(self.blocks.get(group.block), kind) if group.block is not None else None
+            branch = branch_add(self.blocks, group)
             channel_unit = _channel_units(gm, group, consumers[0][1])
             gate = UnitGate(group.name, group.units, channel_unit, min_units=0 if branch else 1)
             target = f"{GATES}.{gate_name(group.name)}"

@@ -18,7 +18,7 @@ from torch import nn
 
 from vitgraph.passes.base import PassResult, VitPass, require_nodes
 from vitgraph.passes.insert_unit_gates_pass import GATES, branch_add
-from vitgraph.errors import PreconditionError
+from vitgraph.errors import PostconditionError, PreconditionError
 from vitgraph.meta import Block, CoupledGroup
 
 
@@ -50,8 +50,7 @@ class RemovePrunedUnitsPass(VitPass):
                 continue
             counters["units_removed"] += removed
             if not units:
-                kind = "attn" if group.kind in ("heads", "head_dim") else "mlp"
-                branch = branch_add(self.blocks.get(group.block), kind) if group.block is not None else None
+                branch = branch_add(self.blocks, group)
                 if branch is None:
                     raise PreconditionError(f"{self.name}: every unit of {name} is pruned but its residual branch "
                                             f"cannot be removed; keep at least one unit")
@@ -73,7 +72,6 @@ class RemovePrunedUnitsPass(VitPass):
     def ensures(self, gm: fx.GraphModule) -> None:
         super().ensures(gm)
         if any(n.op == "call_module" and str(n.target).startswith(GATES) for n in gm.graph.nodes):
-            from vitgraph.errors import PostconditionError
             raise PostconditionError(f"{self.name}: gate calls are left in the compact graph")
 
 

@@ -73,14 +73,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _targets(text: str) -> tuple[str, ...]:
+    """``--targets eager,onnx`` checked against the targets vitgraph can time."""
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = set(names) - {"eager", "compile", "onnx"}
+    if unknown:
+        raise VitgraphError(f"--targets: unknown {sorted(unknown)}; choose from eager, compile, onnx")
+    return names
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from vitgraph.targets import bench
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    target_names = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = set(target_names) - {"eager", "compile", "onnx"}
-    if unknown:
-        raise VitgraphError(f"--targets: unknown {sorted(unknown)}; choose from eager, compile, onnx")
+    target_names = _targets(args.targets)
     rows = []
     for ref in args.models:
         g = _load(args, ref)
@@ -118,10 +124,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
     if overrides:
         spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, **overrides))
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    unknown = set(targets) - {"eager", "compile", "onnx"}
-    if unknown:
-        raise VitgraphError(f"--targets: unknown {sorted(unknown)}; choose from eager, compile, onnx")
+    targets = _targets(args.targets)
     g = _load(args, args.model)
     result = compress(g, spec, data=args.data, out_dir=args.out, resume=args.resume, progress=not args.quiet,
                       latency_targets=targets)

@@ -70,7 +70,7 @@ class GatedModel(nn.Module):
 
     @contextmanager
     def using(self, mode: str) -> Iterator[GatedModel]:
-        previous, self.mode = self.mode, mode
+        previous = self.mode
         try:
             yield self.set_mode(mode)
         finally:
@@ -168,8 +168,7 @@ def instrument(g: VitGraph, spec: Spec, *, calibration: Iterable[tuple[Tensor, T
     dense = g.structure.flops
 
     blocks = {b.index: b for b in g.structure.blocks}
-    removable = {s.name: branch_nodes(g.gm, blocks[g.structure.group(s.name).block], "attn" if s.kind == "heads" else
-                                      "mlp") for s in sites if s.min_units == 0}
+    removable = {s.name: branch_nodes(g.gm, blocks, g.structure.group(s.name)) for s in sites if s.min_units == 0}
 
     def cost(kept: Any) -> Any:
         total = evaluate(g.gm, kept)

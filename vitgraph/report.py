@@ -117,7 +117,7 @@ def write_markdown(report: dict, out_dir: Path | str) -> dict[str, str]:
              "| | FLOPs (G) | params (M) | top-1 |" + "".join(f" {t} ms |" for t in report["latency_ms"]),
              "|---|---|---|---|" + "---|" * len(report["latency_ms"])]
     for label, row in (("dense", dense), ("compressed", comp)):
-        lat = "".join(f" {v[label if label == 'dense' else 'compressed']:.2f} |" for v in report["latency_ms"].values())
+        lat = "".join(f" {v[label]:.2f} |" for v in report["latency_ms"].values())
         lines.append(f"| {label} | {row['flops'] / 1e9:.3f} | {row['params'] / 1e6:.2f} | {top1(row['top1'])} |{lat}")
     lines += ["", "| block | heads | MLP hidden | GFLOPs |", "|---|---|---|---|"]
     before = {b["index"]: b for b in report.get("dense_blocks", [])}

@@ -155,9 +155,9 @@ class WidthMethod(nn.Module):
     @torch.no_grad()
     def freeze(self) -> None:
         """Fix the decisions: learned kept counts, projected onto the budget, best-ranked units kept."""
-        learned = self.learned_masks("eval")
-        fractions = {s.name: max(float(learned[s.name].sum()), 1.0) / s.units for s in self.sites}
-        before = float(self.cost_fn({s.name: float(learned[s.name].sum()) / s.units for s in self.sites}))
+        counts = {name: float(m.sum()) for name, m in self.learned_masks("eval").items()}
+        fractions = {s.name: max(counts[s.name], 1.0) / s.units for s in self.sites}
+        before = float(self.cost_fn({s.name: counts[s.name] / s.units for s in self.sites}))
         kept = allocate(self.sites, fractions, self.budget, self.cost_fn)
         ranking = self.ranking()
         for i, s in enumerate(self.sites):
