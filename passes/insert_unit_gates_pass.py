@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 
 from vitgraph.passes.base import PassResult, VitPass, require_nodes
+from vitgraph.analysis.blocks import branch_members, removable_residual
 from vitgraph.analysis.ops import linear_info
 from vitgraph.errors import PreconditionError
 from vitgraph.gates import UnitGate
@@ -38,34 +39,15 @@ def branch_add(blocks: Mapping[int, Block], group: CoupledGroup) -> tuple[str, s
     """(add, skip) of the residual whose branch holds only the group's site (attention for heads, the
     MLP for its units) with a plain identity shortcut; None when that branch cannot be removed."""
     block = blocks.get(group.block) if group.block is not None else None
-    kind = "attn" if group.kind in ("heads", "head_dim") else "mlp"
-    for r in block.residuals if block is not None else ():
-        if r.kind == kind and r.identity_skip and r.skip_scale is None:
-            return r.add, r.skip
-    return None
+    r = removable_residual(block, "attn" if group.kind in ("heads", "head_dim") else "mlp")
+    return None if r is None else (r.add, r.skip)
 
 
 def branch_nodes(gm: fx.GraphModule, blocks: Mapping[int, Block], group: CoupledGroup) -> set[str]:
     """Names of the nodes that only the group's removable residual branch computes."""
-    found = branch_add(blocks, group)
-    if found is None:
-        return set()
-    nodes = {n.name: n for n in gm.graph.nodes}
-    add, skip = nodes[found[0]], nodes[found[1]]
-    inside = set(blocks[group.block].nodes)
-
-    def ancestors(start: fx.Node) -> set[str]:
-        seen, stack = set(), [start]
-        while stack:
-            n = stack.pop()
-            if n.name in seen or n.name not in inside:
-                continue
-            seen.add(n.name)
-            stack.extend(n.all_input_nodes)
-        return seen
-
-    operand = next(a for a in add.args if isinstance(a, fx.Node) and a is not skip)
-    return ancestors(operand) - ancestors(skip)
+    block = blocks.get(group.block) if group.block is not None else None
+    r = removable_residual(block, "attn" if group.kind in ("heads", "head_dim") else "mlp")
+    return set() if r is None else branch_members(gm, block, r)
 
 
 class InsertUnitGatesPass(VitPass):

@@ -140,3 +140,38 @@ class UnitGate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.group}, units={self.units}, channels={self.channel_unit.numel()}"
+
+
+class BlockGate(nn.Module):
+    """Keeps or skips a residual block, or one residual branch (methods.md §4.3).
+
+    A block gate is called as ``gate(x_in, x_out)`` on the block's input and output streams and
+    computes ``u x_out + (1 - u) x_in``; a branch gate is called as ``gate(branch)`` just before the
+    residual add and computes ``u branch``. ``u`` is ``None`` (open: the graph is the original),
+    a bool (a hard decision, computed exactly: the skipped value is ``x_in`` or zeros, as in the
+    graph with the block deleted) or a tensor (a soft sample while learning).
+    """
+
+    def __init__(self, unit: str, kind: str) -> None:
+        super().__init__()
+        if kind not in ("block", "attn", "mlp"):
+            raise ValueError(f"BlockGate kind must be block, attn or mlp, got {kind!r}")
+        self.unit = unit
+        self.kind = kind
+        self.u: Tensor | bool | None = None
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        u = self.u
+        if self.kind == "block":
+            x_in, x_out = xs
+            if u is None or u is True:
+                return x_out
+            x_in = x_in.reshape(x_out.shape)  # (B, H, W, C) in, (B, H*W, C) out in some Swin blocks
+            return x_in if u is False else u * x_out + (1 - u) * x_in
+        (branch,) = xs
+        if u is None or u is True:
+            return branch
+        return torch.zeros_like(branch) if u is False else u * branch
+
+    def extra_repr(self) -> str:
+        return f"{self.unit}, kind={self.kind}"

@@ -90,7 +90,14 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
     calibration = None
     if spec.width.method == "taylor" and dataset.train is not None:
         calibration = dataset.loader("train", shuffle=True, seed=spec.train.seed)
+    if spec.depth.exits and spec.train.steps == 0:
+        raise SpecError("depth.exits adds fresh exit classifiers, which need training: set train.steps > 0 and "
+                        "pass --data digits or --data imagefolder:PATH")
+    if spec.depth.exits and spec.depth.exit is None and dataset.val is None:
+        raise SpecError("depth.exits with no depth.exit chooses the exit by validation top-1, and there is no "
+                        "validation data: pass --data, or name the exit to cut at with depth.exit")
     gated = instrument(g, spec, calibration=calibration)
+    gated.exit_data = dataset.val
 
     fitted = None
     if spec.train.steps > 0:
@@ -98,7 +105,7 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
         fitted = fit(gated, dataset.train, spec.train, teacher=teacher, val_data=dataset.val,
                      out_dir=Path(out_dir) / "train" if out_dir is not None else None, resume=resume,
                      progress=progress)
-    if not bool(gated.method.is_frozen):  # learned with no steps: project the untrained decisions
+    if not gated.frozen:  # learned with no steps: project the untrained (or one-shot) decisions
         gated.freeze()
     gated.eval()
 
@@ -124,6 +131,7 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
         "kept": {k: len(v) for k, v in gated.decisions().items()},
         "units": {s.name: s.units for s in gated.method.sites},
         "skipped_sites": gated.skipped,
+        "depth": _depth_report(g, gated),
         "method": spec.width.method,
         "train": None,
     }
@@ -155,6 +163,27 @@ def _budget_report(spec: Spec, gated: GatedModel, achieved: float) -> dict[str, 
     if spec.learned and learned is not None:
         out["learned"] = learned
         out["projected"] = abs(learned - achieved) > 1e-6
+    return out
+
+
+def _depth_report(g: VitGraph, gated: GatedModel) -> dict[str, Any]:
+    """Blocks before and after, what was skipped or cut, and why the blocks that could not be skipped were not."""
+    names = {b.index: b.name for b in g.structure.blocks}
+    removed = gated.removed_blocks()
+    out: dict[str, Any] = {
+        "blocks": {"dense": len(names), "compressed": len(names) - len(removed)},
+        "removed_blocks": [names[i] for i in removed],
+        "skipped_branches": [u.name for u in (gated.depth.units if gated.depth is not None else [])
+                             if u.kind != "block" and not gated.depth_decisions()[u.name]],
+        "not_skippable": gated.depth_skipped,
+    }
+    if gated.depth is not None:
+        out["gates"] = {u.name: bool(keep) for u, keep in zip(gated.depth.units, gated.depth.hard().tolist())}
+        out["projection"] = dict(gated.depth.projection)
+    if gated.exits:
+        out["exits"] = list(gated.exits)
+        out["exit"] = gated.exit_after()
+        out["exit_top1"] = gated.exit_top1
     return out
 
 

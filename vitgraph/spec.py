@@ -56,8 +56,22 @@ class Width:
 
 @dataclass(frozen=True)
 class Depth:
-    skip_blocks: bool = False    # UVC block gates
+    skip_blocks: bool = False    # UVC block gates: learn which residual blocks to delete
+    per_branch: bool = False     # one gate per branch (attention, MLP) instead of per block
+    warmup: float = 0.0          # fraction of the search with every gate fixed at 0.5 (UVC: 1/6)
     exits: tuple[int, ...] = ()  # WDPruning exit classifiers after these blocks (1-based)
+    exit: int | None = None      # cut the model at this exit; None: the shallowest within exit_tolerance
+    exit_tolerance: float = 0.01  # top-1 (0..1) an exit may lose against the final head on validation data
+
+    def __post_init__(self) -> None:
+        if any(not isinstance(e, int) or isinstance(e, bool) or e < 1 for e in self.exits):
+            raise SpecError(f"depth.exits are 1-based block numbers (an exit after block e), got {list(self.exits)}")
+        if self.exit is not None and (not isinstance(self.exit, int) or self.exit < 1):
+            raise SpecError(f"depth.exit is a 1-based block number from depth.exits, got {self.exit!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise SpecError(f"depth.warmup is a fraction of the search steps in [0, 1), got {self.warmup}")
+        if not 0.0 <= self.exit_tolerance <= 1.0:
+            raise SpecError(f"depth.exit_tolerance is a top-1 difference in [0, 1], got {self.exit_tolerance}")
 
 
 @dataclass(frozen=True)
@@ -168,7 +182,13 @@ class Spec:
 
     @property
     def learned(self) -> bool:
+        """Whether the width decisions are learned (wdpruning, uvc) rather than scored once."""
         return self.width.enabled and self.width.method not in ONE_SHOT
+
+    @property
+    def trains(self) -> bool:
+        """Whether anything in the spec needs training to decide (learned widths, block gates, exits)."""
+        return self.learned or self.depth.skip_blocks or bool(self.depth.exits)
 
 
 # Defaults of the published methods (../shared/methods.md); user keys override them.
@@ -176,10 +196,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "wdpruning": {"budget": {"flops": 0.5},
                   "width": {"method": "wdpruning", "heads": True, "head_dim": False, "mlp": True, "align": 16},
                   "train": {"steps": 300, "lr": 5.0e-4, "search": 0.5}},
-    # methods.md §4 also prunes value dims and skips blocks; those axes are not implemented yet, so the
-    # preset learns heads and MLP units only (spec `head_dim: true` raises a clear SpecError)
+    # methods.md §4 also prunes value dims; that axis is not implemented yet (spec `head_dim: true` raises a
+    # clear SpecError), so the preset learns heads, MLP units and block gates under one budget
     "uvc": {"budget": {"flops": 0.5},
             "width": {"method": "uvc", "heads": True, "head_dim": False, "mlp": True, "align": 8},
+            "depth": {"skip_blocks": True, "warmup": 0.167},
             "train": {"steps": 300, "lr": 1.0e-4, "distill": {"alpha": 0.1, "tau": 1.0}, "search": 0.5}},
     "spvit_tokens": {"tokens": {"stages": [], "keep": []}, "width": {"heads": False, "mlp": False}},
     "spvit_conv": {"attention": {"to_conv": True}, "width": {"heads": False, "mlp": True}},

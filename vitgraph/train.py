@@ -47,6 +47,7 @@ class Compressible(Protocol):
     """What :func:`fit` asks of a gated model besides being an ``nn.Module`` (duck-typed).
 
     - ``param_groups()``: ``{"weights" | "arch" | "dual": [parameters]}``; a parameter in one group only.
+      ``"arch:NAME"`` / ``"dual:NAME"`` are further groups of that kind with settings of their own.
     - ``optim_defaults()``: per group ``{"lr", "weight_decay", "every", "schedule": "cosine" | "constant",
       "optimizer": "adamw" | "sgd", "momentum"}``; see :class:`GroupConfig`. ``train.lr`` (and
       ``train.weight_decay``) override the ``weights`` entry, ``train.arch_lr`` / ``train.dual_lr`` the others.
@@ -60,6 +61,8 @@ class Compressible(Protocol):
       ``arch`` and ``dual``. On resume it is called again *after* the arch parameters are restored, so it
       must be a function of the module's state.
     - ``status()``: ``{"flops": 0.53, ...}`` shown in the progress bar and logged.
+    - ``aux_logits()``: ``{name: logits}`` of the last forward (exit classifiers); each gets the task loss.
+    - ``searches``: True when the model must search and ``freeze`` even without ``arch`` parameters.
 
     ``dual`` parameters take gradient *ascent* steps and are clamped at >= 0 after each step.
     """
@@ -108,15 +111,20 @@ class FitResult:
 
 # -- parameter groups and schedules ------------------------------------------------------------------------
 
+def kind(group: str) -> str:
+    """``weights``, ``arch`` or ``dual``: what a group name (``"arch:blocks"``) is."""
+    return group.split(":", 1)[0]
+
+
 def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """The model's groups (all trainable parameters are ``weights`` for a plain module), checked."""
     if not isinstance(model, Compressible):
         return {"weights": [p for p in model.parameters() if p.requires_grad]}
     groups = {k: list(v) for k, v in model.param_groups().items() if len(v)}
-    unknown = sorted(set(groups) - set(GROUPS))
+    unknown = sorted(g for g in groups if kind(g) not in GROUPS or g.startswith("weights:"))
     if unknown:
         raise VitgraphError(f"{type(model).__name__}.param_groups() has group {unknown[0]!r}; "
-                            f"groups are {', '.join(GROUPS)}")
+                            f"groups are {', '.join(GROUPS)}, or arch:NAME / dual:NAME")
     seen: dict[int, str] = {}
     for name, params in groups.items():
         for p in params:
@@ -124,7 +132,7 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
                 raise VitgraphError(f"{type(model).__name__}.param_groups(): a parameter of shape {tuple(p.shape)} "
                                     f"is in both {seen[id(p)]!r} and {name!r}; give it one group")
             seen[id(p)] = name
-    return {name: groups[name] for name in GROUPS if name in groups}
+    return {name: groups[name] for k in GROUPS for name in groups if kind(name) == k}
 
 
 def group_configs(model: nn.Module, groups: dict[str, list[nn.Parameter]], cfg: Train) -> dict[str, GroupConfig]:
@@ -135,7 +143,7 @@ def group_configs(model: nn.Module, groups: dict[str, list[nn.Parameter]], cfg: 
     out = {}
     for name in groups:
         settings = dict(defaults.get(name, {}))
-        settings.update({k: v for k, v in overrides[name].items() if v is not None})
+        settings.update({k: v for k, v in overrides.get(name, {}).items() if v is not None})
         bad = [k for k in settings if k not in allowed]
         if bad:
             raise VitgraphError(f"{type(model).__name__}.optim_defaults()[{name!r}] has key {bad[0]!r}; "
@@ -174,7 +182,7 @@ class Plan:
         return "train" if not self.two_phase else "search" if step < self.search_end else "finetune"
 
     def lr(self, g: GroupConfig, step: int, cfg: Train) -> float:
-        if g.name != "weights":  # arch and dual only train while searching
+        if kind(g.name) != "weights":  # arch and dual only train while searching
             return lr_at(step, g.lr, g.lr * cfg.min_lr / cfg.lr, g.schedule, 0, self.search_end)
         if step < self.search_end:  # the warm-up belongs to the first phase that trains weights
             return lr_at(step, g.lr, cfg.min_lr, g.schedule, 0, self.search_end, min(cfg.warmup_steps, self.search_end))
@@ -189,7 +197,7 @@ def _optimizer(g: GroupConfig, params: list[nn.Parameter]) -> torch.optim.Optimi
         groups = [{"params": ps, "weight_decay": wd} for ps, wd in ((decay, g.weight_decay), (rest, 0.0)) if ps]
     else:
         groups = [{"params": params, "weight_decay": g.weight_decay}]
-    ascent = g.name == "dual"
+    ascent = kind(g.name) == "dual"
     if g.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=g.lr, momentum=g.momentum, maximize=ascent)
     return torch.optim.AdamW(groups, lr=g.lr, betas=(g.beta1, 0.999), maximize=ascent)
@@ -278,9 +286,11 @@ class _WithPenalties(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[Any, dict[str, torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         out = self.model(x)
-        return out, (self.model.penalties() if isinstance(self.model, Compressible) else {})
+        penalties = self.model.penalties() if isinstance(self.model, Compressible) else {}
+        aux = self.model.aux_logits() if hasattr(self.model, "aux_logits") else {}
+        return out, penalties, aux
 
 
 def _wrap(model: nn.Module, world: _World, device: torch.device) -> nn.Module:
@@ -346,7 +356,8 @@ class _Run:
         self.model, self.cfg, self.world, self.device = model, cfg, world, device
         self.groups = param_groups(model)
         self.configs = group_configs(model, self.groups, cfg)
-        self.plan = Plan.of(cfg, bool(self.groups.get("arch")))
+        searches = any(kind(k) == "arch" for k in self.groups) or bool(getattr(model, "searches", False))
+        self.plan = Plan.of(cfg, searches)
         self.optimizers = {name: _optimizer(self.configs[name], ps) for name, ps in self.groups.items()}
         self.params = [p for ps in self.groups.values() for p in ps]
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
@@ -358,9 +369,11 @@ class _Run:
         self.frozen = True
         if hasattr(self.model, "freeze"):
             self.model.freeze()
-        for p in self.groups.get("arch", []) + self.groups.get("dual", []):
-            p.requires_grad_(False)
-            p.grad = None
+        for name, params in self.groups.items():
+            if kind(name) != "weights":
+                for p in params:
+                    p.requires_grad_(False)
+                    p.grad = None
 
     def step(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, teacher: nn.Module | None,
              step: int) -> dict[str, torch.Tensor]:
@@ -373,12 +386,15 @@ class _Run:
                 pg["lr"] = self.lrs[k]
         dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         with torch.autocast(self.device.type, dtype=dtype, enabled=cfg.amp):
-            out, penalties = net(x)
+            out, penalties, aux = net(x)
             t_logits = None
             if teacher is not None:
                 with torch.no_grad():
                     t_logits = _logits(teacher(x), "the teacher")
         loss, terms = task_loss(_logits(out, type(self.model).__name__), y, t_logits, cfg.distill)
+        for name, logits in aux.items():  # exit classifiers: the same task loss, weight 1 (methods.md §2.3)
+            terms[name], _ = task_loss(_logits(logits, name), y, t_logits, cfg.distill)
+            loss = loss + terms[name]
         for name, value in penalties.items():
             terms[name] = value.float()
             loss = loss + terms[name]
@@ -392,7 +408,7 @@ class _Run:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(self.groups[k], cfg.clip_grad)
             scaler.step(opt)
-            if k == "dual":
+            if kind(k) == "dual":
                 with torch.no_grad():
                     for p in self.groups[k]:
                         p.clamp_(min=0.0)

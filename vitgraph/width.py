@@ -84,6 +84,8 @@ def allocate(sites: Sequence[Site], fractions: Mapping[str, float], target: floa
             lo, hi = (mid, hi) if fraction_of(c) < target else (lo, mid)
         return best
 
+    if not sites:
+        return {}
     everything = {s.name for s in sites}
     fine = {s.name for s in sites if s.kind == "mlp"}
     if fine and fine != everything:

@@ -313,3 +313,32 @@ def mark_token_prunable(gm: fx.GraphModule, blocks: list[Block], tokens: TokenIn
             barrier = f"later block {b.index}: {own}"
         out.append(replace(b, token_prunable=reason is None, token_reason=reason))
     return list(reversed(out))
+
+
+def branch_members(gm: fx.GraphModule, block: Block, residual: Residual) -> set[str]:
+    """Names of the nodes that only ``residual``'s branch computes (what deleting the branch removes)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    add, skip = nodes[residual.add], nodes[residual.skip]
+    inside = set(block.nodes)
+
+    def upstream(start: fx.Node) -> set[str]:
+        seen, stack = set(), [start]
+        while stack:
+            n = stack.pop()
+            if n.name in seen or n.name not in inside:
+                continue
+            seen.add(n.name)
+            stack.extend(n.all_input_nodes)
+        return seen
+
+    operand = next(a for a in add.args if isinstance(a, fx.Node) and a is not skip)
+    return upstream(operand) - upstream(skip)
+
+
+def removable_residual(block: Block | None, kind: str) -> Residual | None:
+    """The residual of ``block`` whose branch is the ``kind`` ("attn" | "mlp") site alone and whose
+    shortcut is a plain identity: deleting that branch leaves exactly the stream."""
+    for r in block.residuals if block is not None else ():
+        if r.kind == kind and r.identity_skip and r.skip_scale is None:
+            return r
+    return None

@@ -1,0 +1,72 @@
+"""Instrument: a :class:`BlockGate` after every skippable block, or in front of every skippable branch.
+
+Before (one block)::
+
+    add_1 = add + mlp_fc2
+    norm1 = self.blocks.1.norm1(add_1)
+
+After, whole-block gates::
+
+    add_1 = add + mlp_fc2
+    gate = self.vg_blocks.blocks_0(x, add_1)      # u * add_1 + (1 - u) * x
+    norm1 = self.blocks.1.norm1(gate)
+
+After, per-branch gates (``depth.per_branch``)::
+
+    gate = self.vg_blocks.blocks_0_mlp(mlp_fc2)   # u * mlp_fc2
+    add_1 = add + gate
+
+Gates start open: the graph computes exactly what it computed before.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+
+from vitgraph.depth import BLOCK_GATES, DepthUnit
+from vitgraph.errors import PreconditionError
+from vitgraph.gates import BlockGate
+from vitgraph.meta import SHAPE
+from vitgraph.passes.base import PassResult, VitPass, require_nodes
+
+
+class InsertBlockGatesPass(VitPass):
+    """After: every unit's stream (block) or branch (attn / mlp) passes through its gate."""
+
+    def __init__(self, units: Sequence[DepthUnit]) -> None:
+        self.units = list(units)
+        self.gates: dict[str, BlockGate] = {}
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        if hasattr(gm, BLOCK_GATES):
+            raise PreconditionError(f"{self.name}: the graph already has block gates ({BLOCK_GATES})")
+        require_nodes(gm, [n for u in self.units for n in (u.start, u.end)], self.name, "block")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        if not self.units:
+            return PassResult(gm, modified=False)
+        gm.add_module(BLOCK_GATES, torch.nn.Module())
+        nodes = {n.name: n for n in gm.graph.nodes}
+        carried: dict[str, fx.Node] = {}  # a gated block's output: the node that now carries its stream
+        for unit in self.units:
+            gate = BlockGate(unit.name, unit.kind)
+            gm.add_submodule(unit.gate, gate)
+            self.gates[unit.name] = gate
+            start, end = nodes[unit.start], nodes[unit.end]
+            if unit.kind == "block":
+                start = carried.get(unit.start, start)  # skipping blocks 10 and 11 leaves block 9's output
+                with gm.graph.inserting_after(end):
+                    g = gm.graph.call_module(unit.gate, (start, end))
+                end.replace_all_uses_with(g, delete_user_cb=lambda user, g=g: user is not g)
+                carried[unit.end] = g
+                g.meta[SHAPE] = end.meta.get(SHAPE)
+            else:
+                operand = next(a for a in end.args if isinstance(a, fx.Node) and a is not start)
+                with gm.graph.inserting_before(end):
+                    g = gm.graph.call_module(unit.gate, (operand,))
+                end.replace_input_with(operand, g)
+                g.meta[SHAPE] = operand.meta.get(SHAPE)
+        gm.recompile()
+        return PassResult(gm, modified=True, counters={"block_gates": len(self.gates)})
