@@ -10,6 +10,7 @@ Invariant (tests/test_width.py): the gated graph in ``eval`` mode equals the res
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -17,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from vitgraph.passes.base import PassResult, VitPass, require_nodes
-from vitgraph.passes.insert_unit_gates_pass import GATES, branch_add
+from vitgraph.passes.insert_unit_gates_pass import GATES, branch_add, gate_name
 from vitgraph.errors import PostconditionError, PreconditionError
 from vitgraph.meta import Block, CoupledGroup
 
@@ -42,22 +43,17 @@ class RemovePrunedUnitsPass(VitPass):
                 raise PreconditionError(f"{self.name}: kept units {units} of {name} are outside 0..{n - 1}")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        counters = {"gates_removed": _strip_gates(gm), "units_removed": 0, "branches_removed": 0}
+        counters = {"gates_removed": 0, "units_removed": 0, "branches_removed": 0}
+        for name, units in self.kept.items():  # first, while the branch gates still mark the branch operand
+            if not units:
+                self._remove_branch(gm, name)
+                counters["branches_removed"] += 1
+        counters["gates_removed"] = _strip_gates(gm)
         for name, units in self.kept.items():
             group = self.groups[name]
             removed = group.units - len(units)
-            if removed == 0:
-                continue
             counters["units_removed"] += removed
-            if not units:
-                branch = branch_add(self.blocks, group)
-                if branch is None:
-                    raise PreconditionError(f"{self.name}: every unit of {name} is pruned but its residual branch "
-                                            f"cannot be removed; keep at least one unit")
-                nodes = require_nodes(gm, branch, self.name, "residual")
-                nodes[branch[0]].replace_all_uses_with(nodes[branch[1]])
-                gm.graph.erase_node(nodes[branch[0]])
-                counters["branches_removed"] += 1
+            if removed == 0 or not units:
                 continue
             slice_group(gm, group, units)
             rewrite_constants(gm, group, removed, self.name)
@@ -69,10 +65,34 @@ class RemovePrunedUnitsPass(VitPass):
         modified = counters["gates_removed"] > 0 or counters["units_removed"] > 0
         return PassResult(gm, modified=modified, counters=counters)
 
+    def _remove_branch(self, gm: fx.GraphModule, name: str) -> None:
+        """The group keeps no unit: its residual add becomes the add's other operand (the stream, which
+        may by now be another pass's node, e.g. a block gate's output)."""
+        target = f"{GATES}.{gate_name(name)}"
+        gate = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == target
+                     and n.kwargs.get("branch")), None)
+        if gate is None or branch_add(self.blocks, self.groups[name]) is None or len(gate.users) != 1:
+            raise PreconditionError(f"{self.name}: every unit of {name} is pruned but its residual branch cannot be "
+                                    f"removed; keep at least one unit")
+        branch, add = gate, next(iter(gate.users))
+        while not _is_add(add) and len(add.users) == 1:  # through other passes' branch gates
+            branch, add = add, next(iter(add.users))
+        skip = next((a for a in add.args if isinstance(a, fx.Node) and a is not branch), None)
+        if not _is_add(add) or skip is None:
+            raise PreconditionError(f"{self.name}: the branch of {name} does not end in a residual add "
+                                    f"({add.format_node()})")
+        add.replace_all_uses_with(skip)
+        gm.graph.erase_node(add)
+
     def ensures(self, gm: fx.GraphModule) -> None:
         super().ensures(gm)
         if any(n.op == "call_module" and str(n.target).startswith(GATES) for n in gm.graph.nodes):
             raise PostconditionError(f"{self.name}: gate calls are left in the compact graph")
+
+
+def _is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in (operator.add, torch.add)) or \
+        (node.op == "call_method" and node.target == "add")
 
 
 def _strip_gates(gm: fx.GraphModule) -> int:

@@ -134,16 +134,31 @@ def _skip_reason(group: list[_Unit], start: fx.Node, end: fx.Node) -> str | None
     return None
 
 
+def _escapes(members: set[fx.Node], end: fx.Node, live: set[fx.Node]) -> str | None:
+    """Why deleting the block would leave later nodes without a value they read from inside it."""
+    computed = {n for n in members if n.meta.get(COST) is not None and n.meta[COST].flops > 0}
+    for n in members:
+        outside = [u for u in n.users if u not in members and u in live]  # dead trace leftovers do not count
+        if n is end or not outside:
+            continue
+        if computed & _ancestors(n, lambda a: a in members):
+            outside = outside[0]
+            return (f"%{outside.name} after the block reads %{n.name} computed inside it (e.g. a pooled feature "
+                    f"size): the block cannot be deleted")
+    return None
+
+
 def find_blocks(gm: fx.GraphModule, attention: list[AttentionSite], mlps: list[MlpSite]) -> list[Block]:
     nodes = {n.name: n for n in gm.graph.nodes}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    live = _ancestors(next(n for n in gm.graph.nodes if n.op == "output"))
     blocks = []
     for idx, group in enumerate(_pair(_units(gm, attention, mlps, order), order)):
         attn = next((u.site for u in group if u.kind == "attn"), None)
         mlp = next((u.site for u in group if u.kind == "mlp"), None)
         start, end = group[0].start, group[-1].end
-        reason = _skip_reason(group, start, end)
         members = _ancestors(end, _after(order[start] + 1, order)) - {start}
+        reason = _skip_reason(group, start, end) or _escapes(members, end, live)
         member_names = tuple(n.name for n in gm.graph.nodes if n in members)
         flops = sum(nodes[n].meta[COST].flops for n in member_names if COST in nodes[n].meta)
         params = sum(nodes[n].meta[COST].params for n in member_names if COST in nodes[n].meta)
