@@ -146,6 +146,12 @@ def _compile_summary(report: dict[str, Any]) -> str:
              f"  FLOPs  {d['flops'] / 1e9:8.3f} G -> {c['flops'] / 1e9:8.3f} G",
              f"  params {d['params'] / 1e6:8.2f} M -> {c['params'] / 1e6:8.2f} M",
              f"  top-1  {top1(d['top1']):>8} -> {top1(c['top1']):>8}"]
+    depth = report.get("depth") or {}
+    if depth.get("removed_blocks") or depth.get("skipped_branches") or depth.get("exit"):
+        blocks = depth["blocks"]
+        gone = depth["removed_blocks"] + depth["skipped_branches"]
+        lines.append(f"  blocks {blocks['dense']:8d}   -> {blocks['compressed']:8d}     removed: {', '.join(gone)}"
+                     + (f"; cut after block {depth['exit']}" if depth.get("exit") else ""))
     for t, v in report["latency_ms"].items():
         lines.append(f"  {t} batch {v['batch']}: {v['dense']:.2f} ms -> {v['compressed']:.2f} ms "
                      f"({v['dense'] / v['compressed']:.2f}x)")

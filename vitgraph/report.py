@@ -120,14 +120,22 @@ def write_markdown(report: dict, out_dir: Path | str) -> dict[str, str]:
         lat = "".join(f" {v[label]:.2f} |" for v in report["latency_ms"].values())
         lines.append(f"| {label} | {row['flops'] / 1e9:.3f} | {row['params'] / 1e6:.2f} | {top1(row['top1'])} |{lat}")
     lines += ["", "| block | heads | MLP hidden | GFLOPs |", "|---|---|---|---|"]
-    before = {b["index"]: b for b in report.get("dense_blocks", [])}
-    for b in report["blocks"]:
-        d = before.get(b["index"], {})
+    after = {b["name"]: b for b in report["blocks"]}  # compact blocks keep their module names
+    for d in report.get("dense_blocks", report["blocks"]):
+        b = after.get(d["name"])
+        if b is None:
+            lines.append(f"| {d['name']} | removed | removed | 0 |")
+            continue
         heads = b["attention"]["heads"] if b["attention"] else 0
         hidden = b["mlp"]["hidden"] if b["mlp"] else 0
-        dh = d.get("attention", {}) and d["attention"]["heads"]
-        dm = d.get("mlp", {}) and d["mlp"]["hidden"]
-        lines.append(f"| {b['index']} | {heads} / {dh} | {hidden} / {dm} | {b['flops'] / 1e9:.3f} |")
+        dh = d["attention"]["heads"] if d["attention"] else 0
+        dm = d["mlp"]["hidden"] if d["mlp"] else 0
+        lines.append(f"| {d['name']} | {heads} / {dh} | {hidden} / {dm} | {b['flops'] / 1e9:.3f} |")
+    depth = report.get("depth") or {}
+    if depth.get("exit"):
+        lines += ["", f"Cut after block {depth['exit']} (exit top-1 on validation data: {depth.get('exit_top1')})."]
+    if depth.get("not_skippable"):
+        lines += ["", "Blocks that cannot be skipped:"] + [f"- `{k}`: {v}" for k, v in depth["not_skippable"].items()]
     if report.get("skipped_sites"):
         lines += ["", "Sites left dense:"] + [f"- `{k}`: {v}" for k, v in report["skipped_sites"].items()]
     files = {}
@@ -147,17 +155,18 @@ def _plot_kept(report: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    before = {b["index"]: b for b in report.get("dense_blocks", [])}
-    idx = [b["index"] for b in report["blocks"]]
+    after = {b["name"]: b for b in report["blocks"]}
+    dense = report.get("dense_blocks", report["blocks"])
+    idx = list(range(len(dense)))
 
-    def frac(b: dict, key: str, field: str) -> float:
-        d = before.get(b["index"], {}).get(key)
-        return (b[key][field] if b[key] else 0) / d[field] if d else 0.0
+    def frac(d: dict, key: str, field: str) -> float:  # a removed block keeps nothing
+        b = after.get(d["name"])
+        return (b[key][field] if b and b[key] else 0) / d[key][field] if d[key] else 0.0
 
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(idx) + 2), 3))
     w = 0.4
-    ax.bar([i - w / 2 for i in idx], [frac(b, "attention", "heads") for b in report["blocks"]], w, label="heads")
-    ax.bar([i + w / 2 for i in idx], [frac(b, "mlp", "hidden") for b in report["blocks"]], w, label="MLP units")
+    ax.bar([i - w / 2 for i in idx], [frac(d, "attention", "heads") for d in dense], w, label="heads")
+    ax.bar([i + w / 2 for i in idx], [frac(d, "mlp", "hidden") for d in dense], w, label="MLP units")
     ax.set_xlabel("block")
     ax.set_ylabel("kept fraction")
     ax.set_ylim(0, 1.05)
