@@ -211,3 +211,37 @@ def test_deit_small_without_three_blocks_exports_a_pt2_that_loads_in_a_fresh_pro
             "assert e < 1e-4, e; assert 'timm' not in sys.modules")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("crash_at", [3, 7], ids=["before-freeze", "after-freeze"])
+def test_resume_with_gates_and_exits_is_bit_exact(tmp_path, crash_at):
+    from tests.test_train import Crash, _crash_after
+    from vitgraph.data import load_data
+    from vitgraph.train import fit
+
+    data = load_data("digits", (1, 16, 16), batch_size=16)
+    spec = Spec.from_dict({"budget": {"flops": 0.6}, "width": {"method": "wdpruning", "align": 1},
+                           "depth": {"skip_blocks": True, "exits": [1, 2]},
+                           "train": {"steps": 10, "search": 0.5, "batch_size": 16, "checkpoint_every": 1}})
+
+    def build(seed: int):
+        torch.manual_seed(0)
+        m = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, num_classes=10,
+                              embed_dim=32, depth=3, num_heads=2).eval()
+        gated = instrument(vg.trace(m, torch.randn(2, 1, 16, 16)), spec)
+        gated.exit_data = data.val
+        torch.manual_seed(seed)
+        return gated, m
+
+    straight, teacher = build(0)
+    fit(straight, data.train, spec.train, teacher=teacher, out_dir=tmp_path / "a", progress=False)
+    crashed, _ = build(0)
+    _crash_after(crashed, crash_at)
+    with pytest.raises(Crash):
+        fit(crashed, data.train, spec.train, teacher=teacher, out_dir=tmp_path / "b", progress=False)
+    resumed, _ = build(99)
+    fit(resumed, data.train, spec.train, teacher=teacher, out_dir=tmp_path / "b", resume=True, progress=False)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and "exit_chosen" in a and "depth.frozen_keep" in a
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert straight.frozen and resumed.frozen and straight.exit_after() == resumed.exit_after()

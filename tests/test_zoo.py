@@ -111,7 +111,10 @@ def test_reasons_where_passes_cannot_apply():
     assert "talking-heads" in cait.blocks[0].attention.prunable["heads"]
     assert cait.blocks[-1].attention.prunable["heads"] is None  # class attention has plain heads
     mvit = traced("mvitv2_tiny")
-    assert [b.skippable for b in mvit.blocks].count(False) == 3  # the three stage transitions
+    reasons = [b.skip_reason for b in mvit.blocks]
+    assert sum("stage transition" in (r or "") for r in reasons) == 3  # the three stage transitions
+    # every other block but the last hands the feature size of its pooled queries on to the next block
+    assert sum("cannot be deleted" in (r or "") for r in reasons) == 6 and reasons[-1] is None
     assert "pooling" in mvit.blocks[0].attention.prunable["heads"]
     xcit = traced("xcit_tiny_12_p16_224")
     assert xcit.blocks[0].attention.mode == "channel"

@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from vitgraph.analysis.blocks import branch_members, removable_residual
-from vitgraph.gates import BlockGate, gumbel2
+from vitgraph.gates import BlockGate, gumbel2, ste_step
 from vitgraph.meta import Block, shape_of
 
 BLOCK_GATES = "vg_blocks"  # the submodule holding every block gate
@@ -81,7 +81,7 @@ class DepthGates(nn.Module):
         self.register_buffer("is_frozen", torch.zeros((), dtype=torch.bool))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.gates: dict[str, BlockGate] = {}
-        self.u: Tensor | None = None          # keep value per unit during a forward (soft or hard)
+        self.u: Tensor | None = None          # keep value per unit that a forward's budget terms price
         self.cost_fn: Callable[[], Tensor] | None = None  # fraction of the dense FLOPs under ``u``
         self.projection: dict[str, Any] = {}
 
@@ -104,16 +104,23 @@ class DepthGates(nn.Module):
         return gumbel2(self.logits, tau=self.tau, hard=False)[:, 1]
 
     def apply(self, mode: str) -> None:
-        """Set every gate for one forward in ``mode``."""
+        """Set every gate for one forward in ``mode``, and what the budget prices for it."""
         u = self.keep_values(mode)
-        self.u = u
         hard = mode == "eval" or bool(self.is_frozen)
+        self.u = u if hard else None  # warm-up prices the hard decisions (keep all), not the fixed 0.5
+        if mode == "train" and not hard and self.learning():
+            # (decision) methods.md §4.4 prices the soft sample. All gates then fall together and the
+            # hard decisions overshoot (8 of 12 blocks skipped for a 0.7 budget on the issue's run): the
+            # soft cost reaches the budget while every margin is still near 0. Pricing the hard decisions,
+            # with the gradient of the keep probability (straight-through), stops the fall as soon as the
+            # blocks actually skipped meet the budget.
+            self.u = ste_step(torch.sigmoid(self.logits[:, 1] - self.logits[:, 0]))
         for i, unit in enumerate(self.units):
             gate = self.gates[unit.name]
             gate.u = None if u is None else (bool(u[i] > 0.5) if hard else u[i])
 
     def values(self) -> Tensor:
-        """Keep value per unit for pricing: the current forward's sample, else the hard decisions."""
+        """Keep value per unit for pricing: the current forward's (straight-through) decisions, else the hard ones."""
         return self.u if self.u is not None else self.hard()
 
     # -- what the training loop calls -------------------------------------------------------------
