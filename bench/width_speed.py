@@ -1,13 +1,15 @@
-"""Does width pruning's FLOPs cut turn into speed? Dense vs one-shot-compressed ViT on every lowering target.
+"""Does a FLOPs cut turn into speed? Dense vs one-shot-compressed ViT on every lowering target.
 
 The model (default deit_small_patch16_224, random weights: timing does not depend on them) is compressed
-by ``vg.compress`` to ``--flops`` of its dense FLOPs with one-shot magnitude width pruning (heads + MLP),
-then dense and compact run side by side in eager PyTorch, torch.compile and ONNX Runtime (spinning off),
+by ``vg.compress`` to ``--flops`` of its dense FLOPs, one-shot: ``--axis width`` prunes heads + MLP units
+by magnitude, ``--axis depth`` deletes whole blocks (the ones that change the residual stream least),
+``--axis both`` deletes blocks first and narrows the rest to close the gap. Then dense and compact run side by side in eager PyTorch, torch.compile and ONNX Runtime (spinning off),
 all runners of one batch size interleaved; medians. Per target and batch it prints the speed-up and the
 *efficiency* = speed-up / (dense FLOPs / compact FLOPs): 1.0 means latency fell as much as FLOPs did::
 
     python bench/width_speed.py --flops 0.5 --batches 1,16 --json width_speed.json
     python bench/width_speed.py --targets eager,onnx --repeats 10     # skip the torch.compile build
+    python bench/width_speed.py --axis depth --flops 0.75              # 3 of deit_small's 12 blocks deleted
 """
 from __future__ import annotations
 
@@ -38,11 +40,14 @@ def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def compress(model: nn.Module, x: torch.Tensor, target: float, align: int | None) -> tuple[nn.Module, dict[str, Any]]:
-    width: dict[str, Any] = {"method": "magnitude", "heads": True, "mlp": True}
+def compress(model: nn.Module, x: torch.Tensor, target: float, align: int | None,
+             axis: str = "width") -> tuple[nn.Module, dict[str, Any]]:
+    on = axis in ("width", "both")
+    width: dict[str, Any] = {"method": "magnitude", "heads": on, "mlp": on}
     if align is not None:
         width["align"] = align
-    spec = vg.Spec.from_dict({"budget": {"flops": target}, "width": width})
+    spec = vg.Spec.from_dict({"budget": {"flops": target}, "width": width,
+                              "depth": {"skip_blocks": axis in ("depth", "both")}})
     result = vg.compress(model, spec, example_inputs=(x,), data="none", progress=False, latency_targets=())
     return result.compact, result.report
 
@@ -54,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
     parser.add_argument("--targets", default=",".join(bench.TARGETS), help="comma-separated: eager,compile,onnx")
     parser.add_argument("--align", type=int, default=None, help="width.align in the spec (default: the spec's)")
+    parser.add_argument("--axis", choices=("width", "depth", "both"), default="width", help="what to cut")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", metavar="OUT", help="write every figure here")
@@ -64,12 +70,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model = timm.create_model(args.model).eval()
     x = torch.randn(1, *model.pretrained_cfg["input_size"])
-    compact, report = compress(model, x, args.flops, args.align)
+    compact, report = compress(model, x, args.flops, args.align, args.axis)
     dense = trace_module(model, (x,))  # both sides fx graphs: the comparison is the width, not the front end
     fl = {"dense": flops(dense, x), "compact": flops(compact, x)}
     pa = {"dense": params(dense), "compact": params(compact)}
     ratio = fl["dense"] / fl["compact"]
-    print(f"{args.model}: target {args.flops:.2f} of dense FLOPs; torch threads {torch.get_num_threads()}, "
+    print(f"{args.model}: {args.axis}, target {args.flops:.2f} of dense FLOPs; removed blocks "
+          f"{report['depth']['removed_blocks'] or 'none'}; torch threads {torch.get_num_threads()}, "
           "ORT intra-op threads the same, spinning off")
     print(f"  dense   {fl['dense'] / 1e9:6.2f} GFLOPs {pa['dense'] / 1e6:6.2f} M params")
     print(f"  compact {fl['compact'] / 1e9:6.2f} GFLOPs {pa['compact'] / 1e6:6.2f} M params  "
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"(efficiency = speed-up / {ratio:.2f}, the dense/compact FLOPs ratio; medians of {args.repeats} "
           "interleaved rounds)")
     if args.json:
-        out = {"model": args.model, "target_flops": args.flops, "flops": fl, "params": pa, "flops_ratio": ratio,
+        out = {"model": args.model, "axis": args.axis, "target_flops": args.flops, "flops": fl, "params": pa, "flops_ratio": ratio,
                "spec": report.get("spec"), "rows": rows}
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2, default=str)
