@@ -118,13 +118,19 @@ def test_block_gates_pass_without_units_changes_nothing():
 def test_projection_moves_learned_decisions_least():
     costs = torch.tensor([0.2, 0.2, 0.2, 0.2])
 
-    def cost_at(keep, floor):
-        return 0.2 + float((costs * keep.float()).sum()) * (0.5 if floor else 1.0)
+    def cost_at(keep, widths):
+        scale = {"full": 1.0, "floor": 0.5, "learned": 0.8}[widths]
+        return 0.2 + float((costs * keep.float()).sum()) * scale
 
     margins = torch.tensor([-1.0, -0.5, 0.3, 2.0])  # learned: skip units 0 and 1
     assert project(margins, cost_at, 0.6, 0.03, width=False, fill=False).tolist() == [False, False, True, True]
-    # width after depth: depth keeps at least the target at full width (0.6), the width closes the rest
+    # width after depth: the widths must be able to land (full width >= 0.67), and of those candidates the
+    # one nearest the target with the learned widths (0.2 + 0.6 * 0.8 = 0.68) wins
     assert project(margins, cost_at, 0.7, 0.03, width=True, fill=False).tolist() == [False, True, True, True]
+    # learned widths already cut a lot: fewer skipped blocks meet the target with them (0.2 + 0.8 * 0.8 = 0.84)
+    assert project(margins, cost_at, 0.85, 0.03, width=True, fill=False).tolist() == [True, True, True, True]
+    # one-shot depth fills: as many skips as keep the full-width cost at the target
+    assert project(margins, cost_at, 0.6, 0.03, width=True, fill=True).tolist() == [False, False, True, True]
     # depth alone cannot land on 0.7 (0.6 or 0.8): the nearest wins
     assert project(margins, cost_at, 0.75, 0.01, width=False, fill=False).sum() in (2, 3)
 

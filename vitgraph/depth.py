@@ -159,11 +159,10 @@ class DepthGates(nn.Module):
         return {"blocks_kept": float(self.hard().sum())}
 
     @torch.no_grad()
-    def freeze(self, cost_at: Callable[[Tensor, bool], float], tolerance: float, *, width: bool, fill: bool,
+    def freeze(self, cost_at: Callable[[Tensor, str], float], tolerance: float, *, width: bool, fill: bool,
                margins: Tensor | None = None) -> None:
-        """Fix the decisions. ``cost_at(keep, floor)`` prices keep decisions with the width at full
-        (``floor=False``) or at its smallest (``floor=True``); ``width``: a width method will close the
-        gap to the budget after this; ``fill``: skip as many units as the budget allows (one-shot)."""
+        """Fix the decisions (see ``project``). ``width``: a width method closes the gap to the budget
+        after this; ``fill``: skip as many units as the budget allows (one-shot)."""
         if bool(self.is_frozen):
             return
         margins = self.margins() if margins is None else margins
@@ -177,15 +176,18 @@ class DepthGates(nn.Module):
         return {u.name: bool(keep[i] > 0.5) for i, u in enumerate(self.units)}
 
 
-def project(margins: Tensor, cost_at: Callable[[Tensor, bool], float], target: float, tolerance: float, *,
+def project(margins: Tensor, cost_at: Callable[[Tensor, str], float], target: float, tolerance: float, *,
             width: bool, fill: bool) -> Tensor:
     """Keep decisions near the learned ones (skip iff margin <= 0) from which the budget is reachable.
 
-    Units are skipped in ascending margin, so every candidate is a prefix of that order; the
-    learned decision skips ``k`` units. With a width method after this, the kept depth must cost at
-    least the target at full width (the width can only cut) and at most the target plus the
-    tolerance at the width's floor; ``fill`` then skips as many as stay above the target. Depth
-    alone lands within the tolerance, as near the learned ``k`` as possible, else as near the target.
+    Units are skipped in ascending margin, so every candidate is a prefix of that order, and the
+    learned decision skips ``k`` units. ``cost_at(keep, widths)`` prices keep decisions with the
+    widths at ``"full"``, at their ``"floor"`` or as ``"learned"``. With a width method after this,
+    a candidate must let the widths land on the target (full width at least the target minus the
+    tolerance, the floor at most the target plus it); of those skipping at most ``k``, the one whose
+    cost with the learned widths is nearest the target wins: the smallest move from what was learned
+    that the width projection can finish. ``fill`` (one-shot depth) skips as many units as allow it.
+    Depth alone lands within the tolerance, as near the learned ``k`` as possible, else as near the target.
     """
     n = margins.numel()
     order = torch.sort(margins, stable=True).indices
@@ -196,15 +198,15 @@ def project(margins: Tensor, cost_at: Callable[[Tensor, bool], float], target: f
         return keep
 
     learned = int((margins <= 0).sum())
-    full = [cost_at(keep_prefix(k), False) for k in range(n + 1)]
+    full = [cost_at(keep_prefix(k), "full") for k in range(n + 1)]
     if width:
-        floor = [cost_at(keep_prefix(k), True) for k in range(n + 1)]
-        above = [k for k in range(n + 1) if full[k] >= target - 1e-9] or [0]
-        k = max(above) if fill else max([k for k in above if k <= learned] or [0])
-        reachable = [j for j in range(n + 1) if floor[j] <= target + tolerance]
-        if reachable and floor[k] > target + tolerance:
-            k = min(j for j in reachable if j >= k) if any(j >= k for j in reachable) else max(reachable)
-        return keep_prefix(k)
+        floor = [cost_at(keep_prefix(k), "floor") for k in range(n + 1)]
+        ok = [k for k in range(n + 1) if full[k] >= target - tolerance and floor[k] <= target + tolerance] or [0]
+        if fill:
+            above = [k for k in ok if full[k] >= target - 1e-9]
+            return keep_prefix(max(above or ok))
+        pool = [k for k in ok if k <= learned] or [min(ok)]
+        return keep_prefix(min(pool, key=lambda k: (abs(cost_at(keep_prefix(k), "learned") - target), -k)))
     within = [k for k in range(n + 1) if abs(full[k] - target) <= tolerance]
     if within:
         k = min(within, key=lambda j: (abs(j - learned), j)) if not fill else min(within)

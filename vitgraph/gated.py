@@ -164,9 +164,11 @@ class GatedModel(nn.Module):
             self.pricer.exit = self.exit_after()
         if self.depth is not None and not bool(self.depth.is_frozen):
             sites = self.method.sites
+            learned = {name: float(m.sum()) / m.numel() for name, m in self.method.learned_masks("eval").items()}
 
-            def cost_at(keep: Tensor, floor: bool) -> float:
-                width = {s.name: (s.round(0.0) / s.units if floor else 1.0) for s in sites}
+            def cost_at(keep: Tensor, widths: str) -> float:
+                width = {s.name: (s.round(0.0) / s.units if widths == "floor" else
+                                  learned[s.name] if widths == "learned" else 1.0) for s in sites}
                 return float(self.pricer(width, depth=keep.float()))
 
             one_shot = self.one_shot_margins is not None
