@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from vitgraph.passes.base import PassResult, VitPass, require_nodes
-from vitgraph.analysis.blocks import branch_members, removable_residual
+from vitgraph.analysis.blocks import removable_residual
 from vitgraph.analysis.ops import linear_info
 from vitgraph.errors import PreconditionError
 from vitgraph.gates import UnitGate
@@ -38,16 +38,8 @@ def gate_name(group: str) -> str:
 def branch_add(blocks: Mapping[int, Block], group: CoupledGroup) -> tuple[str, str] | None:
     """(add, skip) of the residual whose branch holds only the group's site (attention for heads, the
     MLP for its units) with a plain identity shortcut; None when that branch cannot be removed."""
-    block = blocks.get(group.block) if group.block is not None else None
-    r = removable_residual(block, "attn" if group.kind in ("heads", "head_dim") else "mlp")
+    r = removable_residual(blocks.get(group.block) if group.block is not None else None, group.branch)
     return None if r is None else (r.add, r.skip)
-
-
-def branch_nodes(gm: fx.GraphModule, blocks: Mapping[int, Block], group: CoupledGroup) -> set[str]:
-    """Names of the nodes that only the group's removable residual branch computes."""
-    block = blocks.get(group.block) if group.block is not None else None
-    r = removable_residual(block, "attn" if group.kind in ("heads", "head_dim") else "mlp")
-    return set() if r is None else branch_members(gm, block, r)
 
 
 class InsertUnitGatesPass(VitPass):

@@ -148,6 +148,8 @@ def test_spec_errors_name_the_problem():
         instrument(g, Spec.from_dict(depth_only))
     with pytest.raises(SpecError, match="1-based"):
         Spec.from_dict({"depth": {"exits": [0]}})
+    with pytest.raises(SpecError, match="no exit after block 1 .*besides the last block"):  # sizes from inside
+        instrument(_graph("swin"), _spec(exits=[1]))
     with pytest.raises(SpecError, match="need training"):
         vg.compress(g, {"depth": {"exits": [2]}}, data="none", progress=False, latency_targets=())
 

@@ -44,7 +44,7 @@ class Pricer:
         self.group_branch: dict[str, tuple[int, str]] = {}
         for name in groups:
             group = g.structure.group(name)
-            key = (group.block, "attn" if group.kind in ("heads", "head_dim") else "mlp")
+            key = (group.block, group.branch)
             if key in self.branches:
                 self.group_branch[name] = key
         self.units = list(units)

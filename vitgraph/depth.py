@@ -127,9 +127,6 @@ class DepthGates(nn.Module):
     def learning(self) -> bool:
         return not bool(self.is_frozen) and int(self.steps) >= self.warmup
 
-    def expected_fraction(self) -> Tensor:
-        return self.cost_fn()
-
     def penalties(self) -> dict[str, Tensor]:
         if self.lambdas is None or not self.learning() or self.cost_fn is None:
             return {}
@@ -287,7 +284,8 @@ def head_path(gm: fx.GraphModule, blocks: Sequence[Block]) -> tuple[tuple[str, .
             if a in inside or a.op == "get_attr" or not _reads_input(a):
                 continue
             return (), (f"the head reads %{a.name} besides the last block's output (at %{n.name}; e.g. class-"
-                        f"attention blocks): a copy of it cannot run on an earlier block")
+                        f"attention blocks, or Swin's sizes taken inside the last block): a copy of it cannot run "
+                        f"on an earlier block")
     return tuple(n.name for n in path), None
 
 
@@ -304,27 +302,23 @@ def _reads_input(node: fx.Node) -> bool:
     return False
 
 
-def exit_reasons(blocks: Sequence[Block], path_reason: str | None) -> dict[int, str | None]:
+def exit_reasons(gm: fx.GraphModule, blocks: Sequence[Block], path_reason: str | None) -> dict[int, str | None]:
     """Per 1-based block e: None when an exit classifier may follow block e, else why not."""
     out: dict[int, str | None] = {}
     last = blocks[-1] if blocks else None
+    nodes = {n.name: n for n in gm.graph.nodes}
     for b in blocks:
         e = b.index + 1
         if path_reason is not None:
             out[e] = path_reason
         elif b is last:
             out[e] = "an exit after the last block is the model's own head"
-        elif not _same_shape(b, last):
-            out[e] = (f"block {e}'s output {b.tokens_out} tokens differs from the last block's "
-                      f"{last.tokens_out} (a later stage): the head does not apply there")
+        elif shape_of(nodes[b.output]) != shape_of(nodes[last.output]):
+            out[e] = (f"block {e}'s output {shape_of(nodes[b.output])} differs from the last block's "
+                      f"{shape_of(nodes[last.output])} (another stage): the head does not apply there")
         else:
             out[e] = None
     return out
-
-
-def _same_shape(a: Block, b: Block) -> bool:
-    return a.tokens_out == b.tokens_out and a.output is not None and b.output is not None and \
-        a.tokens_in == b.tokens_in
 
 
 def truncated_nodes(gm: fx.GraphModule, blocks: Sequence[Block], exit_after: int, path: Sequence[str]) -> set[str]:

@@ -298,7 +298,7 @@ def _exits(g: VitGraph, spec: Spec) -> tuple[tuple[int, ...], tuple[str, ...]]:
     if not exits:
         return (), ()
     path, why = head_path(g.gm, g.structure.blocks)
-    reasons = exit_reasons(g.structure.blocks, why)
+    reasons = exit_reasons(g.gm, g.structure.blocks, why)
     for e in exits:
         if e not in reasons:
             raise SpecError(f"depth.exits: {g.name} has blocks 1..{len(g.structure.blocks)}, so no exit after block "
@@ -442,8 +442,7 @@ def materialize(gated: GatedModel) -> fx.GraphModule:
 
     def dead(name: str) -> bool:  # a group whose block or branch goes anyway is left as it is
         group = g.structure.group(name)
-        kind = "attn" if group.kind in ("heads", "head_dim") else "mlp"
-        return group.block in removed or (group.block, kind) in skipped_branches
+        return group.block in removed or (group.block, group.branch) in skipped_branches
 
     kept = {k: v for k, v in gated.decisions().items() if not dead(k)}
     for gate in gated.gates.values():

@@ -196,6 +196,11 @@ class CoupledGroup:
     slices: tuple[SliceRef, ...]
     constants: tuple[ConstRef, ...] = ()
 
+    @property
+    def branch(self) -> str:
+        """The residual branch the group lives in: "attn" (heads, value dims) or "mlp"."""
+        return "attn" if self.kind in ("heads", "head_dim") else "mlp"
+
     def __str__(self) -> str:
         parts = " => ".join(
             f"{s.target.removesuffix('.weight')}.{s.what.split('.')[-1]}[{self.units}x{len(s.indices[0]) if s.indices else 0}]"
