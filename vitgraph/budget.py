@@ -59,9 +59,7 @@ class Pricer:
         exit = self.exit if exit == "live" else exit
         factors: dict[str, Decision] = dict(width)
         branch_keep: dict[tuple[int, str], Decision] = {}
-        for i, unit in enumerate(self.units):
-            if depth is None:
-                break
+        for i, unit in enumerate(self.units if depth is not None else ()):
             if unit.kind == "block":
                 factors[f"block.{unit.block}"] = depth[i]
             else:

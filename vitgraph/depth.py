@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from vitgraph.analysis.blocks import branch_members, removable_residual
+from vitgraph.analysis.blocks import ancestors, removable_residual
 from vitgraph.gates import BlockGate, gumbel2, ste_step
 from vitgraph.meta import Block, shape_of
 
@@ -29,21 +29,20 @@ EXITS = "vg_exits"         # the submodule holding every exit classifier
 
 @dataclass(frozen=True)
 class DepthUnit:
-    """A skippable block or branch: where its gate goes and what skipping it removes."""
+    """A skippable block or branch: the stream nodes its gate sits between."""
 
     name: str                   # "blocks.3" (a whole block) or "blocks.3.attn" (one branch)
     block: int
     kind: str                   # "block" | "attn" | "mlp"
     start: str                  # block: the stream entering it; branch: the shortcut operand of its add
     end: str                    # block: the stream leaving it; branch: its residual add
-    nodes: frozenset[str]       # nodes of the dense graph that skipping removes
 
     @property
     def gate(self) -> str:
         return f"{BLOCK_GATES}.{self.name.replace('.', '_')}"
 
 
-def depth_units(gm: fx.GraphModule, blocks: Sequence[Block], per_branch: bool) -> tuple[list[DepthUnit], dict[str, str]]:
+def depth_units(blocks: Sequence[Block], per_branch: bool) -> tuple[list[DepthUnit], dict[str, str]]:
     """The units a spec's block gates apply to, and for each block left out the reason."""
     units, reasons = [], {}
     for b in blocks:
@@ -51,13 +50,12 @@ def depth_units(gm: fx.GraphModule, blocks: Sequence[Block], per_branch: bool) -
             reasons[b.name] = b.skip_reason or "not skippable"
             continue
         if not per_branch:
-            units.append(DepthUnit(b.name, b.index, "block", b.input, b.output, frozenset(b.nodes)))
+            units.append(DepthUnit(b.name, b.index, "block", b.input, b.output))
             continue
         for kind in ("attn", "mlp"):
             r = removable_residual(b, kind)
             if r is not None:
-                units.append(DepthUnit(f"{b.name}.{kind}", b.index, kind, r.skip, r.add,
-                                       frozenset(branch_members(gm, b, r))))
+                units.append(DepthUnit(f"{b.name}.{kind}", b.index, kind, r.skip, r.add))
     return units, reasons
 
 
@@ -271,35 +269,17 @@ def head_path(gm: fx.GraphModule, blocks: Sequence[Block]) -> tuple[tuple[str, .
     for n in gm.graph.nodes:
         if any(a in below for a in n.all_input_nodes):
             below.add(n)
-    above, stack = {value}, [value]
-    while stack:
-        for a in stack.pop().all_input_nodes:
-            if a not in above:
-                above.add(a)
-                stack.append(a)
+    above = ancestors(value)
     path = [n for n in gm.graph.nodes if n in below and n in above and n is not last]
     inside = set(path) | {last}
     for n in path:
         for a in n.all_input_nodes:
-            if a in inside or a.op == "get_attr" or not _reads_input(a):
+            if a in inside or a.op == "get_attr" or not any(x.op == "placeholder" for x in ancestors(a)):
                 continue
             return (), (f"the head reads %{a.name} besides the last block's output (at %{n.name}; e.g. class-"
                         f"attention blocks, or Swin's sizes taken inside the last block): a copy of it cannot run "
                         f"on an earlier block")
     return tuple(n.name for n in path), None
-
-
-def _reads_input(node: fx.Node) -> bool:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n.op == "placeholder":
-            return True
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
-    return False
 
 
 def exit_reasons(gm: fx.GraphModule, blocks: Sequence[Block], path_reason: str | None) -> dict[int, str | None]:

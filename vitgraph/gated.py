@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from vitgraph.analysis.shapes import propagate_shapes
 from vitgraph.errors import SpecError
 from vitgraph.budget import Pricer
-from vitgraph.depth import DepthGates, choose_exit, depth_units, exit_reasons, head_path, influence, reachable_fractions
+from vitgraph.depth import DepthGates, DepthUnit, choose_exit, depth_units, exit_reasons, head_path, influence, reachable_fractions
 from vitgraph.gates import UnitGate
 from vitgraph.graph import VitGraph
 from vitgraph.passes.insert_block_gates_pass import InsertBlockGatesPass
@@ -237,10 +237,14 @@ class GatedModel(nn.Module):
         """Per depth unit (block or branch), whether ``eval`` mode keeps it."""
         return self.depth.decisions() if self.depth is not None else {}
 
+    def skipped_units(self) -> list[DepthUnit]:
+        """The depth units (blocks or branches) ``eval`` mode skips."""
+        kept = self.depth_decisions()
+        return [u for u in (self.depth.units if self.depth is not None else []) if not kept[u.name]]
+
     def removed_blocks(self) -> list[int]:
         """Indices of the blocks the compact graph will not have (skipped whole, or after the exit)."""
-        out = {u.block for u in (self.depth.units if self.depth else []) if u.kind == "block"
-               and not self.depth_decisions()[u.name]}
+        out = {u.block for u in self.skipped_units() if u.kind == "block"}
         e = self.exit_after()
         if e is not None:
             out |= {b.index for b in self.graph.structure.blocks if b.index >= e}
@@ -332,7 +336,7 @@ def instrument(g: VitGraph, spec: Spec, *, calibration: Iterable[tuple[Tensor, T
     exits, path = _exits(g, spec)
     if exits:
         gm = InsertExitsPass(exits, g.structure.blocks, path)(gm).gm
-    units, depth_skipped = depth_units(g.gm, g.structure.blocks, spec.depth.per_branch) if depth_on else ([], {})
+    units, depth_skipped = depth_units(g.structure.blocks, spec.depth.per_branch) if depth_on else ([], {})
     if depth_on and not units:
         why = "; ".join(f"{k}: {v}" for k, v in list(depth_skipped.items())[:3])
         raise SpecError(f"depth.skip_blocks: no block of {g.name} can be skipped ({why}); set it to false")
@@ -437,8 +441,7 @@ def materialize(gated: GatedModel) -> fx.GraphModule:
     after the chosen exit removed for real."""
     g = gated.graph
     removed = set(gated.removed_blocks())
-    skipped_branches = {(u.block, u.kind) for u in (gated.depth.units if gated.depth else [])
-                        if u.kind != "block" and not gated.depth_decisions()[u.name]}
+    skipped_branches = {(u.block, u.kind) for u in gated.skipped_units() if u.kind != "block"}
 
     def dead(name: str) -> bool:  # a group whose block or branch goes anyway is left as it is
         group = g.structure.group(name)

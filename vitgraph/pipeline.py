@@ -173,8 +173,7 @@ def _depth_report(g: VitGraph, gated: GatedModel) -> dict[str, Any]:
     out: dict[str, Any] = {
         "blocks": {"dense": len(names), "compressed": len(names) - len(removed)},
         "removed_blocks": [names[i] for i in removed],
-        "skipped_branches": [u.name for u in (gated.depth.units if gated.depth is not None else [])
-                             if u.kind != "block" and not gated.depth_decisions()[u.name]],
+        "skipped_branches": [u.name for u in gated.skipped_units() if u.kind != "block"],
         "not_skippable": gated.depth_skipped,
     }
     if gated.depth is not None:

@@ -21,7 +21,7 @@ from vitgraph.meta import COST, SHAPE, AttentionSite, Block, MlpSite, Residual, 
 _TO_ADD = {"dropout", "mul", "div", "norm", "shape", "function", "module", "method"}
 
 
-def _ancestors(node: fx.Node, follow: Callable[[fx.Node], bool] = lambda n: True) -> set[fx.Node]:
+def ancestors(node: fx.Node, follow: Callable[[fx.Node], bool] = lambda n: True) -> set[fx.Node]:
     """``node`` and every node it depends on through inputs accepted by ``follow``."""
     seen, stack = {node}, [node]
     while stack:
@@ -65,7 +65,7 @@ def _residual(out: fx.Node, site_input: fx.Node, gm: fx.GraphModule, kind: str,
         if k == "add" and len(tensor_args(user)) == 2:
             skip = next(a for a in tensor_args(user) if a is not node)
             stream, skip_scale = _under_res_scale(skip, gm)
-            identity = stream in _ancestors(site_input, _after(order[stream], order))
+            identity = stream in ancestors(site_input, _after(order[stream], order))
             return Residual(add=user.name, skip=skip.name, branch_out=out.name, kind=kind,
                             layer_scale=scale, drop_path=drop, identity_skip=identity, skip_scale=skip_scale)
         if k not in _TO_ADD:
@@ -110,7 +110,7 @@ def _pair(units: list[_Unit], order: dict[fx.Node, int]) -> list[list[_Unit]]:
     while i < len(units):
         u, nxt = units[i], units[i + 1] if i + 1 < len(units) else None
         if u.kind == "attn" and nxt is not None and nxt.kind == "mlp" and nxt.residual is not None \
-                and u.end in _ancestors(nxt.start, _after(order[u.end], order)):
+                and u.end in ancestors(nxt.start, _after(order[u.end], order)):
             groups.append([u, nxt])
             i += 2
         else:
@@ -141,7 +141,7 @@ def _escapes(members: set[fx.Node], end: fx.Node, live: set[fx.Node]) -> str | N
         outside = [u for u in n.users if u not in members and u in live]  # dead trace leftovers do not count
         if n is end or not outside:
             continue
-        if computed & _ancestors(n, lambda a: a in members):
+        if computed & ancestors(n, lambda a: a in members):
             outside = outside[0]
             return (f"%{outside.name} after the block reads %{n.name} computed inside it (e.g. a pooled feature "
                     f"size): the block cannot be deleted")
@@ -151,13 +151,13 @@ def _escapes(members: set[fx.Node], end: fx.Node, live: set[fx.Node]) -> str | N
 def find_blocks(gm: fx.GraphModule, attention: list[AttentionSite], mlps: list[MlpSite]) -> list[Block]:
     nodes = {n.name: n for n in gm.graph.nodes}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    live = _ancestors(next(n for n in gm.graph.nodes if n.op == "output"))
+    live = ancestors(next(n for n in gm.graph.nodes if n.op == "output"))
     blocks = []
     for idx, group in enumerate(_pair(_units(gm, attention, mlps, order), order)):
         attn = next((u.site for u in group if u.kind == "attn"), None)
         mlp = next((u.site for u in group if u.kind == "mlp"), None)
         start, end = group[0].start, group[-1].end
-        members = _ancestors(end, _after(order[start] + 1, order)) - {start}
+        members = ancestors(end, _after(order[start] + 1, order)) - {start}
         reason = _skip_reason(group, start, end) or _escapes(members, end, live)
         member_names = tuple(n.name for n in gm.graph.nodes if n in members)
         flops = sum(nodes[n].meta[COST].flops for n in member_names if COST in nodes[n].meta)
@@ -226,7 +226,7 @@ def _classifier(gm: fx.GraphModule, pool: fx.Node | None) -> fx.Node | None:
     """The last linear between the pooling op and the output (None for a feature extractor)."""
     if pool is None:
         return None
-    feeding = _ancestors(next(n for n in gm.graph.nodes if n.op == "output"))
+    feeding = ancestors(next(n for n in gm.graph.nodes if n.op == "output"))
     after = False
     head = None
     for n in gm.graph.nodes:
@@ -272,7 +272,7 @@ def _from_latent_query(node: fx.Node, blocks: list[Block], nodes: dict) -> bool:
     for b in blocks:
         if b.output == node.name and b.attention is not None:
             # follow tensors only: x.shape[0] for expand() is not data
-            q_from = _ancestors(nodes[b.attention.q].args[0], lambda n: n.meta.get(SHAPE) is not None)
+            q_from = ancestors(nodes[b.attention.q].args[0], lambda n: n.meta.get(SHAPE) is not None)
             return not any(n.op == "placeholder" for n in q_from)
     return False
 
@@ -337,14 +337,7 @@ def branch_members(gm: fx.GraphModule, block: Block, residual: Residual) -> set[
     inside = set(block.nodes)
 
     def upstream(start: fx.Node) -> set[str]:
-        seen, stack = set(), [start]
-        while stack:
-            n = stack.pop()
-            if n.name in seen or n.name not in inside:
-                continue
-            seen.add(n.name)
-            stack.extend(n.all_input_nodes)
-        return seen
+        return {n.name for n in ancestors(start, lambda a: a.name in inside) if n.name in inside}
 
     operand = next(a for a in add.args if isinstance(a, fx.Node) and a is not skip)
     return upstream(operand) - upstream(skip)
