@@ -21,7 +21,7 @@ def main() -> None:
     spec = vg.Spec.from_dict({"budget": {"flops": 0.5},
                               "width": {"method": "magnitude", "heads": True, "mlp": True}})
     gated = vg.instrument(g, spec)                                 # gates at every coupled group
-    print("kept per group:", {k: len(v) for k, v in list(gated.decisions().items())[:4]}, "...")
+    print("kept per group:", {k: len(v) for k, v in list(gated.decisions()["width"].items())[:4]}, "...")
     compact = vg.materialize(gated)                                # weights sliced, reshapes rewritten
 
     with torch.no_grad(), gated.using("eval"):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from vitgraph.errors import PostconditionError, PreconditionError
+from vitgraph.meta import ROLE, Role
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,17 @@ def verify_graph(gm: fx.GraphModule, pass_name: str) -> None:
                 gm.get_submodule(str(node.target))
             except AttributeError:
                 raise PostconditionError(f"{pass_name}: {node.format_node()} calls a missing module") from None
+
+
+def require_roles(gm: fx.GraphModule, wanted: Iterable[tuple[str, str | None]], pass_name: str) -> None:
+    """Every ``(role kind, site)`` wanted is on some node (site None: any site); the analysis writes roles."""
+    have = {(r.kind, r.site) for n in gm.graph.nodes if isinstance(r := n.meta.get(ROLE), Role)}
+    kinds = {k for k, _ in have}
+    for kind, site in sorted(wanted, key=str):
+        if (kind, site) not in have if site is not None else kind not in kinds:
+            where = f" at site {site}" if site is not None else ""
+            raise PreconditionError(f"{pass_name}: no node has role {kind!r}{where}; roles are written by "
+                                    f"vitgraph.analysis.analyse (vg.trace) - instrument a graph vg.trace returned")
 
 
 def require_nodes(gm: fx.GraphModule, names: Iterable[str], pass_name: str, what: str) -> dict[str, fx.Node]:

@@ -25,11 +25,10 @@ from collections.abc import Sequence
 import torch
 import torch.fx as fx
 
-from vitgraph.depth import BLOCK_GATES, DepthUnit
 from vitgraph.errors import PreconditionError
 from vitgraph.gates import BlockGate
-from vitgraph.meta import SHAPE
-from vitgraph.passes.base import PassResult, VitPass, require_nodes
+from vitgraph.meta import BLOCK_GATES, SHAPE, DepthUnit
+from vitgraph.passes.base import PassResult, VitPass, require_nodes, require_roles
 
 
 class InsertBlockGatesPass(VitPass):
@@ -43,6 +42,7 @@ class InsertBlockGatesPass(VitPass):
         if hasattr(gm, BLOCK_GATES):
             raise PreconditionError(f"{self.name}: the graph already has block gates ({BLOCK_GATES})")
         require_nodes(gm, [n for u in self.units for n in (u.start, u.end)], self.name, "block")
+        require_roles(gm, {("residual.add", None) for u in self.units if u.kind != "block"}, self.name)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         if not self.units:

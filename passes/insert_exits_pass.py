@@ -26,9 +26,8 @@ from collections.abc import Sequence
 import torch.fx as fx
 from torch import nn
 
-from vitgraph.depth import EXITS
 from vitgraph.errors import PreconditionError
-from vitgraph.meta import Block
+from vitgraph.meta import EXITS, Block
 from vitgraph.passes.base import PassResult, VitPass, require_nodes
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)

@@ -21,18 +21,14 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from vitgraph.passes.base import PassResult, VitPass, require_nodes
+from vitgraph.passes.base import PassResult, VitPass, require_nodes, require_roles
 from vitgraph.analysis.blocks import removable_residual
 from vitgraph.analysis.ops import linear_info
 from vitgraph.errors import PreconditionError
 from vitgraph.gates import UnitGate
-from vitgraph.meta import SHAPE, Block, CoupledGroup
+from vitgraph.meta import GATES, SHAPE, Block, CoupledGroup, submodule_name
 
-GATES = "vg_gates"  # the submodule holding every gate
-
-
-def gate_name(group: str) -> str:
-    return group.replace(".", "_")
+CONSUMER_ROLE = {"heads": "attn.proj", "mlp": "mlp.fc2"}  # the linear reading a group's units, by group kind
 
 
 def branch_add(blocks: Mapping[int, Block], group: CoupledGroup) -> tuple[str, str] | None:
@@ -56,6 +52,7 @@ class InsertUnitGatesPass(VitPass):
             raise PreconditionError(f"{self.name}: no coupled groups to gate")
         if hasattr(gm, GATES):
             raise PreconditionError(f"{self.name}: the graph already has gates ({GATES}); instrument the dense graph")
+        require_roles(gm, {(CONSUMER_ROLE[g.kind], g.site) for g in self.groups if g.kind in CONSUMER_ROLE}, self.name)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         gm.add_module(GATES, torch.nn.Module())
@@ -67,7 +64,7 @@ class InsertUnitGatesPass(VitPass):
             branch = branch_add(self.blocks, group)
             channel_unit = _channel_units(gm, group, consumers[0][1])
             gate = UnitGate(group.name, group.units, channel_unit, min_units=0 if branch else 1)
-            target = f"{GATES}.{gate_name(group.name)}"
+            target = submodule_name(GATES, group.name)
             gm.add_submodule(target, gate)
             self.gates[group.name] = gate
             for node, _ in consumers:

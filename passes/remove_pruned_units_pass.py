@@ -18,9 +18,9 @@ import torch.fx as fx
 from torch import nn
 
 from vitgraph.passes.base import PassResult, VitPass, require_nodes
-from vitgraph.passes.insert_unit_gates_pass import GATES, branch_add, gate_name
+from vitgraph.passes.insert_unit_gates_pass import branch_add
 from vitgraph.errors import PostconditionError, PreconditionError
-from vitgraph.meta import Block, CoupledGroup
+from vitgraph.meta import GATES, Block, CoupledGroup, submodule_name
 
 
 class RemovePrunedUnitsPass(VitPass):
@@ -43,13 +43,17 @@ class RemovePrunedUnitsPass(VitPass):
                 raise PreconditionError(f"{self.name}: kept units {units} of {name} are outside 0..{n - 1}")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        counters = {"gates_removed": 0, "units_removed": 0, "branches_removed": 0}
-        for name, units in self.kept.items():  # first, while the branch gates still mark the branch operand
+        counters = {"gates_removed": 0, "units_removed": 0, "branches_removed": 0, "groups_gone": 0}
+        # a group whose gate is no longer called went with its block or branch (an earlier rewrite): leave it
+        live = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+        kept = {k: v for k, v in self.kept.items() if submodule_name(GATES, k) in live}
+        counters["groups_gone"] = len(self.kept) - len(kept)
+        for name, units in kept.items():  # first, while the branch gates still mark the branch operand
             if not units:
                 self._remove_branch(gm, name)
                 counters["branches_removed"] += 1
         counters["gates_removed"] = _strip_gates(gm)
-        for name, units in self.kept.items():
+        for name, units in kept.items():
             group = self.groups[name]
             removed = group.units - len(units)
             counters["units_removed"] += removed
@@ -68,7 +72,7 @@ class RemovePrunedUnitsPass(VitPass):
     def _remove_branch(self, gm: fx.GraphModule, name: str) -> None:
         """The group keeps no unit: its residual add becomes the add's other operand (the stream, which
         may by now be another pass's node, e.g. a block gate's output)."""
-        target = f"{GATES}.{gate_name(name)}"
+        target = submodule_name(GATES, name)
         gate = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == target
                      and n.kwargs.get("branch")), None)
         if gate is None or branch_add(self.blocks, self.groups[name]) is None or len(gate.users) != 1:

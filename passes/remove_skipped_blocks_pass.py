@@ -12,9 +12,8 @@ from collections.abc import Mapping
 
 import torch.fx as fx
 
-from vitgraph.depth import BLOCK_GATES
 from vitgraph.errors import PostconditionError
-from vitgraph.meta import SHAPE, shape_of
+from vitgraph.meta import BLOCK_GATES, SHAPE, shape_of
 from vitgraph.passes.base import PassResult, VitPass
 
 

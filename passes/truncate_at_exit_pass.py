@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import torch.fx as fx
 
-from vitgraph.depth import EXITS
 from vitgraph.errors import PreconditionError
+from vitgraph.meta import EXITS
 from vitgraph.passes.base import PassResult, VitPass
 
 

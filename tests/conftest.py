@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
 import torch
 
 warnings.filterwarnings("ignore", category=UserWarning)
+# the pass manager's debug checks (cost model == FlopCounterMode after every pass) run in every test
+os.environ.setdefault("VITGRAPH_DEBUG", "1")
 
 
 @pytest.fixture(autouse=True)

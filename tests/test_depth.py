@@ -14,7 +14,7 @@ import torch
 import vitgraph as vg
 from tests.test_groups import _graph
 from vitgraph.analysis.cost import flop_counter_flops
-from vitgraph.depth import project
+from vitgraph.axes.depth import project
 from vitgraph.errors import SpecError
 from vitgraph.gated import instrument, materialize
 from vitgraph.passes.insert_block_gates_pass import InsertBlockGatesPass
@@ -38,20 +38,21 @@ def _spec(**depth) -> Spec:
 def _random(gated, seed: int, exit: int | None = None) -> None:
     """Random width masks and depth decisions, including two adjacent skipped units and a kept one."""
     gen = torch.Generator().manual_seed(seed)
-    for i, s in enumerate(gated.method.sites):
+    method = gated.axes["width"].method
+    for i, s in enumerate(method.sites):
         mask = torch.rand(s.units, generator=gen) < 0.6
         mask[0] = mask[0] or s.min_units > 0
-        getattr(gated.method, f"frozen_{i}").copy_(mask)
-    gated.method.is_frozen.fill_(True)
-    if gated.depth is not None:
-        keep = torch.rand(len(gated.depth.units), generator=gen) < 0.5
+        getattr(method, f"frozen_{i}").copy_(mask)
+    method.is_frozen.fill_(True)
+    if "depth" in gated.axes:
+        depth = gated.axes["depth"]
+        keep = torch.rand(len(depth.units), generator=gen) < 0.5
         keep[1:3] = False      # adjacent skips: the second must fall back to the first one's input
         keep[0] = len(keep) > 1  # one kept unit, unless it is the only one
-        gated.depth.frozen_keep.copy_(keep)
-        gated.depth.is_frozen.fill_(True)
-    if gated.exits:
-        gated.exit_chosen.fill_(exit or 0)
-        gated.pricer.exit = exit
+        depth.frozen_keep.copy_(keep)
+        depth.is_frozen.fill_(True)
+    if "exits" in gated.axes:
+        gated.axes["exits"].exit_chosen.fill_(exit or 0)
 
 
 @pytest.mark.parametrize("key", ["deit", "deit_branch", "swin_shifted", "levit", "mvitv2", "hugging_face", "dinov2_reg"])
@@ -71,7 +72,7 @@ def test_open_equals_original_and_eval_equals_compact(key):
     cg = vg.trace(compact, g.example_inputs)
     assert cg.structure.flops == pytest.approx(gated.cost()["flops"], rel=1e-6)  # the cost model is exact
     assert flop_counter_flops(compact, g.example_inputs, 2) == cg.structure.flops
-    skipped = [u for u, keep in gated.depth_decisions().items() if not keep]
+    skipped = [u for u, keep in gated.decisions()["depth"].items() if not keep]
     assert skipped and "vg_blocks" not in compact.code
     if key != "deit_branch":
         assert len(cg.structure.blocks) == len(g.structure.blocks) - len(skipped)
@@ -84,12 +85,14 @@ def test_exit_truncation_equals_the_exit_output_in_the_gated_graph():
     with torch.no_grad():
         assert torch.equal(gated.set_mode("open")(x), g.gm(x))  # exits do not touch the main path
         final, exits = gated._run(x)
+        exits = list(exits.values())
     assert torch.equal(final, g.gm(x)) and len(exits) == 2 and exits[0].shape == final.shape
-    gated.method.freeze()
+    gated.axes["width"].freeze(gated.pricer, gated.outputs)
     _random(gated, seed=1, exit=4)
     compact = materialize(gated)
     with torch.no_grad():
         final, exits = gated.set_mode("eval")._run(x)
+        exits = list(exits.values())
         assert (compact(x) - exits[1]).abs().max() <= TOL * max(1.0, float(exits[1].abs().max()))
     cg = vg.trace(compact, g.example_inputs)
     assert len(cg.structure.blocks) == 4 and "vg_exits.exit4" in compact.code and "exit2" not in compact.code
@@ -157,12 +160,12 @@ def test_spec_errors_name_the_problem():
 def test_stage_transitions_are_not_skippable():
     g = _graph("levit")  # the attention that downsamples into each new stage has no residual
     gated = instrument(g, _spec(skip_blocks=True))
-    reasons = gated.depth_skipped
-    assert len(gated.depth.units) + len(reasons) == len(g.structure.blocks) and len(reasons) == 2
+    reasons = gated.axes["depth"].not_skippable
+    assert len(gated.axes["depth"].units) + len(reasons) == len(g.structure.blocks) and len(reasons) == 2
     assert all("stage transition" in r for r in reasons.values())
     # MViTv2 blocks that pool hand their pooled feature size to the next block: they cannot go
     mvit = instrument(_graph("mvitv2"), _spec(skip_blocks=True))
-    assert "cannot be deleted" in mvit.depth_skipped["stages.0.blocks.0"] and mvit.depth.units
+    assert "cannot be deleted" in mvit.axes["depth"].not_skippable["stages.0.blocks.0"] and mvit.axes["depth"].units
 
 
 def test_one_shot_depth_skips_by_influence_and_meets_the_budget():
@@ -202,8 +205,8 @@ def test_deit_small_without_three_blocks_exports_a_pt2_that_loads_in_a_fresh_pro
     gated = instrument(g, spec)
     keep = torch.ones(12, dtype=torch.bool)
     keep[[3, 7, 8]] = False
-    gated.depth.frozen_keep.copy_(keep)
-    gated.depth.is_frozen.fill_(True)
+    gated.axes["depth"].frozen_keep.copy_(keep)
+    gated.axes["depth"].is_frozen.fill_(True)
     gated.freeze()
     compact = materialize(gated)
     assert len(vg.trace(compact, (x,)).structure.blocks) == 9
@@ -236,8 +239,7 @@ def test_resume_with_gates_and_exits_is_bit_exact(tmp_path, crash_at):
         torch.manual_seed(0)
         m = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, num_classes=10,
                               embed_dim=32, depth=3, num_heads=2).eval()
-        gated = instrument(vg.trace(m, torch.randn(2, 1, 16, 16)), spec)
-        gated.exit_data = data.val
+        gated = instrument(vg.trace(m, torch.randn(2, 1, 16, 16)), spec, val_data=data.val)
         torch.manual_seed(seed)
         return gated, m
 
@@ -250,6 +252,7 @@ def test_resume_with_gates_and_exits_is_bit_exact(tmp_path, crash_at):
     resumed, _ = build(99)
     fit(resumed, data.train, spec.train, teacher=teacher, out_dir=tmp_path / "b", resume=True, progress=False)
     a, b = straight.state_dict(), resumed.state_dict()
-    assert a.keys() == b.keys() and "exit_chosen" in a and "depth.frozen_keep" in a
+    assert a.keys() == b.keys() and "axes.exits.exit_chosen" in a and "axes.depth.frozen_keep" in a
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
-    assert straight.frozen and resumed.frozen and straight.exit_after() == resumed.exit_after()
+    assert straight.frozen and resumed.frozen
+    assert straight.axes["exits"].exit_after() == resumed.axes["exits"].exit_after()

@@ -92,11 +92,11 @@ def test_wdpruning_thresholds_fall_and_duals_rise_under_the_budget():
     from vitgraph.data import load_data
     from vitgraph.train import fit
 
-    before = gated.method.expected_fraction().item()
+    before = gated.status()["expected"]
     fit(gated, load_data("digits", (1, 16, 16), 32).train, spec.train, progress=False)
-    assert gated.method.lambdas.min() > 0  # the constraint was violated, so the multipliers rose
-    assert all(float(t) < 9.0 for t in gated.method.thresholds)  # every threshold left its start (10)
-    assert gated.method.expected_fraction().item() < before - 0.1  # R moves towards R_t
+    assert gated.budget.duals.min() > 0  # the constraint was violated, so the multipliers rose
+    assert all(float(t) < 9.0 for t in gated.axes["width"].method.thresholds)  # every threshold left its start (10)
+    assert gated.status()["expected"] < before - 0.1  # R moves towards R_t
 
 
 def test_uvc_duals_stay_nonnegative_and_counts_grow():
@@ -109,5 +109,5 @@ def test_uvc_duals_stay_nonnegative_and_counts_grow():
     from vitgraph.train import fit
 
     fit(gated, load_data("digits", (1, 16, 16), 32).train, spec.train, progress=False)
-    assert gated.method.y.min() >= 0 and gated.method.z >= 0
-    assert max(float(c) for c in gated.method.counts) > 0
+    assert gated.axes["width"].method.y.min() >= 0 and gated.budget.duals.min() >= 0
+    assert max(float(c) for c in gated.axes["width"].method.counts) > 0

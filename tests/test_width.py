@@ -19,7 +19,7 @@ MAGNITUDE = Spec.from_dict({"budget": {"flops": 0.5}, "width": {"method": "magni
 
 def _random_decisions(gated, seed: int) -> dict[str, int]:
     gen = torch.Generator().manual_seed(seed)
-    method = gated.method
+    method = gated.axes["width"].method
     kept = {}
     heads_seen = 0
     heads_total = sum(s.kind == "heads" for s in method.sites)
@@ -66,13 +66,13 @@ def test_open_equals_original_and_eval_equals_materialized(key):
     cg = vg.trace(compact, g.example_inputs)  # same batch: XCiT's positional encoding is batch-independent
     assert cg.structure.flops == pytest.approx(gated.cost()["flops"], rel=1e-9)
     assert cg.structure.flops == pytest.approx(flop_counter_flops(compact, g.example_inputs, 2), rel=0.01)
-    assert sum(kept.values()) < sum(s.units for s in gated.method.sites)
+    assert sum(kept.values()) < sum(s.units for s in gated.axes["width"].method.sites)
 
 
 def test_every_head_pruned_removes_the_attention_branch():
     g = _graph("deit")
     gated = instrument(g, MAGNITUDE)
-    method = gated.method
+    method = gated.axes["width"].method
     heads = [i for i, s in enumerate(method.sites) if s.kind == "heads"]
     for i in range(len(method.sites)):
         getattr(method, f"frozen_{i}").fill_(i != heads[0])
@@ -87,11 +87,12 @@ def test_every_head_pruned_removes_the_attention_branch():
 def test_nothing_pruned_is_a_no_op_rewrite():
     g = _graph("deit")
     gated = instrument(g, MAGNITUDE)
-    for i in range(len(gated.method.sites)):
-        getattr(gated.method, f"frozen_{i}").fill_(True)
+    method = gated.axes["width"].method
+    for i in range(len(method.sites)):
+        getattr(method, f"frozen_{i}").fill_(True)
     from vitgraph.passes.remove_pruned_units_pass import RemovePrunedUnitsPass
     import copy
-    result = RemovePrunedUnitsPass(g.structure.groups, g.structure.blocks, gated.decisions())(copy.deepcopy(gated.gm))
+    result = RemovePrunedUnitsPass(g.structure.groups, g.structure.blocks, gated.decisions()["width"])(copy.deepcopy(gated.gm))
     assert result.counters["units_removed"] == 0 and result.counters["gates_removed"] > 0
     x = torch.randn(2, *g.input_size)
     with torch.no_grad():
@@ -117,7 +118,7 @@ def test_one_shot_budget_lands_within_tolerance(fraction):
 def test_alignment_is_respected():
     g = _graph("deit")  # MLP hidden 256
     gated = instrument(g, Spec.from_dict({"budget": {"flops": 0.6}, "width": {"align": 16}}))
-    for site, units in gated.decisions().items():
+    for site, units in gated.decisions()["width"].items():
         if "mlp" in site:
             assert len(units) % 16 == 0
 
@@ -136,8 +137,9 @@ def test_taylor_importance_uses_gradients():
     g = _graph("deit")
     batches = [(torch.randn(4, *g.input_size), torch.randint(0, 10, (4,))) for _ in range(2)]
     gated = instrument(g, Spec.from_dict({"width": {"method": "taylor"}}), calibration=batches)
-    scores = gated.method.importance_0
-    assert scores.shape[0] == gated.method.sites[0].units and scores.abs().sum() > 0
+    method = gated.axes["width"].method
+    scores = method.importance_0
+    assert scores.shape[0] == method.sites[0].units and scores.abs().sum() > 0
     assert abs(gated.cost()["fraction"] - 0.5) <= 0.03
 
 

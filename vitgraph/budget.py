@@ -1,77 +1,118 @@
-"""One cost model for every decision a gated graph takes: widths, skipped blocks and branches, the exit.
+"""One cost model for every decision of every axis, and one budget constraint for every learned one.
 
-``Pricer(g, ...)(width)`` is the fraction of the dense model's FLOPs left when each width group keeps
-``width[group]`` of its units, each depth unit keeps ``depth[i]`` (1 kept, 0 skipped, or a soft
-value in between while learning) and the model is cut after block ``exit``. Values may be tensors,
-so budget losses differentiate through it; with hard decisions it equals the compact graph's cost
-exactly (tests/test_depth.py), because it prices the dense graph's own nodes:
+``Pricer(g, axes)(mode)`` is the fraction of the dense model's FLOPs left under the axes'
+decisions in ``mode`` (see ``vitgraph.axes.base``). Every node of the dense graph costs its FLOPs
+times the product of its factors: those the cost model wrote on it (a coupled group's kept
+fraction, ``block.<i>``, ``tokens.<i>``) and the *set factors* whose node sets hold it —
+``branch.<i>.<kind>`` (the nodes only that residual branch computes; an axis that deletes the
+branch sets it to 0) and whatever sets the axes declare (``cut.<e>``: what an exit after block e
+removes). Values may be tensors, so a budget loss differentiates through it. Axes' ``cost_terms``
+add what the dense graph does not have. With hard decisions it equals the compact graph's cost
+exactly (tests/test_depth.py, tests/test_width.py).
 
-* a group's fraction scales the nodes whose weights it slices (``analysis.cost.evaluate``);
-* a skipped block scales its nodes by 0 (their ``block.<i>`` factor); a skipped branch, or a branch
-  whose group keeps no unit, subtracts the nodes only that branch computes;
-* an exit subtracts every node after its block except the head, which the exit's copy replaces.
+The FLOPs table (``Pricer.terms``) is the one cost function: a latency budget is another table
+over the same factors, not another pricer.
+
+``Budget`` is the constraint ``cost <= target`` as a min-max problem: dual variables take ascent
+steps, the primal term prices the axes' ``train`` factors. Two forms, as the methods specify:
+``augmented`` (WDPruning, methods.md §2.3: ``l1 gap + l2 gap^2``, ``gap = relu(cost - target)``)
+and ``linear`` (UVC, methods.md §4.5: ``z (cost - target)``).
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from vitgraph.analysis.blocks import branch_members, removable_residual
-from vitgraph.analysis.cost import evaluate
-from vitgraph.depth import DepthUnit, truncated_nodes
+from vitgraph.analysis.depth import branch_sets
+from vitgraph.axes.base import PRICE_MODES, Axis, Decision, Factors
 from vitgraph.graph import VitGraph
-
-Decision = Any  # float or scalar tensor
+from vitgraph.meta import COST, NodeCost
 
 
 class Pricer:
-    """Prices decisions on the dense graph ``g``; ``depth`` and ``exit`` default to the live state."""
+    """Prices the axes' decisions on the dense graph ``g``."""
 
-    def __init__(self, g: VitGraph, groups: Sequence[str], units: Sequence[DepthUnit], exits: Sequence[int],
-                 head: Sequence[str]) -> None:
-        self.g = g
+    def __init__(self, g: VitGraph, axes: Sequence[Axis]) -> None:
         self.dense = g.structure.flops
-        # every removable branch, keyed (block, "attn" | "mlp"), with the nodes only it computes
-        self.branches: dict[tuple[int, str], set[str]] = {}
-        for b in g.structure.blocks:
-            for kind in ("attn", "mlp"):
-                r = removable_residual(b, kind)
-                if r is not None:
-                    self.branches[(b.index, kind)] = branch_members(g.gm, b, r)
-        self.group_branch: dict[str, tuple[int, str]] = {}
-        for name in groups:
-            group = g.structure.group(name)
-            key = (group.block, group.branch)
-            if key in self.branches:
-                self.group_branch[name] = key
-        self.units = list(units)
-        self.truncated = {e: truncated_nodes(g.gm, g.structure.blocks, e, head) for e in exits}
-        self.depth_values: Any = None   # callable -> Tensor of keep values per unit (the live depth state)
-        self.exit: int | None = None    # the chosen exit (1-based block), once known
+        self.axes = list(axes)
+        sets = branch_sets(g.gm, g.structure.blocks)
+        for axis in self.axes:
+            sets.update(axis.set_factors())
+        member: dict[str, list[str]] = defaultdict(list)
+        for name, nodes in sets.items():
+            for n in nodes:
+                member[n].append(name)
+        # nodes with the same factors cost their summed FLOPs times one product: a short table
+        table: dict[tuple[str, ...], int] = defaultdict(int)
+        for node in g.gm.graph.nodes:
+            cost: NodeCost | None = node.meta.get(COST)
+            if cost is not None and cost.flops:
+                table[cost.factors + tuple(member.get(node.name, ()))] += cost.flops
+        self.terms = list(table.items())
 
-    def __call__(self, width: Mapping[str, Decision], depth: Tensor | None = None,
-                 exit: int | None | str = "live") -> Decision:
-        if depth is None and self.units and self.depth_values is not None:
-            depth = self.depth_values()
-        exit = self.exit if exit == "live" else exit
-        factors: dict[str, Decision] = dict(width)
-        branch_keep: dict[tuple[int, str], Decision] = {}
-        for i, unit in enumerate(self.units if depth is not None else ()):
-            if unit.kind == "block":
-                factors[f"block.{unit.block}"] = depth[i]
-            else:
-                branch_keep[(unit.block, unit.kind)] = depth[i]
-        for name, key in self.group_branch.items():  # a group with no unit left deletes its branch
-            if name in width and float(torch.as_tensor(width[name]).detach()) == 0.0:
-                branch_keep[key] = branch_keep.get(key, 1.0) * 0.0
-        total = evaluate(self.g.gm, factors)
-        for key, keep in branch_keep.items():
-            if exit is not None and key[0] >= exit:
-                continue  # after the exit: the cut below removes the whole block
-            total = total - (1.0 - keep) * evaluate(self.g.gm, factors, nodes=self.branches[key])
-        if exit is not None:
-            total = total - evaluate(self.g.gm, factors, nodes=self.truncated[exit])
+    def factors(self, mode: str = "eval", override: Mapping[str, Factors] | None = None) -> Factors:
+        """Every axis's factors in ``mode`` (``override[axis name]`` instead where given), multiplied
+        where two axes scale the same factor (a branch deleted by either is deleted)."""
+        if mode not in PRICE_MODES:
+            raise ValueError(f"price mode must be one of {PRICE_MODES}, got {mode!r}")
+        out: Factors = {}
+        for axis in self.axes:
+            own = override[axis.name] if override is not None and axis.name in override else axis.factors(mode)
+            for k, v in own.items():
+                out[k] = out[k] * v if k in out else v
+        return out
+
+    def __call__(self, mode: str = "eval", override: Mapping[str, Factors] | None = None) -> Decision:
+        """Fraction of the dense FLOPs left under the decisions of ``mode``."""
+        kept = self.factors(mode, override)
+        total: Any = 0
+        for names, flops in self.terms:
+            term: Any = flops
+            for f in names:
+                v = kept.get(f)
+                if v is not None:
+                    term = term * v
+            total = total + term
+        for axis in self.axes:
+            for extra in axis.cost_terms(mode).values():
+                total = total + extra
         return total / self.dense
+
+
+class Budget(nn.Module):
+    """The FLOPs budget as a constraint with dual variables (the ``dual`` parameter group)."""
+
+    FORMS = ("augmented", "linear")
+
+    def __init__(self, target: float, form: str) -> None:
+        super().__init__()
+        if form not in self.FORMS:
+            raise ValueError(f"budget form must be one of {self.FORMS}, got {form!r}")
+        self.target = target
+        self.form = form
+        # augmented: (l1, l2) from 0; linear: z from 1e-3 (methods.md §4.1)
+        self.duals = nn.Parameter(torch.zeros(2) if form == "augmented" else torch.full((1,), 1e-3))
+
+    def penalty(self, cost: Tensor) -> dict[str, Tensor]:
+        if self.form == "linear":
+            return {"budget": self.duals[0] * (cost - self.target)}
+        gap = torch.relu(cost - self.target)  # zero (and no gradient) once within budget
+        return {"lagrangian": self.duals[0] * gap + self.duals[1] * gap * gap}
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"dual": [self.duals]}
+
+    def optim_defaults(self, search_steps: int) -> dict[str, dict[str, Any]]:
+        if self.form == "linear":
+            return {"dual": {"lr": 1.0, "weight_decay": 0.0, "schedule": "constant", "optimizer": "sgd"}}
+        return {"dual": {"lr": 10.0, "weight_decay": 0.0, "schedule": "cosine", "optimizer": "sgd"}}
+
+    @staticmethod
+    def for_axes(target: float, axes: Sequence[Axis]) -> Budget | None:
+        """The budget term of the first axis (in spec order) whose method learns against the budget."""
+        form = next((a.budget_form for a in axes if a.budget_form is not None), None)
+        return None if form is None else Budget(target, form)

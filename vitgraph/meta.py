@@ -17,6 +17,16 @@ ROLE = "vg.role"      # Role: what the node is in the recognised structure
 COST = "vg.cost"      # NodeCost: FLOPs and parameter count of the node
 LEAF_FLOPS = "vg.leaf_flops"  # FLOPs FlopCounterMode measured inside an opaque leaf call (whole batch)
 
+# -- graph-wide names the instrument passes give their submodules ----------------------------------
+GATES = "vg_gates"         # every width (unit) gate: vg_gates.<group with "." -> "_">
+BLOCK_GATES = "vg_blocks"  # every block or branch gate: vg_blocks.<unit with "." -> "_">
+EXITS = "vg_exits"         # every exit classifier: vg_exits.exit<e>
+
+
+def submodule_name(root: str, name: str) -> str:
+    """Where an instrument pass registers the module for ``name`` (a group or unit) under ``root``."""
+    return f"{root}.{name.replace('.', '_')}"
+
 ROLE_KINDS = frozenset({
     "attn.qkv",      # fused projection producing q, k and v
     "attn.qk",       # fused projection producing q and k only
@@ -147,6 +157,25 @@ class Block:
     nodes: tuple[str, ...] = ()   # every node of the block's branches and adds
     flops: int = 0
     params: int = 0
+
+
+@dataclass(frozen=True)
+class DepthUnit:
+    """A skippable block or branch: the stream nodes its gate sits between."""
+
+    name: str                   # "blocks.3" (a whole block) or "blocks.3.attn" (one branch)
+    block: int
+    kind: str                   # "block" | "attn" | "mlp"
+    start: str                  # block: the stream entering it; branch: the shortcut operand of its add
+    end: str                    # block: the stream leaving it; branch: its residual add
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("block", "attn", "mlp"):
+            raise ValueError(f"bad depth unit {self.name}: kind {self.kind!r} is not block, attn or mlp")
+
+    @property
+    def gate(self) -> str:
+        return submodule_name(BLOCK_GATES, self.name)
 
 
 @dataclass(frozen=True)

@@ -96,8 +96,7 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
     if spec.depth.exits and spec.depth.exit is None and dataset.val is None:
         raise SpecError("depth.exits with no depth.exit chooses the exit by validation top-1, and there is no "
                         "validation data: pass --data, or name the exit to cut at with depth.exit")
-    gated = instrument(g, spec, calibration=calibration)
-    gated.exit_data = dataset.val
+    gated = instrument(g, spec, calibration=calibration, val_data=dataset.val)
 
     fitted = None
     if spec.train.steps > 0:
@@ -128,13 +127,12 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
         "parity": {"max_abs_err": parity, "gated_vs_compact": parity},
         "latency_ms": {},
         "budget": _budget_report(spec, gated, achieved),
-        "kept": {k: len(v) for k, v in gated.decisions().items()},
-        "units": {s.name: s.units for s in gated.method.sites},
-        "skipped_sites": gated.skipped,
         "depth": _depth_report(g, gated),
         "method": spec.width.method,
         "train": None,
     }
+    for part in gated.report().values():  # each axis's part: kept units, gates, exits, ...
+        _merge(report, part)
     if dataset.val is not None:
         report["dense"]["top1"] = evaluate(g.gm, dataset.val, spec.train.batch_size)
         report["compressed"]["top1"] = evaluate(compact, dataset.val, spec.train.batch_size)
@@ -156,34 +154,30 @@ def _rank() -> int:
 
 
 def _budget_report(spec: Spec, gated: GatedModel, achieved: float) -> dict[str, Any]:
-    """Target and achieved FLOPs fraction; for learned methods also where learning stopped, and whether the
-    final projection had to move the kept counts to reach the budget."""
+    """Target and achieved FLOPs fraction; when a method learned against the budget, also where learning
+    stopped, and whether the final projection had to move the decisions to reach the budget."""
     out: dict[str, Any] = {"target": spec.budget.flops, "achieved": achieved, "tolerance": spec.budget.tolerance}
-    learned = gated.method.projection.get("learned")
-    if spec.learned and learned is not None:
-        out["learned"] = learned
-        out["projected"] = abs(learned - achieved) > 1e-6
+    if gated.budget is not None and gated.learned is not None:
+        out["learned"] = gated.learned
+        out["projected"] = abs(gated.learned - achieved) > 1e-6
     return out
 
 
 def _depth_report(g: VitGraph, gated: GatedModel) -> dict[str, Any]:
-    """Blocks before and after, what was skipped or cut, and why the blocks that could not be skipped were not."""
+    """Blocks before and after; the axes that remove blocks add what they skipped, cut and why."""
     names = {b.index: b.name for b in g.structure.blocks}
     removed = gated.removed_blocks()
-    out: dict[str, Any] = {
-        "blocks": {"dense": len(names), "compressed": len(names) - len(removed)},
-        "removed_blocks": [names[i] for i in removed],
-        "skipped_branches": [u.name for u in gated.skipped_units() if u.kind != "block"],
-        "not_skippable": gated.depth_skipped,
-    }
-    if gated.depth is not None:
-        out["gates"] = {u.name: bool(keep) for u, keep in zip(gated.depth.units, gated.depth.hard().tolist())}
-        out["projection"] = dict(gated.depth.projection)
-    if gated.exits:
-        out["exits"] = list(gated.exits)
-        out["exit"] = gated.exit_after()
-        out["exit_top1"] = gated.exit_top1
-    return out
+    return {"blocks": {"dense": len(names), "compressed": len(names) - len(removed)},
+            "removed_blocks": [names[i] for i in removed], "skipped_branches": [], "not_skippable": {}}
+
+
+def _merge(into: dict[str, Any], part: dict[str, Any]) -> None:
+    """``part`` into ``into``, dictionaries merged key by key."""
+    for k, v in part.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
 
 
 def _as_spec(spec: Spec | dict[str, Any] | str | Path) -> Spec:

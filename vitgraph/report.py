@@ -5,10 +5,17 @@ import io
 import shutil
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from vitgraph.graph import VitGraph
+from vitgraph.meta import Structure
+
+
+class Viewable(Protocol):
+    """What the views read of a ``VitGraph`` (no import of vitgraph.graph: it imports these views)."""
+
+    name: str
+    structure: Structure
+    input_size: Any
 
 
 def _fmt_flops(f: int) -> str:
@@ -35,7 +42,7 @@ def _passes(b) -> str:
     return text.rstrip("; not ")
 
 
-def structure_table(g: "VitGraph", console_width: int = 200) -> str:
+def structure_table(g: Viewable, console_width: int = 200) -> str:
     """The ``vitgraph inspect`` table as text (rendered with rich)."""
     from rich.console import Console
     from rich.table import Table
@@ -66,7 +73,7 @@ def structure_table(g: "VitGraph", console_width: int = 200) -> str:
     return console.export_text()
 
 
-def write_dot(g: "VitGraph", path: str | Path) -> list[Path]:
+def write_dot(g: Viewable, path: str | Path) -> list[Path]:
     """Graphviz drawing of the block structure; also an SVG when the ``dot`` program exists."""
     s = g.structure
     lines = ["digraph vit {", "  rankdir=TB; node [shape=box, fontname=Helvetica, fontsize=10];",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -35,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from vitgraph.errors import SpecError, VitgraphError
 from vitgraph.spec import Distill, Train
 from vitgraph.train_state import (FORMAT, _batches, _Batches, _load, _restore_model, _rng_state, _save,
-                                  _set_rng_state)
+                                  _set_rng_state, _World)
 
 GROUPS = ("weights", "arch", "dual")
 CHECKPOINT = "checkpoint.pt"
@@ -254,30 +253,6 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, batch_size: int = 256
 
 
 # -- processes ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _World:
-    rank: int = 0
-    size: int = 1
-    distributed: bool = False
-
-    @classmethod
-    def current(cls) -> _World:
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size(), True)
-        return cls()
-
-    @classmethod
-    def setup(cls) -> _World:
-        """Joins the process group torchrun describes (WORLD_SIZE > 1) unless one is already up."""
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-            cuda = torch.cuda.is_available()
-            if cuda:
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            torch.distributed.init_process_group("nccl" if cuda else "gloo")
-        return cls.current()
-
 
 class _WithPenalties(nn.Module):
     """Returns the penalties next to the logits so DDP sees every parameter they reach."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -18,10 +19,35 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from vitgraph.errors import SpecError, VitgraphError
 
-if TYPE_CHECKING:
-    from vitgraph.train import _World
-
 FORMAT = 1
+
+
+# -- processes ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _World:
+    rank: int = 0
+    size: int = 1
+    distributed: bool = False
+
+    @classmethod
+    def current(cls) -> _World:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), True)
+        return cls()
+
+    @classmethod
+    def setup(cls) -> _World:
+        """Joins the process group torchrun describes (WORLD_SIZE > 1) unless one is already up."""
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+            cuda = torch.cuda.is_available()
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        return cls.current()
+
+
 
 
 # -- data order --------------------------------------------------------------------------------------------

@@ -183,13 +183,19 @@ def evaluate(gm: fx.GraphModule, kept: Mapping[str, Any], nodes: set[str] | None
 
 
 def flop_counter_flops(module: torch.nn.Module, example_inputs: tuple, batch: int) -> int:
-    """FLOPs per image as counted by ``torch.utils.flop_counter.FlopCounterMode``."""
+    """FLOPs per image as counted by ``torch.utils.flop_counter.FlopCounterMode``, with attention on the
+    math SDPA kernel: FlopCounterMode does not price the fused CPU attention kernels (it counts 0)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
+    # no tensor may require grad: FlopCounterMode's module tracker hooks those, and fails on some of them
+    params = [p for p in module.parameters() if p.requires_grad]
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        for p in params:
+            p.requires_grad_(False)
+        with sdpa_kernel(SDPBackend.MATH), torch.no_grad(), FlopCounterMode(display=False) as counter:
             module(*example_inputs)
-    except AssertionError:  # FlopCounterMode's module tracker can fail under no_grad; count with autograd on
-        with FlopCounterMode(display=False) as counter:
-            module(*example_inputs)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
     return counter.get_total_flops() // max(1, batch)

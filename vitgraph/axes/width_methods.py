@@ -1,16 +1,17 @@
 """Width methods: which units of each gated group to keep, learned or scored.
 
-A method owns the parameters that decide (scores, thresholds, counts, multipliers) and turns them
-into per-group masks for the three modes of methods.md §0. Every method ends the same way:
-``freeze`` takes its hard decisions, projects the kept counts onto the FLOPs budget (``allocate``)
-and stores them as buffers; from then on the masks are those buffers, and ``materialize`` bakes
-exactly them in.
+A method owns the parameters that decide (scores, thresholds, counts, per-group multipliers) and
+turns them into per-group masks for the three modes of methods.md §0. Every method ends the same
+way: ``freeze`` takes its hard decisions, projects the kept counts onto the FLOPs budget
+(``allocate``) and stores them as buffers; from then on the masks are those buffers, and
+``materialize`` bakes exactly them in. The budget term itself is not a method's: ``expected()``
+gives the kept fractions it learns with, and ``GatedModel``'s one ``Budget`` prices them.
 
 * ``magnitude`` / ``taylor`` — one-shot importance, uniform keep ratio, no training.
-* ``wdpruning`` — per-unit scores, per-group learnable threshold, top-k masks, augmented
-  Lagrangian on the expected FLOPs (methods.md §2).
+* ``wdpruning`` — per-unit scores, per-group learnable threshold, top-k masks, priced by their
+  expected kept fraction under the augmented Lagrangian (methods.md §2).
 * ``uvc`` — learned count of units to drop per group, lowest-norm groups selected, proximal
-  shrinking, primal-dual updates (methods.md §4, width part).
+  shrinking, primal-dual updates under the plain Lagrangian (methods.md §4, width part).
 """
 from __future__ import annotations
 
@@ -106,17 +107,17 @@ class WidthMethod(nn.Module):
     """Base: frozen decisions as buffers, budget projection, the mode logic."""
 
     name = "base"
+    budget_form: str | None = None  # how it learns against the budget (see vitgraph.budget.Budget)
 
-    def __init__(self, sites: Sequence[Site], cost: CostFn, budget: float) -> None:
+    def __init__(self, sites: Sequence[Site], budget: float, weight: Callable[[str], Tensor]) -> None:
         super().__init__()
         self.sites = list(sites)
-        self.cost_fn = cost
         self.budget = budget
+        self.weight = weight  # parameter name -> the gated graph's live parameter
         for i, s in enumerate(self.sites):
             self.register_buffer(f"frozen_{i}", torch.ones(s.units, dtype=torch.bool))
         self.register_buffer("is_frozen", torch.zeros((), dtype=torch.bool))
         self.projection: dict[str, float] = {}
-        self._gm: Any = None  # the gated GraphModule, set by GatedModel (not a submodule: no double registration)
 
     # what subclasses provide
     def ranking(self) -> dict[str, Tensor]:
@@ -126,6 +127,10 @@ class WidthMethod(nn.Module):
     def learned_masks(self, mode: str) -> dict[str, Tensor]:
         """Per group, a mask over units (differentiable in ``train`` mode, hard in ``eval``)."""
         raise NotImplementedError
+
+    def expected(self) -> dict[str, Any]:
+        """Per group, the kept fraction the budget term prices while learning (differentiable)."""
+        return {s.name: 1.0 for s in self.sites}
 
     def penalties(self) -> dict[str, Tensor]:
         return {}
@@ -150,29 +155,27 @@ class WidthMethod(nn.Module):
             return self.frozen_masks()
         return self.learned_masks(mode)
 
-    def hard_fraction(self) -> float:
-        masks = self.masks("eval") or {}
-        return float(self.cost_fn({s.name: float(masks[s.name].sum()) / s.units for s in self.sites}))
+    def kept_fractions(self, mode: str) -> dict[str, float]:
+        masks = self.masks(mode) or {}
+        return {s.name: float(masks[s.name].sum()) / s.units if masks else 1.0 for s in self.sites}
 
     @torch.no_grad()
-    def freeze(self) -> None:
-        """Fix the decisions: learned kept counts, projected onto the budget, best-ranked units kept."""
+    def freeze(self, cost: CostFn) -> None:
+        """Fix the decisions: learned kept counts, projected onto the budget (priced by ``cost``),
+        best-ranked units kept."""
         counts = {name: float(m.sum()) for name, m in self.learned_masks("eval").items()}
         fractions = {s.name: max(counts[s.name], 1.0) / s.units for s in self.sites}
-        before = float(self.cost_fn({s.name: counts[s.name] / s.units for s in self.sites}))
-        kept = allocate(self.sites, fractions, self.budget, self.cost_fn)
+        before = float(cost({s.name: counts[s.name] / s.units for s in self.sites}))
+        kept = allocate(self.sites, fractions, self.budget, cost)
         ranking = self.ranking()
         for i, s in enumerate(self.sites):
             getattr(self, f"frozen_{i}").copy_(topk_hard(ranking[s.name], kept[s.name]).bool())
         self.is_frozen.fill_(True)
-        self.projection = {"learned": before, "final": self.hard_fraction()}
-
-    def status(self) -> dict[str, float]:
-        return {"flops": self.hard_fraction()}
+        self.projection = {"learned": before, "final": float(cost(self.kept_fractions("eval")))}
 
     # weights the methods read
     def consumer_weight(self, site: Site) -> Tensor:
-        return self._gm.get_parameter(site.consumer)
+        return self.weight(site.consumer)
 
     def column_norms(self, site: Site) -> Tensor:
         """Squared norm of each unit's consumer columns (W_o head columns, W_2 unit columns)."""
@@ -185,9 +188,9 @@ class WidthMethod(nn.Module):
 class OneShot(WidthMethod):
     """Importance from weights (``magnitude``) or from gradients on calibration data (``taylor``)."""
 
-    def __init__(self, sites: Sequence[Site], cost: CostFn, budget: float, importance: Mapping[str, Tensor],
-                 name: str) -> None:
-        super().__init__(sites, cost, budget)
+    def __init__(self, sites: Sequence[Site], budget: float, weight: Callable[[str], Tensor],
+                 importance: Mapping[str, Tensor], name: str) -> None:
+        super().__init__(sites, budget, weight)
         self.name = name
         for i, s in enumerate(self.sites):
             self.register_buffer(f"importance_{i}", importance[s.name].detach().float().clone())
@@ -199,30 +202,16 @@ class OneShot(WidthMethod):
         return {s.name: torch.ones(s.units) for s in self.sites}  # uniform shape; freeze() projects it
 
 
-def magnitude_importance(gm: nn.Module, sites: Sequence[Site]) -> dict[str, Tensor]:
-    """L2 norm of every weight slice a unit owns (its rows in q/k/v or fc1, its columns in proj or fc2)."""
-    out = {}
-    for s in sites:
-        total = torch.zeros(s.units)
-        for param, axis, indices in s.weights:
-            w = gm.get_parameter(param).detach().float()
-            per_index = w.pow(2).sum(dim=[d for d in range(w.dim()) if d != axis])
-            total += torch.stack([per_index[list(idx)].sum() for idx in indices])
-        out[s.name] = total.sqrt()
-    return out
-
-
 class WDPruning(WidthMethod):
     """Scores + a threshold per group; k = ceil(sigmoid(t) n) aligned; mask = top-k(scores)."""
 
     name = "wdpruning"
+    budget_form = "augmented"
 
-    def __init__(self, sites: Sequence[Site], cost: CostFn, budget: float) -> None:
-        super().__init__(sites, cost, budget)
+    def __init__(self, sites: Sequence[Site], budget: float, weight: Callable[[str], Tensor]) -> None:
+        super().__init__(sites, budget, weight)
         self.scores = nn.ParameterList([nn.Parameter(torch.zeros(s.units)) for s in self.sites])
         self.thresholds = nn.ParameterList([nn.Parameter(torch.tensor(10.0)) for _ in self.sites])
-        self.lambdas = nn.Parameter(torch.zeros(2))
-        self._expected: Tensor | None = None
 
     def _k(self, site: Site, t: Tensor) -> Tensor:
         keep = torch.sigmoid(t)
@@ -246,19 +235,13 @@ class WDPruning(WidthMethod):
             out[s.name] = topk_mask(scores, k) if mode == "train" else topk_hard(scores, int(k.item()))
         return out
 
-    def expected_fraction(self) -> Tensor:
-        kept = {s.name: torch.maximum(torch.sigmoid(self.thresholds[i]), torch.tensor(1.0 / s.units))
+    def expected(self) -> dict[str, Any]:
+        """The expected kept fraction sigmoid(t) of each group (at least one unit)."""
+        return {s.name: torch.maximum(torch.sigmoid(self.thresholds[i]), torch.tensor(1.0 / s.units))
                 for i, s in enumerate(self.sites)}
-        return self.cost_fn(kept)
-
-    def penalties(self) -> dict[str, Tensor]:
-        if bool(self.is_frozen):
-            return {}
-        gap = torch.relu(self.expected_fraction() - self.budget)  # zero (and no gradient) once within budget
-        return {"lagrangian": self.lambdas[0] * gap + self.lambdas[1] * gap * gap}
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"weights": list(self.scores), "arch": list(self.thresholds), "dual": [self.lambdas]}
+        return {"weights": list(self.scores), "arch": list(self.thresholds)}
 
     def optim_defaults(self, search_steps: int) -> dict[str, dict[str, Any]]:
         # (decision) the paper's threshold lr 2.5e-3 assumes ~100 epochs; scale it to the search so that,
@@ -268,11 +251,7 @@ class WDPruning(WidthMethod):
         # (decision) no first moment for thresholds: with Adam's momentum they coast well past the budget
         # once the Lagrangian falls silent (0.28 of the FLOPs for a 0.5 target on the demo)
         return {"arch": {"lr": arch_lr, "weight_decay": 0.0, "schedule": "cosine", "optimizer": "adamw",
-                         "beta1": 0.0},
-                "dual": {"lr": 10.0, "weight_decay": 0.0, "schedule": "cosine", "optimizer": "sgd"}}
-
-    def status(self) -> dict[str, float]:
-        return {"flops": self.hard_fraction(), "expected": float(self.expected_fraction().detach())}
+                         "beta1": 0.0}}
 
 
 class UVC(WidthMethod):
@@ -283,14 +262,14 @@ class UVC(WidthMethod):
     """
 
     name = "uvc"
+    budget_form = "linear"
 
-    def __init__(self, sites: Sequence[Site], cost: CostFn, budget: float) -> None:
-        super().__init__(sites, cost, budget)
+    def __init__(self, sites: Sequence[Site], budget: float, weight: Callable[[str], Tensor]) -> None:
+        super().__init__(sites, budget, weight)
         self.counts = nn.ParameterList([nn.Parameter(torch.zeros(())) for _ in self.sites])
         # y_eff = 0.01 y: with the dual group's step 1, y_eff rises by 1e-4 x LeastSum per step (methods.md
-        # §4.5) while z rises by (R - B)
+        # §4.5) while the budget's z rises by (R - B)
         self.y = nn.Parameter(torch.full((len(self.sites),), 0.1))
-        self.z = nn.Parameter(torch.tensor(1e-3))
 
     def _removed(self, i: int, s: Site) -> Tensor:
         return clamp_ste(ceil_ste(self.counts[i] * s.units, clip=1.0), 0, s.units - max(1, s.min_units))
@@ -304,15 +283,15 @@ class UVC(WidthMethod):
         return {s.name: 1.0 - topk_hard(-self.column_norms(s), int(self._removed(i, s).item()))
                 for i, s in enumerate(self.sites)}
 
+    def expected(self) -> dict[str, Any]:
+        return {s.name: 1.0 - self._removed(i, s) / s.units for i, s in enumerate(self.sites)}
+
     def penalties(self) -> dict[str, Tensor]:
         if bool(self.is_frozen):
             return {}
-        terms, kept = [], {}
-        for i, s in enumerate(self.sites):
-            removed = self._removed(i, s)
-            terms.append(0.01 * self.y[i] * least_sum(self.column_norms(s), removed))
-            kept[s.name] = 1.0 - removed / s.units
-        return {"groups": torch.stack(terms).sum(), "budget": self.z * (self.cost_fn(kept) - self.budget)}
+        terms = [0.01 * self.y[i] * least_sum(self.column_norms(s), self._removed(i, s))
+                 for i, s in enumerate(self.sites)]
+        return {"groups": torch.stack(terms).sum()}
 
     @torch.no_grad()
     def after_step(self, step: int, lr: float) -> None:
@@ -329,21 +308,21 @@ class UVC(WidthMethod):
                 w[:, cols] /= 1.0 + 2.0 * lr * 0.01 * float(self.y[i])
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"arch": list(self.counts), "dual": [self.y, self.z]}
+        return {"arch": list(self.counts), "dual": [self.y]}
 
     def optim_defaults(self, search_steps: int) -> dict[str, dict[str, Any]]:
         return {"arch": {"lr": 0.02, "weight_decay": 0.0, "schedule": "constant", "optimizer": "sgd"},
                 "dual": {"lr": 1.0, "weight_decay": 0.0, "schedule": "constant", "optimizer": "sgd"}}
 
 
-def build_method(method: str, sites: Sequence[Site], cost: CostFn, budget: float,
+def build_method(method: str, sites: Sequence[Site], budget: float, weight: Callable[[str], Tensor],
                  importance: Mapping[str, Tensor] | None = None) -> WidthMethod:
     if method in ("magnitude", "taylor"):
         if importance is None:
             raise SpecError(f"width.method {method} needs importance scores")
-        return OneShot(sites, cost, budget, importance, method)
+        return OneShot(sites, budget, weight, importance, method)
     if method == "wdpruning":
-        return WDPruning(sites, cost, budget)
+        return WDPruning(sites, budget, weight)
     if method == "uvc":
-        return UVC(sites, cost, budget)
+        return UVC(sites, budget, weight)
     raise SpecError(f"width.method {method!r} is not one of magnitude, taylor, wdpruning, uvc")

@@ -1,0 +1,45 @@
+"""Compression axes: each is an instrument pass, a materialize pass and one method behind ``Axis``.
+
+``AXES`` lists the built-in axes in the order the spec gives them (and their instrument passes
+run): width, exits, depth. Exits come before the block gates so that an exit after a skipped block
+reads the gated stream. ``build_axes`` asks each axis whether the spec wants it on this model;
+``vg.instrument(..., axes=[MyAxis])`` adds axes of your own (see docs/architecture.md).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from vitgraph.axes.base import Axis, AxisContext
+from vitgraph.axes.depth import DepthAxis
+from vitgraph.axes.exits import ExitsAxis
+from vitgraph.axes.width import WidthAxis
+from vitgraph.errors import SpecError
+
+AXES: tuple[type[Axis], ...] = (WidthAxis, ExitsAxis, DepthAxis)
+
+
+def _unsupported(ctx: AxisContext) -> None:
+    spec = ctx.spec
+    todo = {"width.head_dim": spec.width.head_dim, "attention.to_conv": spec.attention.to_conv,
+            "tokens.stages": bool(spec.tokens.stages)}
+    asked = [k for k, v in todo.items() if v]
+    if asked:
+        raise SpecError(f"spec asks for {', '.join(asked)}, which this version of vitgraph does not implement yet; "
+                        f"set {asked[0]} to its default (false / []) - width pruning of heads and MLP units, "
+                        f"depth.skip_blocks and depth.exits work")
+
+
+def build_axes(ctx: AxisContext, extra: Sequence[type[Axis]] = ()) -> list[Axis]:
+    """The axes the spec asks for on ``ctx.graph``, in spec order, then ``extra`` ones."""
+    _unsupported(ctx)
+    axes = [a for a in (cls.from_spec(ctx) for cls in (*AXES, *extra)) if a is not None]
+    names = [a.name for a in axes]
+    if len(set(names)) != len(names):
+        raise SpecError(f"two axes share a name in {names}: each axis needs its own (Axis.name)")
+    if not axes:
+        raise SpecError("the spec compresses nothing: set width.heads and/or width.mlp, depth.skip_blocks or "
+                        "depth.exits")
+    return axes
+
+
+__all__ = ["AXES", "Axis", "AxisContext", "build_axes"]

@@ -1,0 +1,178 @@
+"""The width axis: attention heads and MLP units (WDPruning, UVC, one-shot magnitude / Taylor).
+
+Instrument: a ``UnitGate`` at each coupled group's consumer (``InsertUnitGatesPass``). Method: one
+of ``width_methods`` per spec (``width.method``). Materialize: every group sliced to the units its
+frozen mask keeps (``RemovePrunedUnitsPass``). Factors: each group's kept fraction; a group that
+keeps nothing deletes its residual branch (``branch.<i>.<kind>`` = 0).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from vitgraph.analysis.depth import branch_factor
+from vitgraph.axes.base import Axis, AxisContext, Factors, Run
+from vitgraph.axes.importance import magnitude_importance, taylor_importance
+from vitgraph.axes.width_methods import Site, WidthMethod, build_method
+from vitgraph.errors import SpecError
+from vitgraph.gates import UnitGate
+from vitgraph.graph import VitGraph
+from vitgraph.meta import GATES, CoupledGroup, submodule_name
+from vitgraph.passes.insert_unit_gates_pass import InsertUnitGatesPass
+from vitgraph.passes.remove_pruned_units_pass import RemovePrunedUnitsPass
+from vitgraph.spec import Spec
+
+if TYPE_CHECKING:
+    from vitgraph.budget import Pricer
+    from vitgraph.passes.base import VitPass
+
+
+def chosen_groups(g: VitGraph, spec: Spec) -> tuple[list[CoupledGroup], dict[str, str]]:
+    """The groups the spec's width settings gate, and for every site left dense the reason."""
+    width, skipped, chosen = spec.width, {}, []
+    kinds = {"heads"} if width.heads else set()
+    kinds |= {"mlp"} if width.mlp else set()
+    for group in g.structure.groups:
+        if group.kind in kinds and group.units > 1:
+            chosen.append(group)
+    have = {(gr.site, gr.kind) for gr in chosen}
+    for a in g.structure.attention:
+        if width.heads and (a.name, "heads") not in have:
+            skipped[a.name] = a.prunable.get("heads") or "heads are not separable here"
+    for m in g.structure.mlps:
+        if width.mlp and (m.name, "mlp") not in have:
+            skipped[m.name] = m.prunable.get("mlp") or "hidden units are not separable here"
+    return chosen, skipped
+
+
+class WidthAxis(Axis):
+    """Heads and MLP units of every gated coupled group."""
+
+    name = "width"
+    freeze_order = 40        # last: the widths close the gap the coarser decisions leave
+    materialize_order = 40   # after blocks and exits are gone: only the groups still in the graph are sliced
+
+    def __init__(self, ctx: AxisContext, groups: list[CoupledGroup], skipped: dict[str, str]) -> None:
+        super().__init__(ctx)
+        self.groups = groups
+        self.skipped = skipped      # site -> why the spec's width settings do not apply there
+        self.calibration = ctx.calibration
+        self.sites: list[Site] = []
+        self.gates: dict[str, UnitGate] = {}
+        self.method: WidthMethod = build_method("magnitude", [], ctx.spec.budget.flops, lambda p: None, {})
+
+    @classmethod
+    def from_spec(cls, ctx: AxisContext) -> WidthAxis | None:
+        g, spec = ctx.graph, ctx.spec
+        if not spec.width.enabled:
+            return None
+        groups, skipped = chosen_groups(g, spec)
+        if not groups:
+            reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3])
+            if not (spec.depth.skip_blocks or spec.depth.exits):
+                raise SpecError(f"{g.name}: the spec asks for width pruning but no site of this model allows it "
+                                f"({reasons})")
+        return cls(ctx, groups, skipped)
+
+    def instrument_passes(self) -> list[VitPass]:
+        return [InsertUnitGatesPass(self.groups, self.graph.structure.blocks)] if self.groups else []
+
+    def setup(self, gm: fx.GraphModule) -> None:
+        spec = self.spec
+        self.gates = {gr.name: gm.get_submodule(submodule_name(GATES, gr.name)) for gr in self.groups}
+        self.sites = [self._site(gr) for gr in self.groups]
+        importance = None
+        if spec.width.method == "magnitude":
+            importance = magnitude_importance(gm, self.sites)
+        elif spec.width.method == "taylor":
+            if self.sites and self.calibration is None:
+                raise SpecError("width.method taylor scores units with gradients and needs data: pass --data digits "
+                                "or --data imagefolder:PATH, or use method magnitude with --data none")
+            aux = isinstance(next(n for n in gm.graph.nodes if n.op == "output").args[0], tuple)
+            importance = taylor_importance(gm, self.gates, self.calibration, final_only=aux) if self.sites else {}
+        self.method = build_method(spec.width.method, self.sites, spec.budget.flops, gm.get_parameter, importance)
+
+    def _site(self, group: CoupledGroup) -> Site:
+        consumer = next(s.target for s in group.slices if s.what == "weight.in")
+        weights = tuple((s.target, s.axis, s.indices) for s in group.slices if s.what in ("weight.out", "weight.in"))
+        gate = self.gates[group.name]
+        return Site(group.name, group.kind, group.units, 1 if group.kind == "heads" else self.spec.width.align,
+                    gate.min_units, consumer, gate.channel_unit.clone(), weights)
+
+    # -- running and training -------------------------------------------------------------------
+    def apply(self, mode: str) -> None:
+        masks = self.method.masks(mode)
+        for name, gate in self.gates.items():
+            gate.mask = None if masks is None else masks[name]
+
+    @property
+    def one_shot(self) -> bool:
+        return self.spec.width.method in ("magnitude", "taylor") or not self.sites
+
+    @property
+    def budget_form(self) -> str | None:
+        return self.method.budget_form if self.sites else None
+
+    def learns_budget(self) -> bool:
+        return self.budget_form is not None and not self.frozen
+
+    def penalties(self) -> dict[str, Tensor]:
+        return self.method.penalties()
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return self.method.param_groups()
+
+    def optim_defaults(self, search_steps: int) -> dict[str, dict[str, Any]]:
+        return self.method.optim_defaults(search_steps)
+
+    def after_step(self, step: int, lr: float) -> None:
+        self.method.after_step(step, lr)
+
+    @property
+    def frozen(self) -> bool:
+        return not self.sites or bool(self.method.is_frozen)
+
+    def freeze(self, pricer: Pricer, run: Run) -> None:
+        self.method.freeze(lambda fractions: pricer("eval", {self.name: self.as_factors(fractions)}))
+
+    # -- pricing ----------------------------------------------------------------------------------
+    def as_factors(self, fractions: Mapping[str, Any]) -> Factors:
+        """Kept fraction per group; a group keeping nothing deletes its branch where it can go."""
+        out: Factors = dict(fractions)
+        for s in self.sites:
+            group = self.graph.structure.group(s.name)
+            if s.min_units == 0 and s.name in fractions and float(torch.as_tensor(fractions[s.name]).detach()) == 0.0:
+                out[branch_factor(group.block, group.branch)] = 0.0
+        return out
+
+    def factors(self, mode: str) -> Factors:
+        if self.frozen or mode == "eval":
+            return self.as_factors(self.method.kept_fractions("eval"))
+        if mode == "train":
+            return self.as_factors(self.method.expected())
+        if mode == "floor":
+            return self.as_factors({s.name: s.round(0.0) / s.units for s in self.sites})
+        return {}
+
+    # -- results ----------------------------------------------------------------------------------
+    def decisions(self) -> dict[str, list[int]]:
+        """Per group, the units ``eval`` mode keeps."""
+        masks = self.method.masks("eval") or {}
+        return {name: torch.nonzero(m > 0.5).flatten().tolist() for name, m in masks.items()}
+
+    def materialize_passes(self) -> list[VitPass]:
+        blocks = self.graph.structure.blocks
+        return [RemovePrunedUnitsPass(self.graph.structure.groups, blocks, self.decisions())] if self.sites else []
+
+    def status(self, pricer: Pricer) -> dict[str, float]:
+        if self.budget_form is None:
+            return {}
+        return {"expected": float(pricer("eval", {self.name: self.as_factors(self.method.expected())}))}
+
+    def report(self) -> dict[str, Any]:
+        return {"kept": {k: len(v) for k, v in self.decisions().items()},
+                "units": {s.name: s.units for s in self.sites}, "skipped_sites": self.skipped}
