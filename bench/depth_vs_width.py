@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                      "flops_frac": rep["compressed"]["flops"] / rep["dense"]["flops"],
                      "params": rep["compressed"]["params"], "blocks": len(r.compressed.structure.blocks),
                      "top1": rep["compressed"]["top1"], "removed_blocks": rep["depth"]["removed_blocks"],
-                     "kept": rep["kept"], "budget": rep["budget"]})
+                     "kept": rep.get("kept", {}), "budget": rep["budget"]})
     for row in rows:
         if "error" not in row:
             row["ms_b1"], row["ms_b16"] = ms[1][row["variant"]], ms[16][row["variant"]]

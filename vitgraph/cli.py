@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -166,7 +167,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitgraph", description="Recognise, compress and lower Vision Transformers.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true",
+                   help="show tracebacks, and check cost model == FlopCounterMode after every pass")
     p.add_argument("--version", action="version", version=f"vitgraph {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -221,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
         warnings.filterwarnings("ignore")
+    else:
+        from vitgraph.passes.manager import DEBUG_ENV
+        os.environ[DEBUG_ENV] = "1"
     try:
         return args.func(args)
     except VitgraphError as exc:

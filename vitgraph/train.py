@@ -33,10 +33,11 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from vitgraph.errors import SpecError, VitgraphError
 from vitgraph.spec import Distill, Train
+from vitgraph.train_groups import (GROUPS, GroupConfig, Plan, _optimizer, group_configs, kind,  # noqa: F401 - API
+                                   lr_at, param_groups)
 from vitgraph.train_state import (FORMAT, _batches, _Batches, _load, _restore_model, _rng_state, _save,
                                   _set_rng_state, _World)
 
-GROUPS = ("weights", "arch", "dual")
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
@@ -74,31 +75,6 @@ class Compressible(Protocol):
 
 
 @dataclass(frozen=True)
-class GroupConfig:
-    """How one parameter group is optimised. ``every=k`` steps its optimizer every k-th step (summing grads)."""
-
-    name: str
-    lr: float
-    weight_decay: float = 0.0
-    every: int = 1
-    schedule: str = "cosine"
-    optimizer: str = "adamw"
-    momentum: float = 0.0         # SGD only; explicit settings opt into momentum
-    beta1: float = 0.9            # AdamW only: 0 stops a parameter as soon as its gradient does
-
-    def __post_init__(self) -> None:
-        problem = (f"lr must be a number >= 0, got {self.lr!r}" if not isinstance(self.lr, (int, float)) or self.lr < 0
-                   else f"every must be an integer >= 1, got {self.every!r}" if not isinstance(self.every, int)
-                   or self.every < 1
-                   else f"schedule must be 'cosine' or 'constant', got {self.schedule!r}"
-                   if self.schedule not in ("cosine", "constant")
-                   else f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}"
-                   if self.optimizer not in ("adamw", "sgd") else None)
-        if problem:
-            raise VitgraphError(f"optimizer settings of group {self.name!r}: {problem}")
-
-
-@dataclass(frozen=True)
 class FitResult:
     steps: int                  # optimizer steps done in total (including those before a resume)
     loss: float | None          # mean loss over the last logging window (None when no step ran)
@@ -106,100 +82,6 @@ class FitResult:
     seconds: float              # wall time of this call
     images_per_s: float         # training throughput of this call, all processes together
     history: Path | None        # metrics.jsonl (None without out_dir)
-
-
-# -- parameter groups and schedules ------------------------------------------------------------------------
-
-def kind(group: str) -> str:
-    """``weights``, ``arch`` or ``dual``: what a group name (``"arch:blocks"``) is."""
-    return group.split(":", 1)[0]
-
-
-def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """The model's groups (all trainable parameters are ``weights`` for a plain module), checked."""
-    if not isinstance(model, Compressible):
-        return {"weights": [p for p in model.parameters() if p.requires_grad]}
-    groups = {k: list(v) for k, v in model.param_groups().items() if len(v)}
-    unknown = sorted(g for g in groups if kind(g) not in GROUPS or g.startswith("weights:"))
-    if unknown:
-        raise VitgraphError(f"{type(model).__name__}.param_groups() has group {unknown[0]!r}; "
-                            f"groups are {', '.join(GROUPS)}, or arch:NAME / dual:NAME")
-    seen: dict[int, str] = {}
-    for name, params in groups.items():
-        for p in params:
-            if id(p) in seen:
-                raise VitgraphError(f"{type(model).__name__}.param_groups(): a parameter of shape {tuple(p.shape)} "
-                                    f"is in both {seen[id(p)]!r} and {name!r}; give it one group")
-            seen[id(p)] = name
-    return {name: groups[name] for k in GROUPS for name in groups if kind(name) == k}
-
-
-def group_configs(model: nn.Module, groups: dict[str, list[nn.Parameter]], cfg: Train) -> dict[str, GroupConfig]:
-    defaults = model.optim_defaults() if isinstance(model, Compressible) else {}
-    overrides = {"weights": {"lr": cfg.lr, "weight_decay": cfg.weight_decay}, "arch": {"lr": cfg.arch_lr},
-                 "dual": {"lr": cfg.dual_lr}}
-    allowed = [f.name for f in dataclasses.fields(GroupConfig) if f.name != "name"]
-    out = {}
-    for name in groups:
-        settings = dict(defaults.get(name, {}))
-        settings.update({k: v for k, v in overrides.get(name, {}).items() if v is not None})
-        bad = [k for k in settings if k not in allowed]
-        if bad:
-            raise VitgraphError(f"{type(model).__name__}.optim_defaults()[{name!r}] has key {bad[0]!r}; "
-                                f"allowed: {', '.join(allowed)}")
-        if "lr" not in settings:
-            raise VitgraphError(f"{type(model).__name__}.optim_defaults() gives no lr for group {name!r}; "
-                                f"add one there or set train.{name}_lr in the spec")
-        out[name] = GroupConfig(name=name, **settings)
-    return out
-
-
-def lr_at(step: int, base: float, floor: float, kind: str, start: int, end: int, warmup: int = 0) -> float:
-    """The rate at ``step`` of a phase ``[start, end)``: linear warm-up, then constant or cosine down to ``floor``."""
-    i = step - start
-    if i < warmup:
-        return base * (i + 1) / warmup
-    if kind == "constant":
-        return base
-    t = min(1.0, (i - warmup) / max(end - start - warmup - 1, 1))
-    return floor + (base - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The phases of a run: ``search`` [0, search_end) then ``finetune``, or one ``train`` phase."""
-
-    steps: int
-    search_end: int
-    two_phase: bool
-
-    @classmethod
-    def of(cls, cfg: Train, has_arch: bool) -> Plan:
-        return cls(cfg.steps, min(cfg.search_steps, cfg.steps) if has_arch else cfg.steps, has_arch)
-
-    def phase(self, step: int) -> str:
-        return "train" if not self.two_phase else "search" if step < self.search_end else "finetune"
-
-    def lr(self, g: GroupConfig, step: int, cfg: Train) -> float:
-        if kind(g.name) != "weights":  # arch and dual only train while searching
-            return lr_at(step, g.lr, g.lr * cfg.min_lr / cfg.lr, g.schedule, 0, self.search_end)
-        if step < self.search_end:  # the warm-up belongs to the first phase that trains weights
-            return lr_at(step, g.lr, cfg.min_lr, g.schedule, 0, self.search_end, min(cfg.warmup_steps, self.search_end))
-        warmup = cfg.warmup_steps if self.search_end == 0 else 0
-        return lr_at(step, g.lr, cfg.min_lr, "cosine", self.search_end, self.steps, min(warmup, self.steps))
-
-
-def _optimizer(g: GroupConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    if g.name == "weights":  # no decay on biases, norms and other 1-D parameters (as timm does)
-        decay = [p for p in params if p.ndim > 1]
-        rest = [p for p in params if p.ndim <= 1]
-        groups = [{"params": ps, "weight_decay": wd} for ps, wd in ((decay, g.weight_decay), (rest, 0.0)) if ps]
-    else:
-        groups = [{"params": params, "weight_decay": g.weight_decay}]
-    ascent = kind(g.name) == "dual"
-    if g.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=g.lr, momentum=g.momentum, maximize=ascent)
-    return torch.optim.AdamW(groups, lr=g.lr, betas=(g.beta1, 0.999), maximize=ascent)
 
 
 # -- losses and evaluation ---------------------------------------------------------------------------------
@@ -480,22 +362,7 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader | None, cfg: Train, *
 
     run = _Run(model, cfg, world, device)
     order = _Batches(train_data, cfg.batch_size, cfg.seed, world) if cfg.steps > 0 else None
-    start, last_loss = 0, None
-    if resume:
-        state = _load(ckpt)
-        if order is not None and state["data"] != order.fingerprint():
-            raise VitgraphError(f"cannot resume: {ckpt} was written for data/batching {state['data']}, this run has "
-                                f"{order.fingerprint()}; use the same data, train.batch_size, train.seed and "
-                                f"number of processes")
-        if state["step"] > cfg.steps:
-            raise VitgraphError(f"cannot resume: {ckpt} is at step {state['step']}, past train.steps={cfg.steps}; "
-                                f"raise train.steps or start fresh in another out_dir")
-        run.restore(state, ckpt)
-        start, last_loss = state["step"], state["loss"]
-    else:
-        torch.manual_seed(cfg.seed + world.rank)
-        random.seed(cfg.seed + world.rank)
-        np.random.seed((cfg.seed + world.rank) % 2**32)
+    start, last_loss = _begin(run, order, ckpt, resume)
 
     def checkpoint(step: int) -> None:
         state = run.state(step, last_loss, order) if ckpt is not None else None
@@ -519,16 +386,7 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader | None, cfg: Train, *
             images += x.shape[0] * world.size
             done, phase, info = step + 1, run.plan.phase(step), None
             if done % log_every == 0 or done == cfg.steps:
-                terms, rate = window.flush(world)
-                last_loss = terms.pop("loss")
-                if not math.isfinite(last_loss):
-                    raise VitgraphError(f"the loss is {last_loss} at step {done} (terms {terms}); lower train.lr, "
-                                        f"keep train.clip_grad on, or check the model's penalties")
-                status = _status(model) if world.rank == 0 else {}
-                metrics.write({"step": done, "phase": phase, "loss": last_loss, "terms": terms, "lr": run.lrs,
-                               "status": status, "images_per_s": rate})
-                info = "  ".join([f"loss {last_loss:.4f}", *(f"{k} {v:.3g}" for k, v in status.items()),
-                                  f"{rate:.0f} img/s"])
+                last_loss, info = _log(window, run, metrics, done, phase)
             if val_data is not None and evaluate_every > 0 and done % evaluate_every == 0 and done < cfg.steps:
                 metrics.write({"step": done, "phase": phase,
                                "top1": evaluate(model, val_data, cfg.batch_size, num_workers=workers)})
@@ -548,6 +406,39 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader | None, cfg: Train, *
         checkpoint(cfg.steps)
     return FitResult(steps=cfg.steps, loss=last_loss, top1=top1, seconds=time.perf_counter() - t_begin,
                      images_per_s=images / train_seconds if train_seconds > 0 else 0.0, history=metrics.path)
+
+
+def _begin(run: _Run, order: _Batches | None, ckpt: Path | None, resume: bool) -> tuple[int, float | None]:
+    """(first step, last logged loss): a resumed run's from its checkpoint; a fresh run seeds every RNG."""
+    cfg, world = run.cfg, run.world
+    if not resume:
+        torch.manual_seed(cfg.seed + world.rank)
+        random.seed(cfg.seed + world.rank)
+        np.random.seed((cfg.seed + world.rank) % 2**32)
+        return 0, None
+    state = _load(ckpt)
+    if order is not None and state["data"] != order.fingerprint():
+        raise VitgraphError(f"cannot resume: {ckpt} was written for data/batching {state['data']}, this run has "
+                            f"{order.fingerprint()}; use the same data, train.batch_size, train.seed and "
+                            f"number of processes")
+    if state["step"] > cfg.steps:
+        raise VitgraphError(f"cannot resume: {ckpt} is at step {state['step']}, past train.steps={cfg.steps}; "
+                            f"raise train.steps or start fresh in another out_dir")
+    run.restore(state, ckpt)
+    return state["step"], state["loss"]
+
+
+def _log(window: _Window, run: _Run, metrics: _Metrics, done: int, phase: str) -> tuple[float, str]:
+    """Flush the window into metrics.jsonl: (the mean loss, the progress bar's text); a non-finite loss stops."""
+    terms, rate = window.flush(run.world)
+    loss = terms.pop("loss")
+    if not math.isfinite(loss):
+        raise VitgraphError(f"the loss is {loss} at step {done} (terms {terms}); lower train.lr, "
+                            f"keep train.clip_grad on, or check the model's penalties")
+    status = _status(run.model) if run.world.rank == 0 else {}
+    metrics.write({"step": done, "phase": phase, "loss": loss, "terms": terms, "lr": run.lrs,
+                   "status": status, "images_per_s": rate})
+    return loss, "  ".join([f"loss {loss:.4f}", *(f"{k} {v:.3g}" for k, v in status.items()), f"{rate:.0f} img/s"])
 
 
 def _status(model: nn.Module) -> dict[str, float]:

@@ -26,15 +26,14 @@ axis prices its frozen decisions in every mode.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch.fx as fx
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from vitgraph.budget import Pricer
     from vitgraph.graph import VitGraph
     from vitgraph.passes.base import VitPass
     from vitgraph.spec import Spec
@@ -44,6 +43,15 @@ Factors = dict[str, Decision]
 Outputs = tuple[Tensor, dict[str, Tensor]]     # (the model's output, auxiliary outputs by name)
 Run = Callable[..., Outputs]                   # runs the gated graph in ``eval`` mode on a batch
 PRICE_MODES = ("eval", "train", "full", "floor")
+
+
+class Pricer(Protocol):
+    """What an axis sees of ``vitgraph.budget.Pricer``: every axis, and the price of a mode
+    (with some axes' factors overridden) as a fraction of the dense FLOPs."""
+
+    axes: Sequence[Axis]
+
+    def __call__(self, mode: str = "eval", override: Mapping[str, Factors] | None = None) -> Decision: ...
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from vitgraph.analysis.depth import branch_factor, depth_units
-from vitgraph.axes.base import Axis, AxisContext, Factors, Run
+from vitgraph.axes.base import Axis, AxisContext, Factors, Pricer, Run
 from vitgraph.axes.importance import influence
 from vitgraph.errors import SpecError
 from vitgraph.gates import BlockGate, gumbel2, ste_step
@@ -27,7 +27,6 @@ from vitgraph.passes.insert_block_gates_pass import InsertBlockGatesPass
 from vitgraph.passes.remove_skipped_blocks_pass import RemoveSkippedBlocksPass
 
 if TYPE_CHECKING:
-    from vitgraph.budget import Pricer
     from vitgraph.passes.base import VitPass
 
 
@@ -251,15 +250,6 @@ def project(margins: Tensor, cost_at: Callable[[Tensor, str], float], target: fl
     else:
         k = min(range(n + 1), key=lambda j: abs(full[j] - target))
     return keep_prefix(k)
-
-
-def reachable_fractions(costs: Sequence[float], base: float, step: float = 1e-3) -> list[float]:
-    """Every cost ``base - sum(subset of costs)`` (rounded to ``step``): what depth alone can reach."""
-    sums = {0}
-    for c in costs:
-        q = int(round(c / step))
-        sums |= {s + q for s in sums}
-    return sorted(base - s * step for s in sums)
 
 
 def reachable_fractions(costs: Sequence[float], base: float, step: float = 1e-3) -> list[float]:

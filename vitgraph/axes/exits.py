@@ -16,13 +16,12 @@ import torch
 from torch import Tensor
 
 from vitgraph.analysis.depth import cut_factor, exit_reasons, head_path, truncated_nodes
-from vitgraph.axes.base import Axis, AxisContext, Factors, Outputs, Run
+from vitgraph.axes.base import Axis, AxisContext, Factors, Pricer, Outputs, Run
 from vitgraph.errors import SpecError
 from vitgraph.passes.insert_exits_pass import InsertExitsPass
 from vitgraph.passes.truncate_at_exit_pass import TruncateAtExitPass
 
 if TYPE_CHECKING:
-    from vitgraph.budget import Pricer
     from vitgraph.passes.base import VitPass
 
 

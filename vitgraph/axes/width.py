@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from vitgraph.analysis.depth import branch_factor
-from vitgraph.axes.base import Axis, AxisContext, Factors, Run
+from vitgraph.axes.base import Axis, AxisContext, Factors, Pricer, Run
 from vitgraph.axes.importance import magnitude_importance, taylor_importance
 from vitgraph.axes.width_methods import Site, WidthMethod, build_method
 from vitgraph.errors import SpecError
@@ -27,7 +27,6 @@ from vitgraph.passes.remove_pruned_units_pass import RemovePrunedUnitsPass
 from vitgraph.spec import Spec
 
 if TYPE_CHECKING:
-    from vitgraph.budget import Pricer
     from vitgraph.passes.base import VitPass
 
 
