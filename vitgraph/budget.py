@@ -10,8 +10,9 @@ removes). Values may be tensors, so a budget loss differentiates through it. Axe
 add what the dense graph does not have. With hard decisions it equals the compact graph's cost
 exactly (tests/test_depth.py, tests/test_width.py).
 
-The FLOPs table (``Pricer.terms``) is the one cost function: a latency budget is another table
-over the same factors, not another pricer.
+The cost function is a table, ``(factor names, cost)`` rows (``flops_table``: the dense graph's
+node FLOPs, nodes with the same factors summed): a latency budget is another table over the same
+factors, passed as ``Pricer(g, axes, table=...)``, not another pricer.
 
 ``Budget`` is the constraint ``cost <= target`` as a min-max problem: dual variables take ascent
 steps, the primal term prices the axes' ``train`` factors. Two forms, as the methods specify:
@@ -21,7 +22,7 @@ and ``linear`` (UVC, methods.md §4.5: ``z (cost - target)``).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,26 +34,35 @@ from vitgraph.graph import VitGraph
 from vitgraph.meta import COST, NodeCost
 
 
-class Pricer:
-    """Prices the axes' decisions on the dense graph ``g``."""
+Table = list[tuple[tuple[str, ...], float]]  # (factor names, cost of the nodes that carry exactly those)
 
-    def __init__(self, g: VitGraph, axes: Sequence[Axis]) -> None:
-        self.dense = g.structure.flops
+
+def flops_table(g: VitGraph, sets: Mapping[str, frozenset[str]]) -> Table:
+    """Per-image FLOPs of the dense graph's nodes, by the factors that scale them (the cost model's on the
+    node, then the set factors whose node set holds it); nodes with the same factors are summed."""
+    member: dict[str, list[str]] = defaultdict(list)
+    for name, nodes in sets.items():
+        for n in nodes:
+            member[n].append(name)
+    table: dict[tuple[str, ...], float] = defaultdict(int)
+    for node in g.gm.graph.nodes:
+        cost: NodeCost | None = node.meta.get(COST)
+        if cost is not None and cost.flops:
+            table[cost.factors + tuple(member.get(node.name, ()))] += cost.flops
+    return list(table.items())
+
+
+class Pricer:
+    """Prices the axes' decisions on the dense graph ``g``, as a fraction of its cost."""
+
+    def __init__(self, g: VitGraph, axes: Sequence[Axis],
+                 table: Callable[[VitGraph, Mapping[str, frozenset[str]]], Table] = flops_table) -> None:
         self.axes = list(axes)
         sets = branch_sets(g.gm, g.structure.blocks)
         for axis in self.axes:
             sets.update(axis.set_factors())
-        member: dict[str, list[str]] = defaultdict(list)
-        for name, nodes in sets.items():
-            for n in nodes:
-                member[n].append(name)
-        # nodes with the same factors cost their summed FLOPs times one product: a short table
-        table: dict[tuple[str, ...], int] = defaultdict(int)
-        for node in g.gm.graph.nodes:
-            cost: NodeCost | None = node.meta.get(COST)
-            if cost is not None and cost.flops:
-                table[cost.factors + tuple(member.get(node.name, ()))] += cost.flops
-        self.terms = list(table.items())
+        self.terms = table(g, sets)
+        self.dense = sum(cost for _, cost in self.terms)
 
     def factors(self, mode: str = "eval", override: Mapping[str, Factors] | None = None) -> Factors:
         """Every axis's factors in ``mode`` (``override[axis name]`` instead where given), multiplied

@@ -159,6 +159,7 @@ class GatedModel(nn.Module):
             if not axis.frozen:
                 axis.freeze(self.pricer, self.outputs)
 
+    @torch.no_grad()
     def status(self) -> dict[str, float]:
         out = {"flops": float(self.pricer("eval"))}
         for axis in self.axes.values():

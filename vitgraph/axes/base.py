@@ -64,7 +64,24 @@ class AxisContext:
     val_data: Any = None                                        # (image, label) pairs for choices at freeze
 
 
-class Axis(nn.Module):
+class Learner(nn.Module):
+    """The training-loop hooks an axis (and a method inside one) may implement; neutral defaults."""
+
+    def penalties(self) -> dict[str, Tensor]:
+        """Loss terms besides the budget (the budget term is ``GatedModel``'s)."""
+        return {}
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {}
+
+    def optim_defaults(self, search_steps: int) -> dict[str, dict[str, Any]]:
+        return {}
+
+    def after_step(self, step: int, lr: float) -> None:
+        """Run after each optimizer step (proximal updates, counters)."""
+
+
+class Axis(Learner):
     """Base class with neutral defaults: an axis overrides what it does."""
 
     name: ClassVar[str] = "axis"
@@ -116,19 +133,6 @@ class Axis(nn.Module):
     def learns_budget(self) -> bool:
         """Whether the budget term prices this axis's learning on the current step."""
         return False
-
-    def penalties(self) -> dict[str, Tensor]:
-        """Loss terms of the method besides the budget (the budget term is ``GatedModel``'s)."""
-        return {}
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {}
-
-    def optim_defaults(self, search_steps: int) -> dict[str, dict[str, Any]]:
-        return {}
-
-    def after_step(self, step: int, lr: float) -> None:
-        """Run after each optimizer step (proximal updates, counters)."""
 
     # -- freezing --------------------------------------------------------------------------------
     @property

@@ -62,6 +62,7 @@ class WidthAxis(Axis):
         self.calibration = ctx.calibration
         self.sites: list[Site] = []
         self.gates: dict[str, UnitGate] = {}
+        # no units until setup() finds the gates in the instrumented graph and builds the spec's method there
         self.method: WidthMethod = build_method("magnitude", [], ctx.spec.budget.flops, lambda p: None, {})
 
     @classmethod

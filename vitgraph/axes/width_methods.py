@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vitgraph.axes.base import Learner
 from vitgraph.errors import SpecError
 from vitgraph.gates import ceil_ste, clamp_ste, least_sum, topk_hard, topk_mask
 
@@ -103,7 +104,7 @@ def allocate(sites: Sequence[Site], fractions: Mapping[str, float], target: floa
 
 
 # -- the methods ---------------------------------------------------------------------------------
-class WidthMethod(nn.Module):
+class WidthMethod(Learner):
     """Base: frozen decisions as buffers, budget projection, the mode logic."""
 
     name = "base"
@@ -131,18 +132,6 @@ class WidthMethod(nn.Module):
     def expected(self) -> dict[str, Any]:
         """Per group, the kept fraction the budget term prices while learning (differentiable)."""
         return {s.name: 1.0 for s in self.sites}
-
-    def penalties(self) -> dict[str, Tensor]:
-        return {}
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {}
-
-    def optim_defaults(self, search_steps: int) -> dict[str, dict[str, Any]]:
-        return {}
-
-    def after_step(self, step: int, lr: float) -> None:
-        """Hook run after each optimizer step (proximal updates)."""
 
     # shared
     def frozen_masks(self) -> dict[str, Tensor]:
