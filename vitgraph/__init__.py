@@ -27,10 +27,11 @@ __all__ = [
     "trace", "VitGraph", "load_model", "Structure", "Block", "AttentionSite", "MlpSite", "TokenInfo",
     "CoupledGroup", "VitgraphError", "TraceError", "InputSizeError", "ModelNotFoundError", "AnalysisError",
     "ParityError", "PreconditionError", "PostconditionError", "SpecError", "targets", "Spec", "instrument",
-    "materialize", "fit", "compress", "Result", "GatedModel",
+    "materialize", "fit", "compress", "Result", "GatedModel", "Axis",
 ]
 
 _LAZY = {"instrument": "vitgraph.gated", "materialize": "vitgraph.gated", "GatedModel": "vitgraph.gated",
+         "Axis": "vitgraph.axes",
          "fit": "vitgraph.train", "compress": "vitgraph.pipeline", "Result": "vitgraph.pipeline"}
 
 
