@@ -62,6 +62,7 @@ class WidthAxis(Axis):
         self.calibration = ctx.calibration
         self.sites: list[Site] = []
         self.gates: dict[str, UnitGate] = {}
+        self.branch: dict[str, str] = {}  # group -> the set factor of the residual branch it can delete
         # no units until setup() finds the gates in the instrumented graph and builds the spec's method there
         self.method: WidthMethod = build_method("magnitude", [], ctx.spec.budget.flops, lambda p: None, {})
 
@@ -85,6 +86,8 @@ class WidthAxis(Axis):
         spec = self.spec
         self.gates = {gr.name: gm.get_submodule(submodule_name(GATES, gr.name)) for gr in self.groups}
         self.sites = [self._site(gr) for gr in self.groups]
+        self.branch = {gr.name: branch_factor(gr.block, gr.branch) for gr, s in zip(self.groups, self.sites)
+                       if s.min_units == 0}
         importance = None
         if spec.width.method == "magnitude":
             importance = magnitude_importance(gm, self.sites)
@@ -143,10 +146,9 @@ class WidthAxis(Axis):
     def as_factors(self, fractions: Mapping[str, Any]) -> Factors:
         """Kept fraction per group; a group keeping nothing deletes its branch where it can go."""
         out: Factors = dict(fractions)
-        for s in self.sites:
-            group = self.graph.structure.group(s.name)
-            if s.min_units == 0 and s.name in fractions and float(torch.as_tensor(fractions[s.name]).detach()) == 0.0:
-                out[branch_factor(group.block, group.branch)] = 0.0
+        for name, branch in self.branch.items():
+            if name in fractions and float(torch.as_tensor(fractions[name]).detach()) == 0.0:
+                out[branch] = 0.0
         return out
 
     def factors(self, mode: str) -> Factors:
