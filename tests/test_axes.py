@@ -201,8 +201,11 @@ def test_a_cost_term_adds_what_the_dense_graph_lacks():
     class Adapter(Axis):
         name = "adapter"
 
-        def cost_terms(self, mode: str) -> dict[str, Any]:
-            return {"adapter": measured} if mode != "full" else {}
+        def factors(self, mode: str) -> dict[str, Any]:
+            return {} if mode == "full" else {"adapter.on": 1.0}  # a factor no dense node carries
+
+        def cost_terms(self, factors: dict[str, Any]) -> dict[str, Any]:
+            return {"adapter": measured} if factors else {}
 
     ctx = AxisContext(g, Spec.from_dict({}))
     from vitgraph.budget import Pricer

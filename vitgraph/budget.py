@@ -64,21 +64,21 @@ class Pricer:
         self.terms = table(g, sets)
         self.dense = sum(cost for _, cost in self.terms)
 
-    def factors(self, mode: str = "eval", override: Mapping[str, Factors] | None = None) -> Factors:
-        """Every axis's factors in ``mode`` (``override[axis name]`` instead where given), multiplied
-        where two axes scale the same factor (a branch deleted by either is deleted)."""
+    def per_axis(self, mode: str = "eval", override: Mapping[str, Factors] | None = None) -> dict[str, Factors]:
+        """Every axis's factors in ``mode``, or ``override[axis name]`` where given."""
         if mode not in PRICE_MODES:
             raise ValueError(f"price mode must be one of {PRICE_MODES}, got {mode!r}")
-        out: Factors = {}
-        for axis in self.axes:
-            own = override[axis.name] if override is not None and axis.name in override else axis.factors(mode)
-            for k, v in own.items():
-                out[k] = out[k] * v if k in out else v
-        return out
+        return {a.name: override[a.name] if override is not None and a.name in override else a.factors(mode)
+                for a in self.axes}
 
     def __call__(self, mode: str = "eval", override: Mapping[str, Factors] | None = None) -> Decision:
-        """Fraction of the dense FLOPs left under the decisions of ``mode``."""
-        kept = self.factors(mode, override)
+        """Fraction of the dense FLOPs left under the decisions of ``mode``. Two axes scaling the same factor
+        multiply (a branch deleted by either is deleted); each axis's cost terms follow its own factors."""
+        own = self.per_axis(mode, override)
+        kept: Factors = {}
+        for factors in own.values():
+            for k, v in factors.items():
+                kept[k] = kept[k] * v if k in kept else v
         total: Any = 0
         for names, flops in self.terms:
             term: Any = flops
@@ -88,7 +88,7 @@ class Pricer:
                     term = term * v
             total = total + term
         for axis in self.axes:
-            for extra in axis.cost_terms(mode).values():
+            for extra in axis.cost_terms(own[axis.name]).values():
                 total = total + extra
         return total / self.dense
 

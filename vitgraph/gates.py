@@ -175,3 +175,58 @@ class BlockGate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.unit}, kind={self.kind}"
+
+
+class TokenSelector(nn.Module):
+    """Keeps the ``keep`` content tokens that receive the most attention; folds the rest into one package.
+
+    Called as ``selector(x, q, k)`` (q and k of the attention before it, (B, H, N, d)) or
+    ``selector(x, probs)`` (that attention's probabilities, (B, H, N, N)). A token's score is the
+    attention it receives from the ``prefix`` queries, averaged over heads and those queries (over
+    every query when there is no prefix token). Tokens are ``[prefix ; content ; packages]`` with
+    ``packages`` packages of earlier stages at the end; the output is ``[prefix ; the top-``keep``
+    content tokens ; the earlier packages ; the new package]``, the package being the score-weighted
+    mean of the dropped content tokens. ``keep`` None is the ``open`` mode: the identity.
+    Only standard ops with static sizes: it traces, exports (TopK + GatherElements) and batches.
+    """
+
+    def __init__(self, prefix: int, packages: int, scale: float | None) -> None:
+        super().__init__()
+        self.prefix, self.packages, self.scale = prefix, packages, scale
+        self.keep: int | None = None
+
+    def scores(self, a: Tensor, b: Tensor | None = None) -> Tensor:
+        p = self.prefix
+        if b is None:  # attention probabilities
+            probs = a[:, :, :p] if p else a
+        else:
+            q = a[:, :, :p] if p else a
+            probs = torch.softmax((q @ b.transpose(-2, -1)) * self.scale, dim=-1)
+        return probs.mean(dim=(1, 2))
+
+    def forward(self, x: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
+        if self.keep is None:
+            return x
+        p, end = self.prefix, x.shape[1] - self.packages
+        s = self.scores(a, b)[:, p:end]
+        content = x[:, p:end]
+        top = torch.topk(s, self.keep, dim=1)
+        kept = torch.gather(content, 1, top.indices.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        dropped = (s.unsqueeze(-1) * content).sum(1) - (top.values.unsqueeze(-1) * kept).sum(1)
+        weight = s.sum(1) - top.values.sum(1)
+        package = dropped / (weight.unsqueeze(-1) + 1e-6)
+        return torch.cat([x[:, :p], kept, x[:, end:], package.unsqueeze(1)], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"prefix={self.prefix}, packages={self.packages}, keep={self.keep}"
+
+
+class DropPackages(nn.Module):
+    """Removes the last ``count`` tokens (the packages) before a mean-pooling head; ``count`` None: identity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count: int | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x if not self.count else x[:, :x.shape[1] - self.count]

@@ -21,6 +21,7 @@ LEAF_FLOPS = "vg.leaf_flops"  # FLOPs FlopCounterMode measured inside an opaque 
 GATES = "vg_gates"         # every width (unit) gate: vg_gates.<group with "." -> "_">
 BLOCK_GATES = "vg_blocks"  # every block or branch gate: vg_blocks.<unit with "." -> "_">
 EXITS = "vg_exits"         # every exit classifier: vg_exits.exit<e>
+TOKENS = "vg_tokens"       # every token selector: vg_tokens.<block with "." -> "_">, and vg_tokens.unpack
 
 
 def submodule_name(root: str, name: str) -> str:

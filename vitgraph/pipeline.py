@@ -128,7 +128,7 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
         "latency_ms": {},
         "budget": _budget_report(spec, gated, achieved),
         "depth": _depth_report(g, gated),
-        "method": spec.width.method,
+        "method": " + ".join(a.label for a in gated.axes.values()),  # e.g. "wdpruning + depth"
         "train": None,
     }
     for part in gated.report().values():  # each axis's part: kept units, gates, exits, ...

@@ -20,6 +20,7 @@ import yaml
 from vitgraph.errors import SpecError
 
 WIDTH_METHODS = ("magnitude", "taylor", "wdpruning", "uvc")
+TOKEN_METHODS = ("spvit", "attention")
 ONE_SHOT = ("magnitude", "taylor")
 
 
@@ -81,8 +82,31 @@ class Attention:
 
 @dataclass(frozen=True)
 class Tokens:
-    stages: tuple[int, ...] = ()  # SPViT (Kong et al.) selectors before these blocks (0-based)
-    keep: tuple[float, ...] = ()
+    method: str = "spvit"         # spvit (learned selectors, Kong et al.) | attention (one-shot: attention received)
+    stages: tuple[int, ...] = ()  # selectors before these blocks (0-based); empty: L/4, L/2, 3L/4 when enabled
+    keep: tuple[float, ...] = ()  # kept fraction of the patch tokens after each stage; empty: from budget.flops
+    mode: str = "static"          # static (top-K + package token, fixed shapes) | dynamic (per-image gather)
+    enabled: bool | None = None   # None: on when stages or keep are given (or preset spvit_tokens)
+
+    def __post_init__(self) -> None:
+        if self.method not in TOKEN_METHODS:
+            raise SpecError(f"tokens.method must be one of {', '.join(TOKEN_METHODS)}, got {self.method!r}")
+        if self.mode not in ("static", "dynamic"):
+            raise SpecError(f"tokens.mode must be static or dynamic, got {self.mode!r}")
+        if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in self.stages) \
+                or list(self.stages) != sorted(set(self.stages)):
+            raise SpecError(f"tokens.stages are increasing 0-based block indices, got {list(self.stages)}")
+        if any(not isinstance(k, (int, float)) or isinstance(k, bool) or not 0.0 < k <= 1.0 for k in self.keep) \
+                or list(self.keep) != sorted(self.keep, reverse=True):
+            raise SpecError(f"tokens.keep are kept fractions in (0, 1], one per stage, not increasing; got "
+                            f"{list(self.keep)}")
+        if self.stages and self.keep and len(self.keep) != len(self.stages):
+            raise SpecError(f"tokens.keep has {len(self.keep)} ratios for {len(self.stages)} tokens.stages; give one "
+                            f"per stage, or none to derive them from budget.flops")
+
+    @property
+    def on(self) -> bool:
+        return bool(self.stages or self.keep) if self.enabled is None else self.enabled
 
 
 @dataclass(frozen=True)
@@ -158,7 +182,10 @@ class Spec:
             if preset not in PRESETS:
                 raise SpecError(f"{source}: unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
             data = _merge(PRESETS[preset], data)
-        return _build(cls, data, source, "")
+        spec = _build(cls, data, source, "")
+        if spec.tokens.on and "width" not in data:  # a spec that names only tokens compresses only tokens
+            spec = dataclasses.replace(spec, width=Width(heads=False, mlp=False))
+        return spec
 
     @classmethod
     def preset_spec(cls, name: str, **overrides: Any) -> Spec:
@@ -202,7 +229,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "width": {"method": "uvc", "heads": True, "head_dim": False, "mlp": True, "align": 8},
             "depth": {"skip_blocks": True, "warmup": 0.167},
             "train": {"steps": 300, "lr": 1.0e-4, "distill": {"alpha": 0.1, "tau": 1.0}, "search": 0.5}},
-    "spvit_tokens": {"tokens": {"stages": [], "keep": []}, "width": {"heads": False, "mlp": False}},
+    "spvit_tokens": {"tokens": {"enabled": True, "stages": [], "keep": []}, "width": {"heads": False, "mlp": False}},
     "spvit_conv": {"attention": {"to_conv": True}, "width": {"heads": False, "mlp": True}},
 }
 

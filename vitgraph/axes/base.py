@@ -19,7 +19,7 @@ Lifecycle, in the order ``vg.instrument`` / ``fit`` / ``vg.materialize`` call it
 Pricing: ``factors(mode)`` maps factor names to kept values. A factor is either one the cost model
 writes on nodes (a coupled group's name, ``block.<i>``, ``tokens.<i>``) or a *set factor* an axis
 or the pricer declares (``set_factors``: a name and the dense nodes it scales, e.g. ``cut.<e>``).
-``cost_terms(mode)`` prices what the dense graph does not have (a node an axis adds or substitutes),
+``cost_terms(factors)`` prices what the dense graph does not have (a node an axis adds or substitutes),
 in FLOPs per image. Modes: ``eval`` (hard decisions), ``train`` (differentiable, what the budget
 term learns from), ``full`` (nothing removed), ``floor`` (the most the axis may remove). A frozen
 axis prices its frozen decisions in every mode.
@@ -150,11 +150,16 @@ class Axis(Learner):
     def factors(self, mode: str) -> Factors:
         return {}
 
-    def cost_terms(self, mode: str) -> dict[str, Decision]:
-        """FLOPs per image of nodes the dense graph lacks, by name."""
+    def cost_terms(self, factors: Factors) -> dict[str, Decision]:
+        """FLOPs per image of nodes the dense graph lacks, by name, under this axis's ``factors``."""
         return {}
 
     # -- results ---------------------------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        """How report.json's ``method`` names what this axis did."""
+        return self.name
+
     def decisions(self) -> dict[str, Any]:
         """What ``eval`` mode decides, per unit of this axis (what ``materialize`` bakes in)."""
         return {}

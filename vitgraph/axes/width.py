@@ -161,6 +161,10 @@ class WidthAxis(Axis):
         return {}
 
     # -- results ----------------------------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        return self.spec.width.method
+
     def decisions(self) -> dict[str, list[int]]:
         """Per group, the units ``eval`` mode keeps."""
         masks = self.method.masks("eval") or {}

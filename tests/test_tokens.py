@@ -1,0 +1,148 @@
+"""Token axis (one-shot attention scores, static packaging): selectors open == original; gated ``eval`` ==
+the compact graph with its packaging nodes; the scores and the package recomputed independently; priced cost
+== compact cost == FlopCounterMode; refusals name the block and the reason.
+"""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import vitgraph as vg
+from tests.handmade import handmade_vit
+from tests.test_groups import _graph
+from vitgraph.analysis.cost import flop_counter_flops
+from vitgraph.errors import SpecError
+from vitgraph.gated import instrument, materialize
+from vitgraph.spec import Spec
+
+SMALL = dict(img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=48, depth=4, num_heads=2)
+FAMILIES = {  # 64 patches each (embed 48: no reshape confuses channels with the 64 tokens)
+    "deit": ("deit_tiny_patch16_224", {}),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {}),          # 2 prefix tokens
+    "dinov2_reg": ("vit_small_patch14_reg4_dinov2", {"reg_tokens": 4}),  # 5 prefix tokens
+    "mean_pool": ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}),  # no prefix at all
+}
+
+
+def _model(key: str) -> vg.VitGraph:
+    torch.manual_seed(0)
+    if key == "handmade":  # explicit softmax: the selector reads the probabilities
+        return vg.trace(handmade_vit(image=32, patch=4, dim=48, depth=4, heads=2), torch.randn(2, 3, 32, 32))
+    if key == "hugging_face":
+        transformers = pytest.importorskip("transformers")
+        cfg = transformers.ViTConfig(hidden_size=48, num_hidden_layers=4, num_attention_heads=2, intermediate_size=96,
+                                     image_size=32, patch_size=4, num_channels=1, num_labels=10)
+        return vg.trace(transformers.ViTForImageClassification(cfg).eval(), torch.randn(2, 1, 32, 32))
+    name, kw = FAMILIES[key]
+    m = timm.create_model(name, **{**SMALL, **kw}).eval()
+    with torch.no_grad():  # open the layer scales (1e-5) so that every token shows in the output
+        for pname, p in m.named_parameters():
+            if "gamma" in pname:
+                p.fill_(1.0)
+    return vg.trace(m, torch.randn(2, 1, 32, 32))
+
+
+def _spec(**tokens) -> Spec:
+    return Spec.from_dict({"budget": {"flops": 0.6}, "width": {"heads": False, "mlp": False},
+                           "tokens": {"method": "attention", "stages": [1, 2], **tokens}})
+
+
+@pytest.mark.parametrize("key", [*FAMILIES, "hugging_face", "handmade"])
+def test_open_equals_original_and_eval_equals_the_packed_graph(key):
+    g = _model(key)
+    x = g.example_inputs[0]
+    gated = instrument(g, _spec())
+    with torch.no_grad():
+        assert torch.equal(gated.set_mode("open")(x), g.gm(x))
+        expected = gated.set_mode("eval")(x)
+    dense = g.gm(x)
+    assert (expected - dense).abs().max() > 1e-3 * dense.abs().max()  # dropping tokens changed the output
+    compact = materialize(gated)
+    with torch.no_grad():
+        fresh = torch.randn(3, *x.shape[1:])
+        for inputs in (x, fresh):
+            want = gated(inputs)
+            assert (compact(inputs) - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max()))
+    assert "vg_tokens" not in compact.code and "topk" in compact.code
+    cg = vg.trace(compact, g.example_inputs)
+    assert cg.structure.flops == pytest.approx(gated.cost()["flops"], rel=1e-9)
+    assert cg.structure.flops == flop_counter_flops(compact, g.example_inputs, 2)
+    tokens = [b.tokens_in for b in cg.structure.blocks]
+    prefix = g.structure.tokens.prefix_tokens
+    kept = gated.axes["tokens"].decisions()
+    assert tokens[0] == g.structure.tokens.tokens and tokens[1] == prefix + list(kept.values())[0] + 1
+    assert tokens[3] == prefix + list(kept.values())[1] + 2  # earlier packages stay, at the end
+
+
+def test_scores_and_package_recomputed_from_the_dense_model():
+    g = _model("deit")
+    model = g.gm
+    x = g.example_inputs[0]
+    spec = Spec.from_dict({"width": {"heads": False, "mlp": False},
+                           "tokens": {"method": "attention", "stages": [2], "keep": [0.25]}})
+    gated = instrument(g, spec)
+    seen = {}
+    gated.gm.get_submodule("vg_tokens.blocks_2").register_forward_hook(lambda m, args, out: seen.update(out=out))
+    with torch.no_grad():
+        gated.set_mode("eval")(x)
+    # independently: the stream entering blocks 1 and 2 of the timm model, and block 1's attention
+    timm_model = timm.create_model("deit_tiny_patch16_224", **SMALL).eval()
+    timm_model.load_state_dict({k: v for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        h = timm_model._pos_embed(timm_model.patch_embed(x))
+        h = timm_model.blocks[0](h)
+        blk = timm_model.blocks[1]
+        b, n, c = h.shape
+        qkv = blk.attn.qkv(blk.norm1(h)).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+        q, k = qkv[0], qkv[1]
+        probs = torch.softmax(q @ k.transpose(-2, -1) / (c // 2) ** 0.5, dim=-1)
+        stream = blk(h)
+    score = probs[:, :, 0].mean(1)[:, 1:]  # attention each patch receives from the class token
+    out = seen["out"]
+    assert out.shape == (2, 1 + 16 + 1, c)
+    for i in range(2):
+        top = torch.argsort(score[i], descending=True)[:16]
+        assert torch.allclose(out[i, 1:17], stream[i, 1:][top], atol=1e-6)
+        drop = torch.ones(64, dtype=torch.bool)
+        drop[top] = False
+        w = score[i][drop]
+        package = (w[:, None] * stream[i, 1:][drop]).sum(0) / w.sum()
+        assert torch.allclose(out[i, -1], package, atol=1e-5)
+
+
+def test_token_only_spec_lands_on_the_budget_and_exports_with_a_dynamic_batch(tmp_path):
+    from vitgraph.targets import onnx as onnx_target
+
+    g = _model("deit")
+    spec = Spec.from_dict({"budget": {"flops": 0.5}, "tokens": {"method": "attention", "stages": [1, 2]},
+                           "width": {"heads": False, "mlp": False}})
+    result = vg.compress(g, spec, data="none", progress=False, latency_targets=())
+    assert abs(result.report["budget"]["achieved"] - 0.5) <= 0.03
+    assert result.report["parity"]["max_abs_err"] <= 1e-4
+    assert result.report["tokens"]["kept_tokens"] and result.report["blocks"][3]["tokens_in"] < 65
+    lowering = onnx_target.lower(result.compact, g.example_inputs, tmp_path / "tokens.onnx", check_batches=(1, 3))
+    assert lowering.max_abs_err <= 1e-4
+
+
+def test_explicit_keep_ratios():
+    gated = instrument(_model("deit"), _spec(keep=[0.5, 0.25]))
+    assert gated.axes["tokens"].decisions() == {"blocks.1": 32, "blocks.2": 16}
+
+
+def test_refusals_name_the_block_and_the_reason():
+    with pytest.raises(SpecError, match="cannot drop tokens before block 1 .*"):
+        instrument(_graph("swin"), _spec(stages=[1]))
+    with pytest.raises(SpecError, match="cannot drop tokens before block 1 .*"):
+        instrument(_graph("beit"), _spec(stages=[1]))
+    g = _model("deit")
+    with pytest.raises(SpecError, match="before block 0 .*no block before it"):
+        instrument(g, _spec(stages=[0]))
+    with pytest.raises(SpecError, match="blocks 0..3, so no block 7"):
+        instrument(g, _spec(stages=[7]))
+    with pytest.raises(SpecError, match="spvit .*not implemented yet"):
+        instrument(g, Spec.from_dict({"tokens": {"stages": [1]}}))
+    with pytest.raises(SpecError, match="list tokens.keep"):
+        instrument(g, Spec.from_dict({"budget": {"flops": 0.5}, "tokens": {"method": "attention", "stages": [1]}}))
+    with pytest.raises(SpecError, match="one per stage"):
+        Spec.from_dict({"tokens": {"stages": [1, 2], "keep": [0.5]}})
