@@ -79,7 +79,7 @@ def test_scores_and_package_recomputed_from_the_dense_model():
     g = _model("deit")
     model = g.gm
     x = g.example_inputs[0]
-    spec = Spec.from_dict({"width": {"heads": False, "mlp": False},
+    spec = Spec.from_dict({"budget": {"flops": 0.62}, "width": {"heads": False, "mlp": False},
                            "tokens": {"method": "attention", "stages": [2], "keep": [0.25]}})
     gated = instrument(g, spec)
     seen = {}
@@ -143,6 +143,22 @@ def test_refusals_name_the_block_and_the_reason():
     with pytest.raises(SpecError, match="spvit .*not implemented yet"):
         instrument(g, Spec.from_dict({"tokens": {"stages": [1]}}))
     with pytest.raises(SpecError, match="list tokens.keep"):
-        instrument(g, Spec.from_dict({"budget": {"flops": 0.5}, "tokens": {"method": "attention", "stages": [1]}}))
+        instrument(g, Spec.from_dict({"budget": {"flops": 0.5}, "width": {"heads": False},
+                                      "tokens": {"method": "attention", "stages": [1]}}))
+    with pytest.raises(SpecError, match="tokens with width.heads is not implemented yet"):
+        instrument(g, Spec.from_dict({"width": {"heads": True}, "tokens": {"method": "attention", "stages": [1]}}))
     with pytest.raises(SpecError, match="one per stage"):
         Spec.from_dict({"tokens": {"stages": [1, 2], "keep": [0.5]}})
+
+
+def test_tokens_and_widths_share_one_budget():
+    g = _model("deit")
+    spec = Spec.from_dict({"budget": {"flops": 0.45}, "width": {"method": "magnitude", "heads": False, "align": 4},
+                           "tokens": {"method": "attention", "stages": [1, 2], "keep": [0.7, 0.5]}})
+    result = vg.compress(g, spec, data="none", progress=False, latency_targets=())
+    report = result.report
+    assert abs(report["budget"]["achieved"] - 0.45) <= 0.03 and report["parity"]["max_abs_err"] <= 1e-4
+    assert report["tokens"]["kept_tokens"] == {"blocks.1": 45, "blocks.2": 32}
+    assert sum(report["kept"].values()) < sum(report["units"].values())  # the widths closed the rest
+    priced = result.gated.cost()["flops"]
+    assert report["compressed"]["flops"] == pytest.approx(priced, rel=1e-9)

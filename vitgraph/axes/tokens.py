@@ -56,6 +56,9 @@ class TokenAxis(Axis):
         for key, asked, alone in (("tokens.method spvit (learned selectors)", t.method == "spvit", "attention"),
                                   ("tokens.mode dynamic", t.mode == "dynamic", "static"),
                                   ("tokens with depth.skip_blocks", ctx.spec.depth.skip_blocks, ""),
+                                  # the scores average q k^T over the heads; pruned heads would change them
+                                  ("tokens with width.heads", ctx.spec.width.heads and ctx.spec.width.enabled,
+                                   "false (MLP units combine)"),
                                   ("tokens with depth.exits", bool(ctx.spec.depth.exits), "")):
             if asked:
                 fix = f"set it to {alone}" if alone else "drop one of the two"
@@ -91,6 +94,8 @@ class TokenAxis(Axis):
     def setup(self, gm: fx.GraphModule) -> None:
         self.selectors = [gm.get_submodule(submodule_name(TOKENS, s.name)) for s in self.stages]
         self.unpack = gm.get_submodule(UNPACK) if self.unpack_after is not None else None
+        if self.spec.tokens.keep:  # decided by the spec: learned axes search with the tokens already cut
+            self.kept.copy_(torch.tensor(self.counts(list(self.spec.tokens.keep))))
 
     @property
     def one_shot(self) -> bool:
@@ -112,8 +117,7 @@ class TokenAxis(Axis):
         return [max(1, min(self.patches, round(r * self.patches))) for r in rho]
 
     def freeze(self, pricer: Pricer, run: Run) -> None:
-        keep = self.spec.tokens.keep
-        self.kept.copy_(torch.tensor(self.counts(list(keep)) if keep else self._from_budget(pricer)))
+        self.kept.copy_(torch.tensor(self._from_budget(pricer)))  # (explicit tokens.keep froze at setup)
 
     def _from_budget(self, pricer: Pricer) -> list[int]:
         """rho_s = base^s, base bisected so that the priced cost lands nearest the budget."""
