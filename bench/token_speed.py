@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from collections.abc import Callable
 from typing import Any
 
 import timm
@@ -66,16 +65,12 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="token-speed-") as workdir:
         for batch in batches:
-            run: dict[str, Callable[[], Any]] = {}
-            for name, module in models.items():
-                for target, fn in bench.runners(module, (x,), batch=batch, targets=targets, workdir=workdir,
-                                                name=f"{args.model}-{name}", atol=1e-3).items():
-                    run[f"{name}/{target}"] = fn
-            timing = bench.measure(run, warmup=args.warmup, repeats=args.repeats)
+            timing = bench.compare(models, (x,), batch=batch, targets=targets, warmup=args.warmup,
+                                   repeats=args.repeats, workdir=workdir, name=args.model)
             for target in targets:
-                d = timing[f"dense/{target}"]
+                d = timing[target]["dense"]
                 for name in ("tokens", "width"):
-                    c = timing[f"{name}/{target}"]
+                    c = timing[target][name]
                     speedup = d.median_ms / c.median_ms
                     rows.append({"cut": name, "target": target, "batch": batch, "dense_ms": d.median_ms,
                                  "compact_ms": c.median_ms, "speedup": speedup,

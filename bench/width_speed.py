@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from collections.abc import Callable
 from typing import Any
 
 import timm
@@ -87,14 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     models = {"dense": dense, "compact": compact}
     with tempfile.TemporaryDirectory(prefix="width-speed-") as workdir:
         for batch in batches:
-            run: dict[str, Callable[[], Any]] = {}
-            for name, module in models.items():
-                for target, fn in bench.runners(module, (x,), batch=batch, targets=targets, workdir=workdir,
-                                                name=f"{args.model}-{name}", atol=1e-3).items():
-                    run[f"{name}/{target}"] = fn
-            timing = bench.measure(run, warmup=args.warmup, repeats=args.repeats)
+            timing = bench.compare(models, (x,), batch=batch, targets=targets, warmup=args.warmup,
+                                   repeats=args.repeats, workdir=workdir, name=args.model)
             for target in targets:
-                d, c = timing[f"dense/{target}"], timing[f"compact/{target}"]
+                d, c = timing[target]["dense"], timing[target]["compact"]
                 speedup = d.median_ms / c.median_ms
                 rows.append({"target": target, "batch": batch, "dense_ms": d.median_ms, "compact_ms": c.median_ms,
                              "dense_iqr_ms": d.iqr_ms, "compact_iqr_ms": c.iqr_ms, "speedup": speedup,

@@ -114,6 +114,18 @@ def runners(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, batch:
     return out
 
 
+def compare(models: dict[str, nn.Module], example_inputs: Sequence[torch.Tensor], *, batch: int,
+            targets: Sequence[str] = TARGETS, warmup: int = 3, repeats: int = 20,
+            workdir: str | os.PathLike | None = None, name: str = "model", atol: float = 1e-3
+            ) -> dict[str, dict[str, Timing]]:
+    """Every model on every target at ``batch``, all runners interleaved: ``{target: {model: Timing}}``."""
+    run = {f"{label}/{target}": fn for label, module in models.items()
+           for target, fn in runners(module, example_inputs, batch=batch, targets=targets, workdir=workdir,
+                                     name=f"{name}-{label}", atol=atol).items()}
+    timing = measure(run, warmup=warmup, repeats=repeats)
+    return {t: {label: timing[f"{label}/{t}"] for label in models} for t in targets}
+
+
 def _under_inference_mode(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
     def runner() -> Any:
         with torch.inference_mode():
