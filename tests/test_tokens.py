@@ -162,3 +162,78 @@ def test_tokens_and_widths_share_one_budget():
     assert sum(report["kept"].values()) < sum(report["units"].values())  # the widths closed the rest
     priced = result.gated.cost()["flops"]
     assert report["compressed"]["flops"] == pytest.approx(priced, rel=1e-9)
+
+
+def _tokens_run(seed: int, data, out, crash_at: int | None = None, resume: bool = False):
+    """A token-pruned tiny deit fine-tuned 8 steps (checkpoints every step); a Crash after ``crash_at`` steps."""
+    from tests.test_train import Crash, _crash_after
+    from vitgraph.train import fit
+
+    torch.manual_seed(0)
+    m = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=2, in_chans=1, num_classes=10,
+                          embed_dim=24, depth=3, num_heads=2).eval()
+    spec = Spec.from_dict({"budget": {"flops": 0.7}, "tokens": {"method": "attention", "stages": [1]},
+                           "train": {"steps": 8, "batch_size": 16, "checkpoint_every": 1}})
+    gated = instrument(vg.trace(m, torch.randn(2, 1, 16, 16)), spec)
+    torch.manual_seed(seed)
+    if crash_at is not None:
+        _crash_after(gated, crash_at)
+        with pytest.raises(Crash):
+            fit(gated, data.train, spec.train, teacher=m, out_dir=out, progress=False)
+        return None
+    fit(gated, data.train, spec.train, teacher=m, out_dir=out, resume=resume, progress=False)
+    return gated
+
+
+def test_resume_with_selectors_is_bit_exact(tmp_path):
+    from vitgraph.data import load_data
+
+    data = load_data("digits", (1, 16, 16), batch_size=16)
+    straight = _tokens_run(0, data, tmp_path / "a")
+    _tokens_run(0, data, tmp_path / "b", crash_at=5)
+    resumed = _tokens_run(99, data, tmp_path / "b", resume=True)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and "axes.tokens.kept" in a and int(a["axes.tokens.kept"][0]) > 0
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def _ddp_tokens_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    from vitgraph.data import load_data
+    from vitgraph.train import fit
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        data = load_data("digits", (1, 16, 16), batch_size=16)
+        torch.manual_seed(100 + rank)  # other weights on every rank: DDP starts them all from rank 0's
+        m = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=2, in_chans=1, num_classes=10,
+                              embed_dim=24, depth=3, num_heads=2).eval()
+        spec = Spec.from_dict({"budget": {"flops": 0.7}, "tokens": {"method": "attention", "stages": [1]},
+                               "train": {"steps": 4, "batch_size": 16}})
+        gated = instrument(vg.trace(m, torch.randn(2, 1, 16, 16)), spec)
+        fit(gated, data.train, spec.train, progress=False)
+        picked = {}
+        selector = gated.gm.get_submodule("vg_tokens.blocks_1")
+        selector.register_forward_hook(lambda mod, args, y: picked.update(tokens=y))
+        with torch.no_grad():
+            gated.set_mode("eval")(data.val.tensors[0][:8])
+        torch.save({"state": gated.state_dict(), "tokens": picked["tokens"]}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_take_identical_token_decisions(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_tokens_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+    assert torch.equal(r0["tokens"], r1["tokens"]) and r0["tokens"].shape[1] < 65  # the same kept tokens
