@@ -37,14 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="deit_small_patch16_224", help="timm model name")
     parser.add_argument("--flops", type=float, default=0.6, help="target fraction of dense FLOPs")
     parser.add_argument("--stages", default="3,6,9", help="token selectors before these blocks (0-based)")
-    parser.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
-    parser.add_argument("--targets", default=",".join(bench.TARGETS), help="comma-separated: eager,compile,onnx")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--json", metavar="OUT", help="write every figure here")
+    bench.add_timing_args(parser)
     args = parser.parse_args(argv)
-    batches = [int(b) for b in args.batches.split(",")]
-    targets = [t for t in args.targets.split(",") if t]
+    batches, targets = bench.timing_args(args)
 
     torch.manual_seed(0)
     model = timm.create_model(args.model).eval()

@@ -114,6 +114,20 @@ def runners(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, batch:
     return out
 
 
+def add_timing_args(parser: Any, batches: str = "1,16") -> None:
+    """The flags every speed script takes: --batches, --targets, --repeats, --warmup, --json."""
+    parser.add_argument("--batches", default=batches, help="comma-separated batch sizes")
+    parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated: eager,compile,onnx")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", metavar="OUT", help="write every figure here")
+
+
+def timing_args(args: Any) -> tuple[list[int], list[str]]:
+    """(batch sizes, targets) from the flags of :func:`add_timing_args`."""
+    return [int(b) for b in args.batches.split(",")], [t for t in args.targets.split(",") if t]
+
+
 def compare(models: dict[str, nn.Module], example_inputs: Sequence[torch.Tensor], *, batch: int,
             targets: Sequence[str] = TARGETS, warmup: int = 3, repeats: int = 20,
             workdir: str | os.PathLike | None = None, name: str = "model", atol: float = 1e-3

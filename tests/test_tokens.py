@@ -200,12 +200,11 @@ def test_resume_with_selectors_is_bit_exact(tmp_path):
 def _ddp_tokens_worker(rank: int, world: int, port: int, out: str) -> None:
     import os
 
+    from tests.test_train import ddp_join
     from vitgraph.data import load_data
     from vitgraph.train import fit
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    ddp_join(rank, world, port)
     try:
         data = load_data("digits", (1, 16, 16), batch_size=16)
         torch.manual_seed(100 + rank)  # other weights on every rank: DDP starts them all from rank 0's
@@ -226,14 +225,11 @@ def _ddp_tokens_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_ddp_ranks_take_identical_token_decisions(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_tokens_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    from tests.test_train import free_port
+
+    mp.spawn(_ddp_tokens_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
     assert torch.equal(r0["tokens"], r1["tokens"]) and r0["tokens"].shape[1] < 65  # the same kept tokens

@@ -315,12 +315,23 @@ def test_evaluate_counts_exactly() -> None:
 
 # -- DDP ----------------------------------------------------------------------------------------------------
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def ddp_join(rank: int, world: int, port: int) -> None:
+    """Join a gloo process group of ``world`` processes on 127.0.0.1:``port`` (one thread each)."""
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    ddp_join(rank, world, port)
     try:
         digits = load_data("digits", (1, 16, 16), batch_size=16)
         torch.manual_seed(100 + rank)  # different initial weights: DDP must start every rank from rank 0's
@@ -336,10 +347,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_ddp_two_processes_agree(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["frozen"] and r1["frozen"] and r0["top1"] == r1["top1"]
     assert r0["state"].keys() == r1["state"].keys()
