@@ -19,7 +19,6 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from vitgraph.analysis.shapes import propagate_shapes
 from vitgraph.axes import Axis, AxisContext, build_axes
 from vitgraph.budget import Budget, Pricer
 from vitgraph.errors import SpecError
@@ -224,7 +223,7 @@ def materialize(gated: GatedModel) -> fx.GraphModule:
     gm = copy.deepcopy(gated.gm)
     ordered = sorted(gated.axes.values(), key=lambda a: a.materialize_order)
     passes = [p for axis in ordered for p in axis.materialize_passes()]
+    # the manager re-records shapes after every pass: they describe the compact graph, not the dense one
     compact = PassManager(g.example_inputs).run(gm, passes)
     compact.eval()
-    propagate_shapes(compact, g.example_inputs)  # node shapes describe the compact graph, not the dense one
     return compact
