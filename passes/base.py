@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from vitgraph.errors import PostconditionError, PreconditionError
-from vitgraph.meta import ROLE, Role
+from vitgraph.meta import ROLE, SHAPE, Role
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,16 @@ def verify_graph(gm: fx.GraphModule, pass_name: str) -> None:
                 gm.get_submodule(str(node.target))
             except AttributeError:
                 raise PostconditionError(f"{pass_name}: {node.format_node()} calls a missing module") from None
+
+
+def reroute(gm: fx.GraphModule, stream: fx.Node, target: str, args: tuple[fx.Node, ...]) -> fx.Node:
+    """Call module ``target`` on ``args`` right after ``stream``; every other reader of ``stream`` reads that
+    call from now on (it carries the stream's shape)."""
+    with gm.graph.inserting_after(stream):
+        call = gm.graph.call_module(target, args)
+    stream.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
+    call.meta[SHAPE] = stream.meta.get(SHAPE)
+    return call
 
 
 def require_roles(gm: fx.GraphModule, wanted: Iterable[tuple[str, str | None]], pass_name: str) -> None:

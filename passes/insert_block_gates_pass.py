@@ -28,7 +28,7 @@ import torch.fx as fx
 from vitgraph.errors import PreconditionError
 from vitgraph.gates import BlockGate
 from vitgraph.meta import BLOCK_GATES, SHAPE, DepthUnit
-from vitgraph.passes.base import PassResult, VitPass, require_nodes, require_roles
+from vitgraph.passes.base import PassResult, VitPass, require_nodes, require_roles, reroute
 
 
 class InsertBlockGatesPass(VitPass):
@@ -57,11 +57,7 @@ class InsertBlockGatesPass(VitPass):
             start, end = nodes[unit.start], nodes[unit.end]
             if unit.kind == "block":
                 start = carried.get(unit.start, start)  # skipping blocks 10 and 11 leaves block 9's output
-                with gm.graph.inserting_after(end):
-                    g = gm.graph.call_module(unit.gate, (start, end))
-                end.replace_all_uses_with(g, delete_user_cb=lambda user, g=g: user is not g)
-                carried[unit.end] = g
-                g.meta[SHAPE] = end.meta.get(SHAPE)
+                carried[unit.end] = reroute(gm, end, unit.gate, (start, end))
             else:
                 operand = next(a for a in end.args if isinstance(a, fx.Node) and a is not start)
                 with gm.graph.inserting_before(end):

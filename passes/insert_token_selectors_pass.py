@@ -27,8 +27,8 @@ from torch import nn
 from vitgraph.analysis.tokens import ScoreSource
 from vitgraph.errors import PreconditionError
 from vitgraph.gates import DropPackages, TokenSelector
-from vitgraph.meta import SHAPE, TOKENS, submodule_name
-from vitgraph.passes.base import PassResult, VitPass, require_nodes
+from vitgraph.meta import TOKENS, submodule_name
+from vitgraph.passes.base import PassResult, VitPass, require_nodes, reroute
 
 UNPACK = f"{TOKENS}.unpack"
 
@@ -66,17 +66,10 @@ class InsertTokenSelectorsPass(VitPass):
         for s in self.stages:
             target = submodule_name(TOKENS, s.name)
             gm.add_submodule(target, TokenSelector(s.prefix, s.packages, s.source.scale))
-            self._after(gm, nodes[s.stream], target, tuple(nodes[i] for i in s.source.inputs))
+            stream = nodes[s.stream]
+            reroute(gm, stream, target, (stream, *(nodes[i] for i in s.source.inputs)))
         if self.unpack_after is not None:
             gm.add_submodule(UNPACK, DropPackages())
-            self._after(gm, nodes[self.unpack_after], UNPACK, ())
+            reroute(gm, nodes[self.unpack_after], UNPACK, (nodes[self.unpack_after],))
         gm.recompile()
         return PassResult(gm, modified=True, counters={"selectors": len(self.stages)})
-
-    @staticmethod
-    def _after(gm: fx.GraphModule, stream: fx.Node, target: str, extra: tuple[fx.Node, ...]) -> None:
-        """Every reader of ``stream`` reads it through ``target`` from now on."""
-        with gm.graph.inserting_after(stream):
-            g = gm.graph.call_module(target, (stream, *extra))
-        stream.replace_all_uses_with(g, delete_user_cb=lambda user: user is not g)
-        g.meta[SHAPE] = stream.meta.get(SHAPE)

@@ -49,7 +49,7 @@ class PackTokensPass(VitPass):
                 node.replace_all_uses_with(node.args[0])
                 counters["removed"] += 1
             else:
-                free = {"b": None} if len(node.args) == 2 and hasattr(module, "keep") else None  # (x, probs)
+                free = {"b": None} if len(node.args) == 2 and isinstance(module, TokenSelector) else None  # (x, probs)
                 inner = fx.symbolic_trace(module, concrete_args=free)
                 placeholders = [n for n in inner.graph.nodes if n.op == "placeholder"]
                 # the concrete None of a (x, probs) call stays a placeholder: map it to nothing, never copy it
