@@ -140,12 +140,12 @@ def test_refusals_name_the_block_and_the_reason():
         instrument(g, _spec(stages=[0]))
     with pytest.raises(SpecError, match="blocks 0..3, so no block 7"):
         instrument(g, _spec(stages=[7]))
-    with pytest.raises(SpecError, match="spvit .*not implemented yet"):
-        instrument(g, Spec.from_dict({"tokens": {"stages": [1]}}))
+    with pytest.raises(SpecError, match="dynamic with tokens.method attention"):
+        instrument(g, _spec(mode="dynamic"))
     with pytest.raises(SpecError, match="list tokens.keep"):
         instrument(g, Spec.from_dict({"budget": {"flops": 0.5}, "width": {"heads": False},
                                       "tokens": {"method": "attention", "stages": [1]}}))
-    with pytest.raises(SpecError, match="tokens with width.heads is not implemented yet"):
+    with pytest.raises(SpecError, match="tokens with width.heads is not implemented"):
         instrument(g, Spec.from_dict({"width": {"heads": True}, "tokens": {"method": "attention", "stages": [1]}}))
     with pytest.raises(SpecError, match="one per stage"):
         Spec.from_dict({"tokens": {"stages": [1, 2], "keep": [0.5]}})

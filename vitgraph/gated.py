@@ -49,10 +49,13 @@ class GatedModel(nn.Module):
     # -- running --------------------------------------------------------------------------------
     def _run(self, *args: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """Set every gate for the current mode, run the graph: (the final output, auxiliary outputs)."""
+        learning = self.mode == "train" and torch.is_grad_enabled()
         for axis in self.axes.values():
             axis.apply(self.mode)
-        self._penalties = self._losses() if self.mode == "train" and torch.is_grad_enabled() else {}
+            if learning:
+                axis.see(args)
         out = self.gm(*args)
+        self._penalties = self._losses() if learning else {}  # some read what this forward decided
         return (out[0], dict(zip(self.aux_names, out[1:]))) if self.aux_names else (out, {})
 
     def _losses(self) -> dict[str, Tensor]:

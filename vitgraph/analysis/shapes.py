@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitgraph.analysis.ops import op_kind
@@ -44,10 +44,11 @@ class ShapeRecorder(fx.Interpreter):
         opaque = op_kind(n, self.module) in ("function", "module", "method")
         try:
             if opaque:  # a leaf whose inside the graph cannot see: let FlopCounterMode price it
-                with FlopCounterMode(display=False) as counter:
+                with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
                     result = super().run_node(n)
                 n.meta[LEAF_FLOPS] = counter.get_total_flops()
             else:
+                n.meta.pop(LEAF_FLOPS, None)  # (a node that replaced an opaque call may have copied its meta)
                 result = super().run_node(n)
         except Exception as exc:  # re-raise naming the node, as torch.fx.passes.shape_prop does
             raise AnalysisError(f"shape propagation failed at node {n.format_node()}: {exc}") from exc

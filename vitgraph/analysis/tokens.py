@@ -60,3 +60,48 @@ def score_source(gm: fx.GraphModule, blocks: Sequence[Block], tokens: TokenInfo,
     if op_kind(core, gm) == "softmax" and shape_of(core) == (shape_of(core) or (0,))[:1] + (a.heads, n, n):
         return ScoreSource(prev.index, (core.name,), None, a.heads, a.head_dim)
     return f"block {b - 1}'s attention probabilities are not a (batch, heads, tokens, tokens) tensor"
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+@dataclass(frozen=True)
+class MaskSite:
+    """An attention after a learned token stage: its keys are masked with that stage's keep flags."""
+
+    block: int
+    core: str        # the sdpa call, or the softmax of an explicit attention
+    impl: str        # "sdpa" | "probs"
+    stage: int       # index of the latest stage before the block
+
+    @staticmethod
+    def qkv_args(core: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
+        return sdpa_qkv(core)
+
+    @staticmethod
+    def kwargs(core: fx.Node) -> dict[str, object]:
+        """The sdpa call's arguments after q, k and v, by name."""
+        out = {name: v for name, v in zip(_SDPA_ARGS[3:], core.args[3:])}
+        out.update({k: v for k, v in core.kwargs.items() if k not in _SDPA_ARGS[:3]})
+        return out
+
+
+def mask_sites(gm: fx.GraphModule, blocks: Sequence[Block], stages: Sequence[int]) -> list[MaskSite] | str:
+    """Every attention from the first stage on, with the stage whose flags mask it; or why one cannot be masked."""
+    nodes = {x.name: x for x in gm.graph.nodes}
+    out = []
+    for b in blocks[stages[0]:] if stages else ():
+        a = b.attention
+        if a is None:
+            continue
+        stage = max(i for i, s in enumerate(stages) if s <= b.index)
+        if a.mode != "token" or a.tokens_q != a.tokens_kv:
+            return f"block {b.index}'s attention is not a self-attention over the tokens"
+        core = nodes[a.core]
+        if a.impl == "sdpa":
+            out.append(MaskSite(b.index, a.core, "sdpa", stage))
+        elif op_kind(core, gm) == "softmax":
+            out.append(MaskSite(b.index, a.core, "probs", stage))
+        else:
+            return f"block {b.index}'s attention has no softmax node to mask"
+    return out

@@ -11,7 +11,7 @@ Lifecycle, in the order ``vg.instrument`` / ``fit`` / ``vg.materialize`` call it
     axis.instrument_passes()              # run by the pass manager, in the spec's order of axes
     axis.setup(gm)                        # once, on the instrumented graph: build the method
     axis.check_budget(pricer)             # refuse a budget its decisions cannot reach
-    # each forward:   axis.apply(mode); axis.penalties(); gm(...); axis.outputs(...)
+    # each forward:   axis.apply(mode); axis.see(args); gm(...); axis.penalties(); axis.outputs(...)
     # each step:      axis.after_step(step, lr)
     axis.freeze(pricer, run)              # once, in ``freeze_order``; then ``frozen`` is true
     axis.materialize_passes()             # in ``materialize_order``
@@ -118,6 +118,9 @@ class Axis(Learner):
     # -- running ---------------------------------------------------------------------------------
     def apply(self, mode: str) -> None:
         """Set this axis's gates for one forward in ``mode`` (``open`` | ``train`` | ``eval``)."""
+
+    def see(self, args: tuple[Any, ...]) -> None:
+        """The inputs of the coming ``train`` forward (for losses that need them, e.g. a teacher's features)."""
 
     def outputs(self, main: Tensor, aux: dict[str, Tensor], mode: str, learning: bool) -> Outputs:
         """The model's output and the auxiliary logits the loop trains (each gets the task loss)."""

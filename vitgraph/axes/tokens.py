@@ -1,13 +1,18 @@
-"""The token axis: selectors that keep the most-attended tokens and fold the rest into package tokens.
+"""The token axis: selectors that keep the tokens that matter and fold the rest into package tokens.
 
-Method ``attention`` (one-shot, methods.md §3.7, no training): before each stage block b, a content
-token's score is the attention it receives from the prefix queries in block b-1 (from every query
-when there is no prefix token); the top K_s stay, the rest become one score-weighted package token
-appended at the end. K_s = round(rho_s x patches), rho_s from ``tokens.keep`` or, when empty, rho_s =
-base^s with base bisected on the pricer so that the model lands on ``budget.flops`` (selector costs
-included). Instrument: ``InsertTokenSelectorsPass``; materialize (``static``): ``PackTokensPass``.
-Factors: ``tokens.<i>``, the fraction of the dense token count entering block i; cost terms: the
-selectors' score products.
+Two methods (methods.md §3), both placed before the blocks of ``tokens.stages``:
+
+* ``attention`` (one-shot, §3.7): a content token's score is the attention it receives from the prefix
+  queries of the attention before the stage; the top K_s stay.
+* ``spvit`` (learned, §3.1-3.4): a head-weight net and a shared local/global scorer per stage, Gumbel
+  keep/drop while learning with the keys of dropped tokens masked in every later attention, the
+  keep-ratio loss and token distillation (``vitgraph.axes.token_methods``); at freeze K_s is fixed.
+
+K_s = round(rho_s x patches), rho_s from ``tokens.keep`` or, when empty, rho_s = base^s with base
+bisected on the pricer so that the model lands on ``budget.flops`` (scorer costs included).
+Instrument: ``InsertTokenSelectorsPass``; materialize: ``PackTokensPass`` (``static``: top-K,
+fixed shapes; ``dynamic``: per-image gather, batch 1). Factors: ``tokens.<i>``, the fraction of the
+dense token count entering block i; cost terms: the scorers.
 """
 from __future__ import annotations
 
@@ -15,14 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
+from torch import Tensor, nn
 
-from vitgraph.analysis.tokens import default_stages, score_source
+from vitgraph.analysis.tokens import default_stages, mask_sites, score_source
 from vitgraph.axes.base import Axis, AxisContext, Factors, Pricer, Run
+from vitgraph.axes.token_methods import SPViT
 from vitgraph.errors import SpecError
-from vitgraph.gates import DropPackages, TokenSelector
 from vitgraph.meta import TOKENS, submodule_name
-from vitgraph.passes.insert_token_selectors_pass import UNPACK, InsertTokenSelectorsPass, Stage
+from vitgraph.passes.insert_token_selectors_pass import FINAL, InsertTokenSelectorsPass, Stage
 from vitgraph.passes.pack_tokens_pass import PackTokensPass
+from vitgraph.token_gates import FinalTokens, LearnedTokenSelector
 
 if TYPE_CHECKING:
     from vitgraph.passes.base import VitPass
@@ -31,38 +38,32 @@ POOLINGS = ("token", "avg", "attn")
 
 
 class TokenAxis(Axis):
-    """Static top-K token selectors with package tokens (one-shot attention scores)."""
+    """Token selectors with package tokens: one-shot attention scores or SPViT's learned selectors."""
 
     name = "tokens"
     freeze_order = 30        # after exits and blocks, before the widths that close the rest
     materialize_order = 30
 
-    def __init__(self, ctx: AxisContext, stages: list[Stage], unpack_after: str | None) -> None:
+    def __init__(self, ctx: AxisContext, stages: list[Stage], masks: list[Any], final: str | None) -> None:
         super().__init__(ctx)
         info = ctx.graph.structure.tokens
-        self.stages = stages
-        self.unpack_after = unpack_after
+        self.stages, self.masks, self.final_after = stages, masks, final
         self.prefix, self.tokens = info.prefix_tokens, info.tokens
         self.patches = info.tokens - info.prefix_tokens
+        self.pool_mean = info.pooling == "avg"
+        self.learned = ctx.spec.tokens.method == "spvit"
+        self.dynamic = ctx.spec.tokens.mode == "dynamic"
         self.register_buffer("kept", torch.full((len(stages),), -1, dtype=torch.long))  # K_s; -1: not frozen yet
-        self.selectors: list[TokenSelector] = []
-        self.unpack: DropPackages | None = None
+        self.selectors: list[nn.Module] = []
+        self.final: FinalTokens | None = None
+        self.method: SPViT | None = None
 
     @classmethod
     def from_spec(cls, ctx: AxisContext) -> TokenAxis | None:
         t, g = ctx.spec.tokens, ctx.graph
         if not t.on:
             return None
-        for key, asked, alone in (("tokens.method spvit (learned selectors)", t.method == "spvit", "attention"),
-                                  ("tokens.mode dynamic", t.mode == "dynamic", "static"),
-                                  ("tokens with depth.skip_blocks", ctx.spec.depth.skip_blocks, ""),
-                                  # the scores average q k^T over the heads; pruned heads would change them
-                                  ("tokens with width.heads", ctx.spec.width.heads and ctx.spec.width.enabled,
-                                   "false (MLP units combine)"),
-                                  ("tokens with depth.exits", bool(ctx.spec.depth.exits), "")):
-            if asked:
-                fix = f"set it to {alone}" if alone else "drop one of the two"
-                raise SpecError(f"{key} is not implemented yet; {fix} (tokens.method: attention, mode: static works)")
+        _refuse_combinations(ctx)
         blocks, info = g.structure.blocks, g.structure.tokens
         if info.pooling not in POOLINGS:
             raise SpecError(f"tokens: {g.name}'s head pools its tokens as {info.pooling!r}, not from prefix tokens, "
@@ -74,39 +75,75 @@ class TokenAxis(Axis):
         if t.keep and len(t.keep) != len(stages):
             raise SpecError(f"tokens.keep has {len(t.keep)} ratios for the {len(stages)} default stages {list(stages)}; "
                             f"give one per stage, or list tokens.stages")
-        plans = []
-        for i, b in enumerate(stages):
-            if b >= len(blocks):
-                raise SpecError(f"tokens.stages: {g.name} has blocks 0..{len(blocks) - 1}, so no block {b}")
-            why = blocks[b].token_reason if not blocks[b].token_prunable else None
-            source = score_source(g.gm, blocks, info, b) if why is None else why
-            if isinstance(source, str):
-                raise SpecError(f"tokens.stages: {g.name} cannot drop tokens before block {b} ({blocks[b].name}): "
-                                f"{source}; see 'vitgraph inspect' and pick other stages")
-            plans.append(Stage(b, blocks[b].name, blocks[b].input, source, info.prefix_tokens, i))
+        plans = [_stage(ctx, b, i) for i, b in enumerate(stages)]
         if any(x.tokens_in != info.tokens for x in blocks[stages[0]:]):
             raise SpecError(f"tokens: {g.name}'s blocks after block {stages[0]} do not all see its {info.tokens} tokens")
-        return cls(ctx, plans, blocks[-1].output if info.pooling == "avg" else None)
+        masks: Any = []
+        if t.method == "spvit":
+            masks = mask_sites(g.gm, blocks, stages)
+            if isinstance(masks, str):
+                raise SpecError(f"tokens.method spvit masks the keys of dropped tokens in every later attention, but "
+                                f"{masks} in {g.name}; use tokens.method: attention")
+        final = blocks[-1].output if t.method == "spvit" or info.pooling == "avg" else None
+        return cls(ctx, plans, masks, final)
 
     def instrument_passes(self) -> list[VitPass]:
-        return [InsertTokenSelectorsPass(self.stages, self.unpack_after)]
+        return [InsertTokenSelectorsPass(self.stages, self.masks, self.final_after, self.pool_mean)]
 
     def setup(self, gm: fx.GraphModule) -> None:
         self.selectors = [gm.get_submodule(submodule_name(TOKENS, s.name)) for s in self.stages]
-        self.unpack = gm.get_submodule(UNPACK) if self.unpack_after is not None else None
+        self.final = gm.get_submodule(FINAL) if self.final_after is not None else None
+        if self.learned:
+            self.method = SPViT(self.graph, [s for s in self.selectors if isinstance(s, LearnedTokenSelector)],
+                                self.final, self.patches, self.prefix)
         if self.spec.tokens.keep:  # decided by the spec: learned axes search with the tokens already cut
-            self.kept.copy_(torch.tensor(self.counts(list(self.spec.tokens.keep))))
+            self.targets = list(self.spec.tokens.keep)
+            if not self.learned:
+                self.kept.copy_(torch.tensor(self.counts(list(self.spec.tokens.keep))))
+
+    @property
+    def targets(self) -> list[float] | None:
+        """rho_s, the kept fraction of the patches after each stage (None until known)."""
+        return self.method.targets() if self.method is not None else None
+
+    @targets.setter
+    def targets(self, rho: list[float]) -> None:
+        if self.method is not None:
+            self.method.set_targets(rho)
 
     @property
     def one_shot(self) -> bool:
-        return True
+        return not self.learned
 
     def apply(self, mode: str) -> None:
-        active = mode != "open" and self.frozen
-        for sel, k in zip(self.selectors, self.kept.tolist()):
-            sel.keep = int(k) if active else None
-        if self.unpack is not None:
-            self.unpack.count = len(self.stages) if active else None
+        active = mode != "open"
+        k = self.kept.tolist()
+        top_k = self.frozen and not self.dynamic
+        for s, sel in enumerate(self.selectors):
+            if isinstance(sel, LearnedTokenSelector):
+                sel.mode = None if not active else int(k[s]) if top_k else mode
+            else:
+                sel.keep = int(k[s]) if active and self.frozen else None
+                sel.candidates = (k[s - 1] if s and active and self.frozen else self.patches)
+        if self.final is not None:
+            packages = sum(self.drops(k)) if self.frozen and not self.learned else 0
+            self.final.packages = packages if active and packages else None
+            self.final.kept = int(k[-1]) if active and top_k and self.learned else None
+            self.final.record = mode == "train" and self.learned
+
+    def see(self, args: tuple[Any, ...]) -> None:
+        if self.method is not None:
+            self.method.see(args)
+
+    # -- learning (spvit) ------------------------------------------------------------------------
+    def penalties(self) -> dict[str, Tensor]:
+        return self.method.losses(not self.frozen) if self.method is not None else {}
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return self.method.param_groups() if self.method is not None else {}
+
+    def optim_defaults(self, search_steps: int) -> dict[str, dict[str, Any]]:
+        return self.method.optim_defaults(search_steps) if self.method is not None else {}
 
     # -- freezing --------------------------------------------------------------------------------
     @property
@@ -116,8 +153,13 @@ class TokenAxis(Axis):
     def counts(self, rho: list[float]) -> list[int]:
         return [max(1, min(self.patches, round(r * self.patches))) for r in rho]
 
+    def drops(self, kept: list[int]) -> list[bool]:
+        """Whether each stage drops something (and so appends a package)."""
+        return [self.dynamic or k < (kept[s - 1] if s else self.patches) for s, k in enumerate(kept)]
+
     def freeze(self, pricer: Pricer, run: Run) -> None:
-        self.kept.copy_(torch.tensor(self._from_budget(pricer)))  # (explicit tokens.keep froze at setup)
+        rho = self.targets
+        self.kept.copy_(torch.tensor(self.counts(rho) if rho is not None else self._from_budget(pricer)))
 
     def _from_budget(self, pricer: Pricer) -> list[int]:
         """rho_s = base^s, base bisected so that the priced cost lands nearest the budget."""
@@ -142,33 +184,49 @@ class TokenAxis(Axis):
         if later and not self.spec.tokens.keep:
             raise SpecError(f"tokens.keep is empty, so the token ratios would take the whole budget before "
                             f"{', '.join(later)} decide; list tokens.keep (one ratio per stage) when combining axes")
+        if self.learned and self.targets is None:  # the keep-ratio loss needs its targets before learning
+            self.targets = [k / self.patches for k in self._from_budget(pricer)]
 
     # -- pricing ---------------------------------------------------------------------------------
     def as_factors(self, kept: list[int]) -> Factors:
-        """tokens.<i>: the tokens entering block i (prefix + kept + packages so far) over the dense count."""
+        """tokens.<i>: the tokens entering block i (prefix + kept + packages so far) over the dense count;
+        ``tokens.stage.<s>`` (no node's factor; for ``cost_terms``): stage s's candidates, the packages
+        before it, and whether it packs."""
         out: Factors = {}
         starts = [s.block for s in self.stages] + [len(self.graph.structure.blocks)]
-        for s, k in enumerate(kept):
+        packages = 0
+        for s, (k, drops) in enumerate(zip(kept, self.drops(kept))):
+            out[f"tokens.stage.{s}"] = (kept[s - 1] if s else self.patches, packages, drops)
+            packages += drops
             for i in range(starts[s], starts[s + 1]):
-                out[f"tokens.{i}"] = (self.prefix + k + s + 1) / self.tokens
+                out[f"tokens.{i}"] = (self.prefix + k + packages) / self.tokens
         return out
 
     def factors(self, mode: str) -> Factors:
         if self.frozen:
             return self.as_factors(self.kept.tolist())
-        return self.as_factors([1] * len(self.stages)) if mode == "floor" else {}
+        if mode == "floor":
+            return self.as_factors([1] * len(self.stages))
+        rho = self.targets
+        return self.as_factors(self.counts(rho)) if rho is not None and mode in ("eval", "train") else {}
 
     def cost_terms(self, factors: Factors) -> dict[str, Any]:
-        """The selectors' score products: one row of logits per prefix query (all rows without a prefix)."""
-        if not factors:
-            return {}
+        """Each packing stage: its scorer (one row of logits per prefix query, all rows without a prefix;
+        or the learned scorer's linears over the content tokens) and the package's weighted sum."""
         out = {}
-        for s in self.stages:
-            src = s.source
-            if src.scale is None:  # it reads the probabilities the attention computed anyway
+        width = self.graph.structure.tokens.embed_dim
+        for i, (s, sel) in enumerate(zip(self.stages, self.selectors)):
+            if f"tokens.stage.{i}" not in factors:
                 continue
-            n = factors.get(f"tokens.{src.block}", 1.0) * self.tokens
-            out[s.name] = 2.0 * src.heads * src.head_dim * n * (self.prefix if self.prefix else n)
+            candidates, before, drops = factors[f"tokens.stage.{i}"]
+            if not drops:
+                continue
+            out[s.name] = 2.0 * candidates * width
+            if isinstance(sel, LearnedTokenSelector):
+                out[s.name] += sel.flops_per_token() * (candidates + before)
+            elif s.source is not None and s.source.scale is not None:  # (probabilities: computed anyway)
+                src, n = s.source, self.prefix + candidates + before
+                out[s.name] += 2.0 * src.heads * src.head_dim * n * (self.prefix if self.prefix else n)
         return out
 
     # -- results ---------------------------------------------------------------------------------
@@ -180,12 +238,55 @@ class TokenAxis(Axis):
         return {s.name: int(k) for s, k in zip(self.stages, self.kept.tolist())}
 
     def materialize_passes(self) -> list[VitPass]:
-        return [PackTokensPass({s.name: (k if k >= 0 else None) for s, k in zip(self.stages, self.kept.tolist())})]
+        k = self.kept.tolist()
+        kept = {s.name: ((k[i - 1] if i else self.patches), k[i]) if k[i] >= 0 else None
+                for i, s in enumerate(self.stages)}
+        return [PackTokensPass(kept, self.dynamic and self.frozen)]
+
+    def status(self, pricer: Pricer) -> dict[str, float]:
+        return self.method.status() if self.method is not None and not self.frozen else {}
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.spec.tokens.method, "mode": self.spec.tokens.mode,
                                "stages": [s.block for s in self.stages], "kept_tokens": self.decisions(),
                                "patches": self.patches, "prefix": self.prefix}
-        if self.unpack_after is not None:
+        if self.targets is not None:
+            out["keep_targets"] = [round(r, 4) for r in self.targets]
+        if self.dynamic:
+            out["dynamic"] = "the compact graph keeps each image's own tokens (batch 1); kept_tokens are the targets"
+        if self.pool_mean:
             out["pooling"] = "mean over the kept content tokens, without packages (not over every patch)"
         return {"tokens": out}
+
+
+def _refuse_combinations(ctx: AxisContext) -> None:
+    t, spec = ctx.spec.tokens, ctx.spec
+    for key, asked, alone in (("tokens.mode dynamic", t.mode == "dynamic" and t.method == "spvit", "static"),
+                              ("tokens.mode dynamic with tokens.method attention (top-K by design)",
+                               t.mode == "dynamic" and t.method == "attention", "static"),
+                              ("tokens with depth.skip_blocks", spec.depth.skip_blocks, ""),
+                              # the scores average over the heads; pruned heads would change them
+                              ("tokens with width.heads", spec.width.heads and spec.width.enabled,
+                               "false (MLP units combine)"),
+                              ("tokens with depth.exits", bool(spec.depth.exits), "")):
+        if asked:
+            fix = f"set it to {alone}" if alone else "drop one of the two"
+            raise SpecError(f"{key} is not implemented; {fix}")
+
+
+def _stage(ctx: AxisContext, b: int, i: int) -> Stage:
+    g, info = ctx.graph, ctx.graph.structure.tokens
+    blocks = g.structure.blocks
+    if b >= len(blocks):
+        raise SpecError(f"tokens.stages: {g.name} has blocks 0..{len(blocks) - 1}, so no block {b}")
+    why = blocks[b].token_reason if not blocks[b].token_prunable else None
+    source = None
+    if why is None and ctx.spec.tokens.method == "attention":
+        found = score_source(g.gm, blocks, info, b)
+        why, source = (found, None) if isinstance(found, str) else (None, found)
+    if why is not None:
+        raise SpecError(f"tokens.stages: {g.name} cannot drop tokens before block {b} ({blocks[b].name}): "
+                        f"{why}; see 'vitgraph inspect' and pick other stages")
+    a = blocks[b].attention
+    return Stage(b, blocks[b].name, blocks[b].input, source, info.prefix_tokens, info.tokens - info.prefix_tokens,
+                 i, info.embed_dim, a.heads if a is not None else 1)

@@ -1,0 +1,250 @@
+"""The modules the token axis puts into the graph (methods.md §3): selectors, key masks, the final tokens.
+
+Tokens are laid out ``[prefix ; content ; packages]``: prefix tokens (class, distillation, registers)
+first, then the patch tokens still in play, then one package token per stage that dropped something.
+
+Two ways to run a stage:
+
+* **gathered** (static shapes, what the compact graph runs): the top-K content tokens are gathered,
+  the rest folded into a package appended at the end. :class:`TokenSelector` (one-shot, scored by
+  attention received) always runs this way; :meth:`LearnedTokenSelector.pack` is the learned one's.
+* **masked** (what the learned selector trains with): every token keeps flowing; the selector
+  returns keep flags ``alive`` (B, tokens) over all positions, and every later attention masks the
+  keys of dead tokens (:class:`KeyMask`; a query always keeps its own key), so a dead token
+  influences nothing. With the same decisions the two agree on the prefix outputs and kept tokens.
+
+A module whose state is ``None`` is the identity (the ``open`` mode): the graph is the original.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitgraph.gates import gumbel2
+
+
+def _gather(x: Tensor, index: Tensor) -> Tensor:
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class TokenSelector(nn.Module):
+    """Keeps the ``keep`` content tokens that receive the most attention; folds the rest into one package.
+
+    Called as ``selector(x, q, k)`` (q and k of the attention before it, (B, H, N, d)) or
+    ``selector(x, probs)`` (that attention's probabilities, (B, H, N, N)). A token's score is the
+    attention it receives from the ``prefix`` queries, averaged over heads and those queries (over
+    every query when there is no prefix token). ``x`` is ``[prefix ; candidates content tokens ;
+    packages]``; the output is ``[prefix ; the top-``keep`` ; the packages ; the new package]``, the
+    package being the score-weighted mean of the dropped tokens (none when nothing is dropped).
+    Only standard ops with static sizes: it traces, exports (TopK + GatherElements) and batches.
+    """
+
+    def __init__(self, prefix: int, candidates: int, scale: float | None) -> None:
+        super().__init__()
+        self.prefix, self.candidates, self.scale = prefix, candidates, scale
+        self.keep: int | None = None
+
+    def scores(self, a: Tensor, b: Tensor | None = None) -> Tensor:
+        p = self.prefix
+        if b is None:  # attention probabilities
+            probs = a[:, :, :p] if p else a
+        else:
+            q = a[:, :, :p] if p else a
+            probs = torch.softmax((q @ b.transpose(-2, -1)) * self.scale, dim=-1)
+        return probs.mean(dim=(1, 2))
+
+    def forward(self, x: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
+        if self.keep is None or self.keep >= self.candidates:
+            return x
+        p, end = self.prefix, self.prefix + self.candidates
+        s = self.scores(a, b)[:, p:end]
+        content = x[:, p:end]
+        top = torch.topk(s, self.keep, dim=1)
+        dropped = s.scatter(1, top.indices, 0.0)
+        package = (dropped.unsqueeze(1) @ content) / (dropped.sum(1)[:, None, None] + 1e-6)
+        return torch.cat([x[:, :p], _gather(content, top.indices), x[:, end:], package], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"prefix={self.prefix}, candidates={self.candidates}, keep={self.keep}"
+
+
+class LearnedTokenSelector(nn.Module):
+    """SPViT's selector (methods.md §3.1-3.2): per-head token scores weighed by a head-weight net.
+
+    ``mode``: None (open: identity), ``"train"`` (Gumbel keep/drop), ``"eval"`` (keep where the keep
+    log-probability wins) or an int K (keep the top-K by keep probability, the static decision).
+    Masked call: ``selector(x, alive)`` -> ``(x + [package], alive + [package alive])``, positions
+    ``[prefix ; patches ; packages]`` fixed. Gathered (compact) form: :meth:`pack` (``compact`` set).
+    """
+
+    def __init__(self, dim: int, heads: int, prefix: int, patches: int, packages: int) -> None:
+        super().__init__()
+        if dim % heads:
+            heads = 1  # the channels do not split into heads: score the token as one head
+        d = dim // heads
+        self.heads, self.prefix, self.patches, self.packages = heads, prefix, patches, packages
+        hidden = max(1, heads // 2)
+        self.head_net = nn.Sequential(nn.Linear(heads, hidden), nn.GELU(), nn.Linear(hidden, heads), nn.Sigmoid())
+        self.embed = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU())
+        h2, h4 = max(1, d // 2), max(1, d // 4)
+        self.decide = nn.Sequential(nn.Linear(d, h2), nn.GELU(), nn.Linear(h2, h4), nn.GELU(), nn.Linear(h4, 2))
+        self.local = d // 2
+        self.mode: str | int | None = None
+        self.compact: tuple[int, int, int] | None = None  # (candidates, keep, dynamic) for the gathered form
+        self.last: Tensor | None = None  # the keep decisions of the last train forward (B, patches)
+
+    def flops_per_token(self) -> int:
+        """FLOPs of the linears for one content token (what FlopCounterMode counts)."""
+        return sum(2 * m.in_features * m.out_features * (1 if i == 0 else self.heads)
+                   for i, seq in enumerate((self.head_net, self.embed, self.decide))
+                   for m in seq if isinstance(m, nn.Linear))
+
+    def logits(self, content: Tensor, alive: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(keep probability pi_keep (B, n), weighted log-probabilities ell (B, n, 2)) of content tokens;
+        the global half of the scorer averages over the ``alive`` ones (all when None)."""
+        h = content.reshape(content.shape[0], content.shape[1], self.heads, -1)
+        w = self.head_net(h.mean(-1))                                  # (B, n, H)
+        e = self.embed(h)                                              # (B, n, H, d)
+        g = e[..., self.local:]
+        if alive is None:
+            g = g.mean(1, keepdim=True)
+        else:
+            a = alive[:, :, None, None]
+            g = (g * a).sum(1, keepdim=True) / a.sum(1, keepdim=True).clamp_min(1.0)
+        a2 = self.decide(torch.cat([e[..., :self.local], g.expand(-1, h.shape[1], -1, -1)], -1))
+        w = w.unsqueeze(-1)
+        total = w.sum(2)
+        pi = (w * a2.softmax(-1)).sum(2) / total
+        ell = (w * a2.log_softmax(-1)).sum(2) / total
+        return pi[..., 0], ell
+
+    def forward(self, x: Tensor, alive: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor | None]:
+        if self.compact is not None:
+            return self.pack(x)
+        if self.mode is None:
+            return x, alive
+        p, s = self.prefix, self.patches
+        if alive is None:
+            alive = x.new_ones(x.shape[0], x.shape[1])
+        keep, ell = self.logits(x[:, p:], alive[:, p:])
+        cand = alive[:, p:p + s]
+        if self.mode == "train":
+            d = gumbel2(ell[:, :s], 1.0, True)[..., 0] * cand
+            self.last = d
+        elif self.mode == "eval":
+            d = (ell[:, :s, 0] > ell[:, :s, 1]).to(x.dtype) * cand
+        else:  # top-K among the still-kept patches
+            score = torch.where(cand > 0, keep[:, :s], torch.full_like(cand, -1.0))
+            d = torch.zeros_like(cand).scatter(1, torch.topk(score, int(self.mode), dim=1).indices, 1.0)
+        r = cand - d
+        package = (keep[:, :s] * r).unsqueeze(1) @ x[:, p:p + s]
+        has = (r.detach().sum(1, keepdim=True) > 0).to(x.dtype)
+        return torch.cat([x, package], 1), torch.cat([alive[:, :p], d, alive[:, p + s:], has], 1)
+
+    def pack(self, x: Tensor) -> Tensor:
+        """The gathered form on ``[prefix ; candidates ; packages]``: static top-K, or (``dynamic``, batch 1)
+        every token whose keep log-probability wins; the package is the score-weighted sum of the rest."""
+        assert self.compact is not None
+        n, k, dynamic = self.compact
+        p = self.prefix
+        keep, ell = self.logits(x[:, p:], None)
+        content = x[:, p:p + n]
+        if dynamic:
+            torch._assert(x.shape[0] == 1, "a dynamic token graph runs one image at a time (batch 1)")
+            kept = (ell[0, :n, 0] > ell[0, :n, 1])
+            dropped = keep[:, :n] * (~kept).to(x.dtype)
+            package = dropped.unsqueeze(1) @ content
+            tokens = torch.cat([x[:, :p], content, x[:, p + n:], package], 1)
+            flags = torch.cat([kept.new_ones(p), kept, kept.new_ones(x.shape[1] - p - n), (~kept).any().reshape(1)])
+            return tokens[:, flags.nonzero().squeeze(1)]
+        if k >= n:
+            return x
+        top = torch.topk(keep[:, :n], k, dim=1)
+        dropped = keep[:, :n].scatter(1, top.indices, 0.0)
+        package = dropped.unsqueeze(1) @ content
+        return torch.cat([x[:, :p], _gather(content, top.indices), x[:, p + n:], package], 1)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, prefix={self.prefix}, patches={self.patches}, mode={self.mode}"
+
+
+class KeyMask(nn.Module):
+    """Masks the keys of dead tokens in one attention; ``alive`` None (or open) leaves it unchanged.
+
+    ``kind="sdpa"``: called as ``mask(q, k, v, alive, **sdpa_kwargs)`` in place of the attention call;
+    ``kind="probs"``: called as ``mask(probs, alive)`` right after an explicit softmax. Weights of dead
+    keys are multiplied by 0 and the rest renormalised, so the gradient reaches the keep decisions; a
+    query always keeps its own key, so no row is empty.
+    """
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    @staticmethod
+    def allowed(alive: Tensor, n: int) -> Tensor:
+        eye = torch.eye(n, dtype=alive.dtype, device=alive.device)
+        return (alive[:, None, None, :] + (1 - alive[:, None, None, :]) * eye)  # (B, 1, N, N)
+
+    def forward(self, *args: Tensor | None, **kwargs: object) -> Tensor:
+        if self.kind == "probs":
+            probs, alive = args
+            if alive is None:
+                return probs
+            w = probs * self.allowed(alive, probs.shape[-1])
+            return w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+        q, k, v, alive = args
+        if alive is None:
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+        scale = kwargs.get("scale") or q.shape[-1] ** -0.5
+        logits = (q @ k.transpose(-2, -1)) * scale
+        if kwargs.get("attn_mask") is not None:
+            logits = logits + kwargs["attn_mask"]
+        allowed = self.allowed(alive, k.shape[-2])
+        top = logits.masked_fill(allowed == 0, float("-inf")).amax(-1, keepdim=True).detach()
+        w = torch.exp(logits - top) * allowed
+        probs = w / w.sum(-1, keepdim=True)
+        p = kwargs.get("dropout_p") or 0.0
+        return F.dropout(probs, float(p), self.training) @ v
+
+    def extra_repr(self) -> str:
+        return self.kind
+
+
+class FinalTokens(nn.Module):
+    """The stream after the last block: with a mean-pooling head (``pool_mean``), only prefix and kept
+    content tokens may reach the mean (no packages, no dead tokens); ``record`` keeps the last stream and
+    its keep flags for the token distillation loss. Called as ``final(x, alive)``."""
+
+    def __init__(self, prefix: int, patches: int, pool_mean: bool) -> None:
+        super().__init__()
+        self.prefix, self.patches, self.pool_mean = prefix, patches, pool_mean
+        self.packages: int | None = None   # gathered graphs: packages to drop at the end
+        self.kept: int | None = None       # masked graphs with a fixed count: gather the kept tokens
+        self.record = False
+        self.last: tuple[Tensor, Tensor | None] | None = None
+
+    def forward(self, x: Tensor, alive: Tensor | None = None) -> Tensor:
+        if self.record:
+            self.last = (x, alive)
+        if not self.pool_mean:
+            return x
+        if self.packages:
+            return x[:, :x.shape[1] - self.packages]
+        if alive is None:
+            return x
+        end = self.prefix + self.patches
+        flags = alive[:, :end]
+        if self.kept is not None:  # every image keeps the same count: gather them (prefix first, in order)
+            order = torch.sort(flags, dim=1, descending=True, stable=True).indices[:, :self.prefix + self.kept]
+            return _gather(x, order)
+        # counts differ per image: dead tokens take the mean of the live content, so a mean over all
+        # of them is the mean over the live ones
+        d = flags[:, self.prefix:, None]
+        content = x[:, self.prefix:end]
+        mean = (content * d).sum(1, keepdim=True) / d.sum(1, keepdim=True).clamp_min(1.0)
+        return torch.cat([x[:, :self.prefix], content * d + mean * (1 - d)], 1)
+
+    def extra_repr(self) -> str:
+        return f"prefix={self.prefix}, patches={self.patches}, pool_mean={self.pool_mean}"
