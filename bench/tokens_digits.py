@@ -1,11 +1,12 @@
-"""Does one-shot token pruning keep accuracy? The digits ViT at 32 px, dense vs tokens at 60 % of its FLOPs.
+"""Does token pruning keep accuracy? The digits ViT at 32 px, dense vs tokens at 60 % of its FLOPs.
 
 The model is the issue's digits ViT (deit_tiny layout, 32 px, patch 4: 64 patches, embed 128, 4 blocks,
-4 heads), trained dense on scikit-learn's digits as the demo trains its own; then ``tokens.method:
-attention`` (selectors at the default L/4, L/2, 3L/4 stages, ratios from the budget) cuts it to
-``--flops``, top-1 measured before and after fine-tuning the token-pruned model with distillation::
+4 heads), trained dense on scikit-learn's digits as the demo trains its own. Then, at ``--flops``, with
+selectors at the default L/4, L/2, 3L/4 stages and ratios from the budget: ``tokens.method: attention``
+one-shot and fine-tuned, and ``preset: spvit_tokens`` (learned selectors), both with the demo's
+compression budget (``--finetune-steps`` steps, 30 % of them searching for the learned method)::
 
-    python bench/tokens_digits.py --flops 0.6 --dense-steps 600 --finetune-steps 700
+    python bench/tokens_digits.py --flops 0.6 --dense-steps 600 --finetune-steps 1000
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flops", type=float, default=0.6)
     parser.add_argument("--dense-steps", type=int, default=600)
-    parser.add_argument("--finetune-steps", type=int, default=700)
+    parser.add_argument("--finetune-steps", type=int, default=1000)
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args(argv)
 
@@ -40,12 +41,17 @@ def main(argv: list[str] | None = None) -> None:
     model.eval()
     example = (torch.randn(2, *INPUT),)
     rows = {"dense": {"flops": 1.0, "top1": evaluate(model, data.val)}}
-    for label, steps in (("tokens one-shot", 0), ("tokens + fine-tune", args.finetune_steps)):
-        spec = {"budget": {"flops": args.flops}, "tokens": {"method": "attention", "enabled": True},
-                "train": {"steps": steps, "batch_size": 64, "lr": 5e-4}}
+    train = {"batch_size": 64, "lr": 5e-4, "search": 0.3}
+    runs = {"tokens one-shot": {"tokens": {"method": "attention", "enabled": True}, "train": {"steps": 0}},
+            "tokens + fine-tune": {"tokens": {"method": "attention", "enabled": True},
+                                   "train": {**train, "steps": args.finetune_steps}},
+            "spvit_tokens": {"preset": "spvit_tokens", "train": {**train, "steps": args.finetune_steps}}}
+    for label, spec in runs.items():
+        spec = {**spec, "budget": {"flops": args.flops}}
         result = vg.compress(model, spec, example_inputs=example, data=data, progress=False, latency_targets=())
         rows[label] = {"flops": result.report["budget"]["achieved"], "top1": result.report["compressed"]["top1"],
                        "kept_tokens": result.report["tokens"]["kept_tokens"]}
+        print(label, rows[label], flush=True)
     for label, r in rows.items():
         print(f"{label:<20} FLOPs {r['flops']:.3f}  top-1 {100 * r['top1']:.2f} %  {r.get('kept_tokens', '')}")
     if args.json:

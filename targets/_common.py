@@ -39,6 +39,27 @@ class LoweringReport:
     seconds: float                   # export / compile time, verification excluded
 
 
+SERVING_BATCH = "serving_batch"  # attribute of a compact graph that runs at one batch size only
+
+
+def serving_batch(module: nn.Module) -> int | None:
+    """The one batch size ``module`` runs at (a per-image token graph: 1), or None for any batch."""
+    b = getattr(module, SERVING_BATCH, None)
+    return int(b) if isinstance(b, int) and not isinstance(b, bool) else None
+
+
+def plan_batches(module: nn.Module, example: tuple[torch.Tensor, ...],
+                 check_batches: Sequence[int]) -> tuple[tuple[torch.Tensor, ...], bool, Sequence[int]]:
+    """(export arguments, whether the batch axis is dynamic, batches to verify). Batch-1 examples are
+    doubled for a dynamic axis (a size-1 axis invites torch.export to specialise it to 1); a module with a
+    serving batch exports and is checked at that batch only."""
+    fixed = serving_batch(module)
+    if fixed is not None:
+        return batched_inputs(example, fixed, randomise=False), False, (fixed,)
+    args = example if example[0].shape[0] != 1 else batched_inputs(example, 2, randomise=False)
+    return args, True, check_batches
+
+
 def model_name(module: nn.Module, name: str | None = None) -> str:
     """The name used in messages: the caller's, else the class name (a traced timm ViT keeps its)."""
     return name or type(module).__name__

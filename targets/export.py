@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from vitgraph.targets._common import (LoweringError, LoweringReport, batched_inputs, check_example_inputs,
-                                      describe_failure, lowering_error, model_name, warn_if_training, verify)
+                                     describe_failure, lowering_error, model_name, plan_batches, verify,
+                                     warn_if_training)
 
 __all__ = ["lower", "load"]
 
@@ -34,14 +35,15 @@ def lower(module: nn.Module, example_inputs: Sequence[torch.Tensor], path: str |
     warn_if_training(module, "export", name)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    args = example if example[0].shape[0] != 1 else batched_inputs(example, 2, randomise=False)
+    args, dynamic, check_batches = plan_batches(module, example, check_batches)
     batch = torch.export.Dim("batch")
 
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.export.export(module, args, dynamic_shapes=tuple({0: batch} for _ in args))
+            program = torch.export.export(module, args,
+                                             dynamic_shapes=tuple({0: batch} for _ in args) if dynamic else None)
         torch.export.save(program, path)
     except Exception as exc:  # noqa: BLE001 - re-raised as one readable LoweringError
         raise lowering_error(exc, target="torch.export", name=name, hint=_HINT) from exc

@@ -30,7 +30,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vitgraph.targets._common import (LoweringError, LoweringReport, batched_inputs, check_example_inputs,
-                                      describe_failure, lowering_error, model_name, warn_if_training, raised_by, verify)
+                                     describe_failure, lowering_error, model_name, plan_batches, raised_by,
+                                     verify, warn_if_training)
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -43,13 +44,6 @@ _CAPTURE_HINT = ("torch.export could not capture the model (step 1 of 3): remove
 _EXPORT_HINT = ("Fix: make the op exportable (rewrite it with standard tensor ops, or register an ONNX "
                 "translation via torch.onnx.export(custom_translation_table=...)); "
                 "torch.onnx.export(..., report=True) writes a detailed report.")
-
-
-def _export_args(example: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Batch-1 examples are doubled: a size-1 axis invites torch.export to specialise it to 1."""
-    if example[0].shape[0] != 1:
-        return example
-    return batched_inputs(example, 2, randomise=False)
 
 
 def batch_axes(path: str | os.PathLike) -> dict[str, str | int]:
@@ -77,14 +71,15 @@ def lower(module: nn.Module, example_inputs: Sequence[torch.Tensor], path: str |
     warn_if_training(module, "onnx", name)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    args, dynamic, check_batches = plan_batches(module, example, check_batches)
     batch = torch.export.Dim("batch")
-    dynamic_shapes = tuple({0: batch} for _ in example)
+    dynamic_shapes = tuple({0: batch} for _ in example) if dynamic else None
 
     start = time.perf_counter()
     try:
         with warnings.catch_warnings(), sdpa_kernel([SDPBackend.MATH]):
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(module, _export_args(example), dynamo=True, dynamic_shapes=dynamic_shapes,
+            program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic_shapes,
                                         opset_version=opset, optimize=False, verbose=False)
         if optimize:
             program.optimize()  # onnxscript optimizer: constant folding, dead code, redundant casts
@@ -95,7 +90,7 @@ def lower(module: nn.Module, example_inputs: Sequence[torch.Tensor], path: str |
     seconds = time.perf_counter() - start
 
     fixed = {k: v for k, v in batch_axes(path).items() if not isinstance(v, str)}
-    if fixed:
+    if fixed and dynamic:
         raise LoweringError(
             f"onnx: the batch axis of {name} was specialised during export (inputs {fixed} have a fixed dim 0 "
             f"in {path}). Some op in the model ties the batch size to a constant; find it with "

@@ -144,3 +144,36 @@ def test_training_reaches_the_selectors_through_the_masks_and_materializes(tmp_p
     gated.eval()
     with torch.no_grad():
         assert (compact(x) - gated(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("key", ["deit", "mean_pool", "handmade"])
+def test_dynamic_mode_gathers_each_images_tokens(key, tmp_path):
+    from vitgraph import targets
+
+    g = _model(key)
+    gated = instrument(g, _spec(mode="dynamic"))
+    with torch.no_grad():  # untrained scorers drop (almost) everything; spread their keep/drop logits
+        for sel in gated.axes["tokens"].selectors:
+            sel.decide[-1].weight.mul_(50.0)
+            sel.decide[-1].bias.zero_()
+    gated.freeze()
+    gated.set_mode("eval")
+    compact = materialize(gated)
+    assert compact.serving_batch == 1 and "nonzero" in compact.code
+    last = g.structure.blocks[-1].output  # the stream after the last block: its token count varies per image
+    counts = set()
+    with torch.no_grad():
+        for x in torch.randn(6, 1, *g.example_inputs[0].shape[1:]):
+            want = gated(x)
+            assert (compact(x) - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max()))
+            env = {}
+            interp = torch.fx.Interpreter(compact)
+            interp.run_node = lambda n, run=interp.run_node: env.setdefault(n.name, run(n))
+            interp.run(x)
+            counts.add(env[last].shape[1] if last in env else None)
+    assert key != "deit" or (len(counts) > 1 and None not in counts), counts
+    with pytest.raises(AssertionError, match="batch 1"):
+        compact(torch.randn(2, *g.example_inputs[0].shape[1:]))
+    if key == "deit":
+        rep = targets.onnx.lower(compact, tuple(x[:1] for x in g.example_inputs), tmp_path / "m.onnx")
+        assert set(rep.per_batch) == {1} and rep.max_abs_err <= 1e-4

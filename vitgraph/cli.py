@@ -35,7 +35,8 @@ def _load(args: argparse.Namespace, ref: str) -> Any:
     if size is None:
         raise VitgraphError(f"cannot tell which input size {ref} expects; pass --input-size C,H,W")
     torch.manual_seed(0)
-    x = torch.randn(max(1, args.batch), *size)
+    fixed = getattr(model, "serving_batch", None)  # a compact graph that serves one batch size only
+    x = torch.randn(fixed if isinstance(fixed, int) else max(1, args.batch), *size)
     return trace(model, x, name=getattr(model, "vg_name", None) or ref)
 
 

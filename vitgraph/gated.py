@@ -173,6 +173,17 @@ class GatedModel(nn.Module):
         """Per axis, what ``eval`` mode decides (what ``materialize`` bakes in)."""
         return {name: axis.decisions() for name, axis in self.axes.items()}
 
+    @property
+    def serving_batch(self) -> int | None:
+        """The one batch size the compact graph runs at (None: any batch)."""
+        fixed = [b for a in self.axes.values() if (b := a.serving_batch) is not None]
+        return min(fixed) if fixed else None
+
+    def example_inputs(self) -> tuple[Tensor, ...]:
+        """The dense graph's example inputs, cut to the serving batch."""
+        b = self.serving_batch
+        return tuple(x[:b] for x in self.graph.example_inputs) if b else self.graph.example_inputs
+
     def removed_blocks(self) -> list[int]:
         """Indices of the blocks the compact graph will not have."""
         return sorted(set().union(*(a.removed_blocks() for a in self.axes.values())))
@@ -220,13 +231,14 @@ def _check_budget(g: VitGraph, spec: Spec, gated: GatedModel) -> None:
 def materialize(gated: GatedModel) -> fx.GraphModule:
     """The compact graph: ``eval`` decisions baked in by every axis's materialize passes, coarse removals
     (exits, blocks) first, then slicing what is left."""
-    g = gated.graph
     for axis in gated.axes.values():  # the copy's gates must not hold this model's masks or samples
         axis.apply("open")
     gm = copy.deepcopy(gated.gm)
     ordered = sorted(gated.axes.values(), key=lambda a: a.materialize_order)
     passes = [p for axis in ordered for p in axis.materialize_passes()]
     # the manager re-records shapes after every pass: they describe the compact graph, not the dense one
-    compact = PassManager(g.example_inputs).run(gm, passes)
+    compact = PassManager(gated.example_inputs()).run(gm, passes)
     compact.eval()
+    if gated.serving_batch is not None:
+        compact.serving_batch = gated.serving_batch  # read by the targets: export and check at that batch only
     return compact

@@ -144,6 +144,8 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[type]
     gm = trace_module(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
                       model_name=name)
     gm.eval()
+    if isinstance(getattr(model, "serving_batch", None), int):  # a compact graph that serves one batch size
+        gm.serving_batch = model.serving_batch
     err = check_exact(propagate_shapes(gm, example_inputs), reference, name)  # one run: shapes and exactness
     structure = analyse(gm, example_inputs, shapes_known=True)
     return VitGraph(gm, example_inputs, structure, name, err)

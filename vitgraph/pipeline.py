@@ -10,9 +10,10 @@ decisions it bakes in) and land within ``budget.tolerance`` of ``budget.flops``.
 """
 from __future__ import annotations
 
+
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +110,12 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
     gated.eval()
 
     compact = materialize(gated)
-    compressed = trace(compact, g.example_inputs, name=f"{g.name} (compressed)")
-    parity = _parity(gated, compact, g.example_inputs)
+    compressed = trace(compact, gated.example_inputs(), name=f"{g.name} (compressed)")
+    parity = _parity(gated, compact, g.example_inputs, gated.serving_batch)
     achieved = compressed.structure.flops / g.structure.flops
+    if gated.serving_batch is not None:  # per-image token counts: the cost is the one priced at the keep targets
+        achieved = gated.cost()["fraction"]
+        compressed.structure = replace(compressed.structure, flops=round(gated.cost()["flops"]))
     if abs(achieved - spec.budget.flops) > spec.budget.tolerance:
         raise SpecError(f"{g.name}: the compact model has {achieved:.3f} of the dense FLOPs, outside budget.flops "
                         f"{spec.budget.flops} +- {spec.budget.tolerance}: the allowed sites cannot reach it "
@@ -135,7 +139,7 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
         _merge(report, part)
     if dataset.val is not None:
         report["dense"]["top1"] = evaluate(g.gm, dataset.val, spec.train.batch_size)
-        report["compressed"]["top1"] = evaluate(compact, dataset.val, spec.train.batch_size)
+        report["compressed"]["top1"] = evaluate(compact, dataset.val, gated.serving_batch or spec.train.batch_size)
     if fitted is not None:
         report["train"] = {"steps": fitted.steps, "seconds": fitted.seconds, "images_per_s": fitted.images_per_s,
                            "final_loss": fitted.loss}
@@ -157,6 +161,8 @@ def _budget_report(spec: Spec, gated: GatedModel, achieved: float) -> dict[str, 
     """Target and achieved FLOPs fraction; when a method learned against the budget, also where learning
     stopped, and whether the final projection had to move the decisions to reach the budget."""
     out: dict[str, Any] = {"target": spec.budget.flops, "achieved": achieved, "tolerance": spec.budget.tolerance}
+    if gated.serving_batch is not None:
+        out["per_image"] = "FLOPs vary per image (dynamic token counts); achieved is the cost at the keep targets"
     if gated.budget is not None and gated.learned is not None:
         out["learned"] = gated.learned
         out["projected"] = abs(gated.learned - achieved) > 1e-6
@@ -188,16 +194,21 @@ def _as_spec(spec: Spec | dict[str, Any] | str | Path) -> Spec:
     return Spec.load(spec)
 
 
-def _parity(gated: GatedModel, compact: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> float:
-    """Max abs error, compact vs the gated graph in eval mode, on the example and on a fresh batch."""
+def _parity(gated: GatedModel, compact: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...],
+            batch: int | None = None) -> float:
+    """Max abs error, compact vs the gated graph in eval mode, on the example and on a fresh batch
+    (in slices of ``batch`` images for a compact graph that serves that batch only)."""
     gen = torch.Generator().manual_seed(1)
     fresh = tuple(torch.randn(3, *x.shape[1:], generator=gen, dtype=x.dtype) for x in example_inputs)
     err, scale = 0.0, 0.0
     with torch.no_grad(), gated.using("eval"):
-        for inputs in (example_inputs, fresh):
-            expected = gated(*inputs)
-            err = max(err, max_abs_diff(compact(*inputs), expected))
-            scale = max(scale, float(expected.abs().max()))
+        for whole in (example_inputs, fresh):
+            step = batch or whole[0].shape[0]
+            for i in range(0, whole[0].shape[0], step):
+                inputs = tuple(x[i:i + step] for x in whole)
+                expected = gated(*inputs)
+                err = max(err, max_abs_diff(compact(*inputs), expected))
+                scale = max(scale, float(expected.abs().max()))
     if err > PARITY_ATOL * max(1.0, scale):
         raise ParityError(f"materialize: the compact graph differs from the gated graph by {err:.2e} "
                           f"(allowed {PARITY_ATOL:.0e} x output scale {scale:.2f}); please report this model")

@@ -229,7 +229,12 @@ PRESETS: dict[str, dict[str, Any]] = {
             "width": {"method": "uvc", "heads": True, "head_dim": False, "mlp": True, "align": 8},
             "depth": {"skip_blocks": True, "warmup": 0.167},
             "train": {"steps": 300, "lr": 1.0e-4, "distill": {"alpha": 0.1, "tau": 1.0}, "search": 0.5}},
-    "spvit_tokens": {"tokens": {"enabled": True, "stages": [], "keep": []}, "width": {"heads": False, "mlp": False}},
+    # methods.md §3: learned selectors at L/4, L/2, 3L/4, ratios from the budget, KD on the logits (and, in
+    # the token axis, on the kept tokens); (decision) 30 % of the steps search, as the demo does
+    "spvit_tokens": {"budget": {"flops": 0.6},
+                     "tokens": {"enabled": True, "method": "spvit", "stages": [], "keep": []},
+                     "width": {"heads": False, "mlp": False},
+                     "train": {"steps": 300, "lr": 5.0e-4, "search": 0.3, "distill": {"alpha": 0.5, "tau": 1.0}}},
     "spvit_conv": {"attention": {"to_conv": True}, "width": {"heads": False, "mlp": True}},
 }
 

@@ -91,6 +91,7 @@ class LearnedTokenSelector(nn.Module):
         self.decide = nn.Sequential(nn.Linear(d, h2), nn.GELU(), nn.Linear(h2, h4), nn.GELU(), nn.Linear(h4, 2))
         self.local = d // 2
         self.mode: str | int | None = None
+        self.always_package = False  # dynamic decisions: append the package even when it is empty (static count)
         self.compact: tuple[int, int, int] | None = None  # (candidates, keep, dynamic) for the gathered form
         self.last: Tensor | None = None  # the keep decisions of the last train forward (B, patches)
 
@@ -132,34 +133,38 @@ class LearnedTokenSelector(nn.Module):
         if self.mode == "train":
             d = gumbel2(ell[:, :s], 1.0, True)[..., 0] * cand
             self.last = d
-        elif self.mode == "eval":
-            d = (ell[:, :s, 0] > ell[:, :s, 1]).to(x.dtype) * cand
+        elif self.mode == "eval":  # (decision) an image keeps at least its best candidate: no sequence empties
+            score = torch.where(cand > 0, keep[:, :s], torch.full_like(cand, -1.0))
+            best = torch.zeros_like(cand).scatter(1, score.argmax(1, keepdim=True), 1.0)
+            d = torch.maximum((ell[:, :s, 0] > ell[:, :s, 1]).to(x.dtype), best) * cand
         else:  # top-K among the still-kept patches
             score = torch.where(cand > 0, keep[:, :s], torch.full_like(cand, -1.0))
             d = torch.zeros_like(cand).scatter(1, torch.topk(score, int(self.mode), dim=1).indices, 1.0)
         r = cand - d
         package = (keep[:, :s] * r).unsqueeze(1) @ x[:, p:p + s]
         has = (r.detach().sum(1, keepdim=True) > 0).to(x.dtype)
+        if self.always_package:
+            has = torch.ones_like(has)
         return torch.cat([x, package], 1), torch.cat([alive[:, :p], d, alive[:, p + s:], has], 1)
 
     def pack(self, x: Tensor) -> Tensor:
-        """The gathered form on ``[prefix ; candidates ; packages]``: static top-K, or (``dynamic``, batch 1)
-        every token whose keep log-probability wins; the package is the score-weighted sum of the rest."""
+        """The gathered form on ``[prefix ; candidates ; packages]``: static top-K of ``candidates``, or
+        (``dynamic``, batch 1) every token whose keep log-probability wins, the earlier packages being
+        one per stage; the package is the score-weighted sum of the dropped tokens."""
         assert self.compact is not None
         n, k, dynamic = self.compact
         p = self.prefix
         keep, ell = self.logits(x[:, p:], None)
-        content = x[:, p:p + n]
-        if dynamic:
+        if dynamic:  # every stage appends a package, so the earlier ones are the last ``packages`` tokens
             torch._assert(x.shape[0] == 1, "a dynamic token graph runs one image at a time (batch 1)")
-            kept = (ell[0, :n, 0] > ell[0, :n, 1])
-            dropped = keep[:, :n] * (~kept).to(x.dtype)
-            package = dropped.unsqueeze(1) @ content
-            tokens = torch.cat([x[:, :p], content, x[:, p + n:], package], 1)
-            flags = torch.cat([kept.new_ones(p), kept, kept.new_ones(x.shape[1] - p - n), (~kept).any().reshape(1)])
-            return tokens[:, flags.nonzero().squeeze(1)]
+            end = x.shape[1] - self.packages
+            content = x[:, p:end]
+            kept = (ell[0, :end - p, 0] > ell[0, :end - p, 1]) | (keep[0, :end - p] == keep[0, :end - p].max())
+            package = (keep[:, :end - p] * (~kept).to(x.dtype)).unsqueeze(1) @ content
+            return torch.cat([x[:, :p], content[:, kept.nonzero().squeeze(1)], x[:, end:], package], 1)
         if k >= n:
             return x
+        content = x[:, p:p + n]
         top = torch.topk(keep[:, :n], k, dim=1)
         dropped = keep[:, :n].scatter(1, top.indices, 0.0)
         package = dropped.unsqueeze(1) @ content
@@ -214,7 +219,9 @@ class KeyMask(nn.Module):
 
 class FinalTokens(nn.Module):
     """The stream after the last block: with a mean-pooling head (``pool_mean``), only prefix and kept
-    content tokens may reach the mean (no packages, no dead tokens); ``record`` keeps the last stream and
+    content tokens may reach the mean (no packages, no dead tokens: gathered when every image keeps the
+    same count or there is one image; otherwise dead tokens are replaced by the mean of the live content,
+    exact for heads that average before normalising); ``record`` keeps the last stream and
     its keep flags for the token distillation loss. Called as ``final(x, alive)``."""
 
     def __init__(self, prefix: int, patches: int, pool_mean: bool) -> None:
@@ -239,6 +246,8 @@ class FinalTokens(nn.Module):
         if self.kept is not None:  # every image keeps the same count: gather them (prefix first, in order)
             order = torch.sort(flags, dim=1, descending=True, stable=True).indices[:, :self.prefix + self.kept]
             return _gather(x, order)
+        if x.shape[0] == 1:  # one image: gather its live tokens exactly
+            return x[:, flags[0].nonzero().squeeze(1)]
         # counts differ per image: dead tokens take the mean of the live content, so a mean over all
         # of them is the mean over the live ones
         d = flags[:, self.prefix:, None]

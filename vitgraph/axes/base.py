@@ -167,6 +167,11 @@ class Axis(Learner):
         """What ``eval`` mode decides, per unit of this axis (what ``materialize`` bakes in)."""
         return {}
 
+    @property
+    def serving_batch(self) -> int | None:
+        """The one batch size this axis's compact graph runs at (per-image token counts: 1), None: any."""
+        return None
+
     def removed_blocks(self) -> set[int]:
         """Indices of the blocks the compact graph will not have because of this axis."""
         return set()

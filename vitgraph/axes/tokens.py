@@ -122,6 +122,7 @@ class TokenAxis(Axis):
         for s, sel in enumerate(self.selectors):
             if isinstance(sel, LearnedTokenSelector):
                 sel.mode = None if not active else int(k[s]) if top_k else mode
+                sel.always_package = self.dynamic
             else:
                 sel.keep = int(k[s]) if active and self.frozen else None
                 sel.candidates = (k[s - 1] if s and active and self.frozen else self.patches)
@@ -237,6 +238,10 @@ class TokenAxis(Axis):
     def decisions(self) -> dict[str, int]:
         return {s.name: int(k) for s, k in zip(self.stages, self.kept.tolist())}
 
+    @property
+    def serving_batch(self) -> int | None:
+        return 1 if self.dynamic else None
+
     def materialize_passes(self) -> list[VitPass]:
         k = self.kept.tolist()
         kept = {s.name: ((k[i - 1] if i else self.patches), k[i]) if k[i] >= 0 else None
@@ -261,8 +266,7 @@ class TokenAxis(Axis):
 
 def _refuse_combinations(ctx: AxisContext) -> None:
     t, spec = ctx.spec.tokens, ctx.spec
-    for key, asked, alone in (("tokens.mode dynamic", t.mode == "dynamic" and t.method == "spvit", "static"),
-                              ("tokens.mode dynamic with tokens.method attention (top-K by design)",
+    for key, asked, alone in (                              ("tokens.mode dynamic with tokens.method attention (top-K by design)",
                                t.mode == "dynamic" and t.method == "attention", "static"),
                               ("tokens with depth.skip_blocks", spec.depth.skip_blocks, ""),
                               # the scores average over the heads; pruned heads would change them
