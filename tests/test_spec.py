@@ -34,6 +34,17 @@ def test_presets_fill_defaults_and_user_keys_win():
     assert spec.budget.flops == 0.4 and spec.train.steps == 10
     assert spec.train.lr == PRESETS["wdpruning"]["train"]["lr"]
     assert Spec.from_dict({"preset": "uvc"}).width.method == "uvc"
+    tokens = Spec.from_dict({"preset": "spvit_tokens"})
+    assert tokens.tokens.on and tokens.tokens.method == "spvit" and not (tokens.width.heads or tokens.width.mlp)
+
+
+def test_every_example_spec_loads():
+    from pathlib import Path
+
+    specs = sorted((Path(__file__).parent.parent / "examples" / "specs").glob("*.yaml"))
+    assert len(specs) >= 6
+    for path in specs:
+        Spec.load(path)
 
 
 def test_yaml_round_trip_and_scientific_strings(tmp_path):

@@ -233,3 +233,21 @@ def test_ddp_ranks_take_identical_token_decisions(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
     assert torch.equal(r0["tokens"], r1["tokens"]) and r0["tokens"].shape[1] < 65  # the same kept tokens
+
+
+def test_torch_compile_does_not_recompile_for_new_batch_sizes():
+    """Static token counts: after the first dynamic-batch recompile, new batch sizes reuse the graph."""
+    from torch._dynamo.testing import CompileCounter
+
+    g = _model("deit")
+    gated = instrument(g, _spec())
+    compact = materialize(gated)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    fn = torch.compile(compact, backend=counter)
+    with torch.no_grad():
+        for b in (2, 3, 5, 7, 16):  # (batch 1 is specialised by dynamo for every model, dense ones too)
+            x = torch.randn(b, *g.example_inputs[0].shape[1:])
+            assert (fn(x) - compact(x)).abs().max() <= 1e-5
+    assert counter.frame_count <= 2, counter.frame_count  # batch 2 static, batch 3 dynamic, then no more
+    torch._dynamo.reset()
