@@ -164,7 +164,7 @@ def test_tokens_and_widths_share_one_budget():
     assert report["compressed"]["flops"] == pytest.approx(priced, rel=1e-9)
 
 
-def _tokens_run(seed: int, data, out, crash_at: int | None = None, resume: bool = False):
+def _tokens_run(seed: int, data, out, crash_at: int | None = None, resume: bool = False, method: str = "attention"):
     """A token-pruned tiny deit fine-tuned 8 steps (checkpoints every step); a Crash after ``crash_at`` steps."""
     from tests.test_train import Crash, _crash_after
     from vitgraph.train import fit
@@ -172,7 +172,7 @@ def _tokens_run(seed: int, data, out, crash_at: int | None = None, resume: bool 
     torch.manual_seed(0)
     m = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=2, in_chans=1, num_classes=10,
                           embed_dim=24, depth=3, num_heads=2).eval()
-    spec = Spec.from_dict({"budget": {"flops": 0.7}, "tokens": {"method": "attention", "stages": [1]},
+    spec = Spec.from_dict({"budget": {"flops": 0.7}, "tokens": {"method": method, "stages": [1]},
                            "train": {"steps": 8, "batch_size": 16, "checkpoint_every": 1}})
     gated = instrument(vg.trace(m, torch.randn(2, 1, 16, 16)), spec)
     torch.manual_seed(seed)
@@ -185,19 +185,21 @@ def _tokens_run(seed: int, data, out, crash_at: int | None = None, resume: bool 
     return gated
 
 
-def test_resume_with_selectors_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("method,crash_at", [("attention", 5), ("spvit", 2), ("spvit", 6)])
+def test_resume_with_selectors_is_bit_exact(tmp_path, method, crash_at):
+    """spvit: a crash in the search (Gumbel samples, arch optimizer) and one after the freeze."""
     from vitgraph.data import load_data
 
     data = load_data("digits", (1, 16, 16), batch_size=16)
-    straight = _tokens_run(0, data, tmp_path / "a")
-    _tokens_run(0, data, tmp_path / "b", crash_at=5)
-    resumed = _tokens_run(99, data, tmp_path / "b", resume=True)
+    straight = _tokens_run(0, data, tmp_path / "a", method=method)
+    _tokens_run(0, data, tmp_path / "b", crash_at=crash_at, method=method)
+    resumed = _tokens_run(99, data, tmp_path / "b", resume=True, method=method)
     a, b = straight.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and "axes.tokens.kept" in a and int(a["axes.tokens.kept"][0]) > 0
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
-def _ddp_tokens_worker(rank: int, world: int, port: int, out: str) -> None:
+def _ddp_tokens_worker(rank: int, world: int, port: int, out: str, method: str) -> None:
     import os
 
     from tests.test_train import ddp_join
@@ -210,13 +212,14 @@ def _ddp_tokens_worker(rank: int, world: int, port: int, out: str) -> None:
         torch.manual_seed(100 + rank)  # other weights on every rank: DDP starts them all from rank 0's
         m = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=2, in_chans=1, num_classes=10,
                               embed_dim=24, depth=3, num_heads=2).eval()
-        spec = Spec.from_dict({"budget": {"flops": 0.7}, "tokens": {"method": "attention", "stages": [1]},
+        spec = Spec.from_dict({"budget": {"flops": 0.7}, "tokens": {"method": method, "stages": [1]},
                                "train": {"steps": 4, "batch_size": 16}})
         gated = instrument(vg.trace(m, torch.randn(2, 1, 16, 16)), spec)
         fit(gated, data.train, spec.train, progress=False)
         picked = {}
         selector = gated.gm.get_submodule("vg_tokens.blocks_1")
-        selector.register_forward_hook(lambda mod, args, y: picked.update(tokens=y))
+        # gathered tokens (attention), or the keep flags over every token (spvit: masked)
+        selector.register_forward_hook(lambda mod, args, y: picked.update(tokens=y[1] if isinstance(y, tuple) else y))
         with torch.no_grad():
             gated.set_mode("eval")(data.val.tensors[0][:8])
         torch.save({"state": gated.state_dict(), "tokens": picked["tokens"]}, os.path.join(out, f"rank{rank}.pt"))
@@ -224,15 +227,20 @@ def _ddp_tokens_worker(rank: int, world: int, port: int, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def test_ddp_ranks_take_identical_token_decisions(tmp_path):
+@pytest.mark.parametrize("method", ["attention", "spvit"])
+def test_ddp_ranks_take_identical_token_decisions(tmp_path, method):
     import torch.multiprocessing as mp
 
     from tests.test_train import free_port
 
-    mp.spawn(_ddp_tokens_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_tokens_worker, args=(2, free_port(), str(tmp_path), method), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
-    assert torch.equal(r0["tokens"], r1["tokens"]) and r0["tokens"].shape[1] < 65  # the same kept tokens
+    assert torch.equal(r0["tokens"], r1["tokens"])  # the same kept tokens
+    if method == "attention":
+        assert r0["tokens"].shape[1] < 65
+    else:
+        assert 0 < int(r0["tokens"][:, 1:65].sum(1).max()) < 64
 
 
 def test_torch_compile_does_not_recompile_for_new_batch_sizes():
