@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from vitgraph.analysis.depth import branch_sets
 from vitgraph.axes.base import PRICE_MODES, Axis, Decision, Factors
+from vitgraph.errors import SpecError
 from vitgraph.graph import VitGraph
 from vitgraph.meta import COST, NodeCost
 
@@ -94,9 +95,17 @@ class Pricer:
 
 
 class Budget(nn.Module):
-    """The FLOPs budget as a constraint with dual variables (the ``dual`` parameter group)."""
+    """The FLOPs budget as a loss term: a constraint with dual variables (the ``dual`` parameter group), or
+    a fixed two-sided quadratic.
 
-    FORMS = ("augmented", "linear")
+    * ``augmented`` (WDPruning): l1 relu(c - T) + l2 relu(c - T)^2, duals ascending;
+    * ``linear`` (UVC): z (c - T), z ascending;
+    * ``quadratic`` (SPViT conv, methods.md §1.4): lambda (T - c)^2 with lambda fixed; it also pulls
+      the cost *up* toward T, and is soft: the search lands near T, the freeze projection closes the rest.
+    """
+
+    FORMS = ("augmented", "linear", "quadratic")
+    QUADRATIC_WEIGHT = 20.0  # (decision) methods.md's DeiT-Ti lambda, on cost and T as fractions of dense
 
     def __init__(self, target: float, form: str) -> None:
         super().__init__()
@@ -104,25 +113,34 @@ class Budget(nn.Module):
             raise ValueError(f"budget form must be one of {self.FORMS}, got {form!r}")
         self.target = target
         self.form = form
-        # augmented: (l1, l2) from 0; linear: z from 1e-3 (methods.md §4.1)
-        self.duals = nn.Parameter(torch.zeros(2) if form == "augmented" else torch.full((1,), 1e-3))
+        # augmented: (l1, l2) from 0; linear: z from 1e-3 (methods.md §4.1); quadratic: none
+        self.duals = nn.Parameter(torch.zeros(2) if form == "augmented" else torch.full((1,), 1e-3)) \
+            if form != "quadratic" else None
 
     def penalty(self, cost: Tensor) -> dict[str, Tensor]:
+        if self.form == "quadratic":
+            return {"budget": self.QUADRATIC_WEIGHT * (self.target - cost) ** 2}
         if self.form == "linear":
             return {"budget": self.duals[0] * (cost - self.target)}
         gap = torch.relu(cost - self.target)  # zero (and no gradient) once within budget
         return {"lagrangian": self.duals[0] * gap + self.duals[1] * gap * gap}
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"dual": [self.duals]}
+        return {"dual": [self.duals]} if self.duals is not None else {}
 
     def optim_defaults(self, search_steps: int) -> dict[str, dict[str, Any]]:
+        if self.form == "quadratic":
+            return {}
         if self.form == "linear":
             return {"dual": {"lr": 1.0, "weight_decay": 0.0, "schedule": "constant", "optimizer": "sgd"}}
         return {"dual": {"lr": 10.0, "weight_decay": 0.0, "schedule": "cosine", "optimizer": "sgd"}}
 
     @staticmethod
     def for_axes(target: float, axes: Sequence[Axis]) -> Budget | None:
-        """The budget term of the first axis (in spec order) whose method learns against the budget."""
-        form = next((a.budget_form for a in axes if a.budget_form is not None), None)
-        return None if form is None else Budget(target, form)
+        """The one budget term of the axes whose methods learn against the budget (they must agree on its form)."""
+        forms = [(a.name, a.budget_form) for a in axes if a.budget_form is not None]
+        if len({f for _, f in forms}) > 1:
+            raise SpecError(f"the learned axes learn against the budget in different ways ({forms}); one budget term "
+                            f"serves them all: pick methods of one family (e.g. width.method spvit with "
+                            f"attention.to_conv)")
+        return Budget(target, forms[0][1]) if forms else None

@@ -115,6 +115,8 @@ def block_dict(b: Block) -> dict[str, Any]:
                 "v_head_dim": a.v_head_dim, "impl": a.impl, "mode": a.mode, "fused": a.fused,
                 "tokens_q": a.tokens_q, "tokens_kv": a.tokens_kv, "bias": a.bias,
                 "prunable": dict(a.prunable)}
+    elif b.mixer is not None or b.mlp is not None:  # a converted attention, or none at all (skipped)
+        attn = {"kind": b.mixer or "skip", "heads": 0, "head_dim": 0}
     mlp = None
     if b.mlp is not None:
         mlp = {"hidden": b.mlp.hidden, "name": b.mlp.name, "gated": b.mlp.gated, "prunable": dict(b.mlp.prunable)}

@@ -21,7 +21,8 @@ LEAF_FLOPS = "vg.leaf_flops"  # FLOPs FlopCounterMode measured inside an opaque 
 GATES = "vg_gates"         # every width (unit) gate: vg_gates.<group with "." -> "_">
 BLOCK_GATES = "vg_blocks"  # every block or branch gate: vg_blocks.<unit with "." -> "_">
 EXITS = "vg_exits"         # every exit classifier: vg_exits.exit<e>
-TOKENS = "vg_tokens"       # every token selector: vg_tokens.<block with "." -> "_">, and vg_tokens.unpack
+TOKENS = "vg_tokens"       # token selectors vg_tokens.<block>, key masks vg_tokens.mask_<i>, vg_tokens.final
+CONV_GATES = "vg_conv"     # attention -> convolution choices: vg_conv.<attention with "." -> "_">
 
 
 def submodule_name(root: str, name: str) -> str:
@@ -158,6 +159,15 @@ class Block:
     nodes: tuple[str, ...] = ()   # every node of the block's branches and adds
     flops: int = 0
     params: int = 0
+    mixer: str | None = None      # a token mixer that is not an attention: "conv3" (spatial conv) | "conv1"
+
+
+@dataclass(frozen=True)
+class MixerSite:
+    """A residual branch that mixes tokens without attention (a converted attention's convolution)."""
+
+    name: str
+    kind: str                     # "conv3" | "conv1"
 
 
 @dataclass(frozen=True)

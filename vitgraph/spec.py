@@ -19,7 +19,7 @@ import yaml
 
 from vitgraph.errors import SpecError
 
-WIDTH_METHODS = ("magnitude", "taylor", "wdpruning", "uvc")
+WIDTH_METHODS = ("magnitude", "taylor", "wdpruning", "uvc", "spvit")
 TOKEN_METHODS = ("spvit", "attention")
 ONE_SHOT = ("magnitude", "taylor")
 
@@ -38,7 +38,7 @@ class Budget:
 
 @dataclass(frozen=True)
 class Width:
-    method: str = "magnitude"    # magnitude | taylor (one-shot) | wdpruning | uvc (learned)
+    method: str = "magnitude"    # magnitude | taylor (one-shot) | wdpruning | uvc | spvit (learned)
     heads: bool = True
     head_dim: bool = False       # UVC value-dim pruning
     mlp: bool = True
@@ -209,13 +209,15 @@ class Spec:
 
     @property
     def learned(self) -> bool:
-        """Whether the width decisions are learned (wdpruning, uvc) rather than scored once."""
+        """Whether the width decisions are learned (wdpruning, uvc, spvit) rather than scored once."""
         return self.width.enabled and self.width.method not in ONE_SHOT
 
     @property
     def trains(self) -> bool:
-        """Whether anything in the spec needs training to decide (learned widths, block gates, exits)."""
-        return self.learned or self.depth.skip_blocks or bool(self.depth.exits)
+        """Whether anything in the spec needs training to decide (learned widths, block gates, exits, conv
+        choices, learned token selectors)."""
+        return self.learned or self.depth.skip_blocks or bool(self.depth.exits) or self.attention.to_conv \
+            or (self.tokens.on and self.tokens.method == "spvit")
 
 
 # Defaults of the published methods (../shared/methods.md); user keys override them.
@@ -235,7 +237,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "tokens": {"enabled": True, "method": "spvit", "stages": [], "keep": []},
                      "width": {"heads": False, "mlp": False},
                      "train": {"steps": 300, "lr": 5.0e-4, "search": 0.3, "distill": {"alpha": 0.5, "tau": 1.0}}},
-    "spvit_conv": {"attention": {"to_conv": True}, "width": {"heads": False, "mlp": True}},
+    # methods.md §1: attention -> conv choices and MLP units under the quadratic FLOPs loss; (decision) the
+    # search is half the steps (the paper: 20 of 150 epochs, far longer runs), weights lr 1e-4
+    "spvit_conv": {"budget": {"flops": 0.6}, "attention": {"to_conv": True},
+                   "width": {"method": "spvit", "heads": False, "mlp": True, "align": 1},
+                   "train": {"steps": 300, "lr": 1.0e-4, "search": 0.5}},
 }
 
 

@@ -9,6 +9,7 @@ grid, the prefix tokens, how the head pools, and where tokens may be dropped.
 from __future__ import annotations
 
 import math
+import operator
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -16,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch.fx as fx
 
 from vitgraph.analysis.ops import common_prefix, op_kind, tensor_args
-from vitgraph.meta import COST, SHAPE, AttentionSite, Block, MlpSite, Residual, TokenInfo, shape_of
+from vitgraph.meta import COST, SHAPE, AttentionSite, Block, MixerSite, MlpSite, Residual, TokenInfo, shape_of
 
 _TO_ADD = {"dropout", "mul", "div", "norm", "shape", "function", "module", "method"}
 
@@ -82,8 +83,8 @@ def _residual(out: fx.Node, site_input: fx.Node, gm: fx.GraphModule, kind: str,
 class _Unit:
     """One site with its residual add, while blocks are being assembled."""
 
-    kind: str                       # "attn" | "mlp"
-    site: AttentionSite | MlpSite
+    kind: str                       # "attn" | "mlp" | "mixer"
+    site: AttentionSite | MlpSite | MixerSite
     residual: Residual | None
     output: fx.Node                 # the site's last linear (or attention core)
     start: fx.Node                  # the residual stream entering the unit (its input without a residual)
@@ -100,7 +101,30 @@ def _units(gm: fx.GraphModule, attention: list[AttentionSite], mlps: list[MlpSit
         res = _residual(out, inp, gm, kind, order)
         units.append(_Unit(kind, site, res, out, inp if res is None else nodes[res.skip],
                            out if res is None else nodes[res.add]))
+    units += _conv_mixers(gm, {u.residual.add for u in units if u.residual is not None}, order)
     return sorted(units, key=lambda u: order[u.output])
+
+
+def _conv_mixers(gm: fx.GraphModule, covered: set[str], order: dict[fx.Node, int]) -> list[_Unit]:
+    """Residual branches ``x + f(x)`` whose f runs a convolution over the stream (an attention that
+    became a conv3): token mixers without attention."""
+    out = []
+    for add in gm.graph.nodes:
+        args = tensor_args(add)
+        if op_kind(add, gm) != "add" or add.name in covered or len(args) != 2 or shape_of(args[0]) != shape_of(args[1]):
+            continue
+        for skip, branch in (args, args[::-1]):
+            members = ancestors(branch, _after(order[skip] + 1, order))
+            conv = next((m for m in members if op_kind(m, gm) == "conv"), None)
+            if conv is not None and any(skip in m.all_input_nodes for m in members):
+                res = Residual(add=add.name, skip=skip.name, branch_out=branch.name, kind="attn")
+                out.append(_Unit("mixer", MixerSite(_path(conv, gm), "conv3"), res, branch, skip, add))
+                break
+    return out
+
+
+def _path(node: fx.Node, gm: fx.GraphModule) -> str:
+    return str(node.target).rsplit(".", 1)[0] if node.op == "call_module" else node.name
 
 
 def _pair(units: list[_Unit], order: dict[fx.Node, int]) -> list[list[_Unit]]:
@@ -109,7 +133,10 @@ def _pair(units: list[_Unit], order: dict[fx.Node, int]) -> list[list[_Unit]]:
     i = 0
     while i < len(units):
         u, nxt = units[i], units[i + 1] if i + 1 < len(units) else None
-        if u.kind == "attn" and nxt is not None and nxt.kind == "mlp" and nxt.residual is not None \
+        # a token mixer (attention, a conv, or a residual MLP that an MLP follows: a converted conv1) and
+        # the MLP after it on the same stream
+        mixes = u.kind in ("attn", "mixer") or (u.kind == "mlp" and u.residual is not None and _patch_slice(u))
+        if mixes and nxt is not None and nxt.kind == "mlp" and nxt.residual is not None \
                 and u.end in ancestors(nxt.start, _after(order[u.end], order)):
             groups.append([u, nxt])
             i += 2
@@ -118,6 +145,20 @@ def _pair(units: list[_Unit], order: dict[fx.Node, int]) -> list[list[_Unit]]:
                 groups.append([u])
             i += 1
     return groups
+
+
+def _patch_slice(u: _Unit) -> bool:
+    """Whether an MLP reads a slice of the tokens (``x[:, p:]``, the patches): a converted conv1 mixer,
+    not a block's MLP (which reads every token)."""
+    node = u.output
+    for _ in range(8):  # fc2 <- act <- fc1 <- (the slice)
+        if node.op == "call_function" and node.target is operator.getitem:
+            idx = node.args[1]
+            return isinstance(idx, tuple) and len(idx) == 2 and isinstance(idx[1], slice) and idx[1].start is not None
+        if node is u.start or not node.all_input_nodes:
+            return False
+        node = node.all_input_nodes[0]
+    return False
 
 
 def _skip_reason(group: list[_Unit], start: fx.Node, end: fx.Node) -> str | None:
@@ -155,7 +196,9 @@ def find_blocks(gm: fx.GraphModule, attention: list[AttentionSite], mlps: list[M
     blocks = []
     for idx, group in enumerate(_pair(_units(gm, attention, mlps, order), order)):
         attn = next((u.site for u in group if u.kind == "attn"), None)
-        mlp = next((u.site for u in group if u.kind == "mlp"), None)
+        mlp = group[-1].site if group[-1].kind == "mlp" else None
+        mixer = "conv3" if group[0].kind == "mixer" else "conv1" if len(group) == 2 and group[0].kind == "mlp" \
+            else None
         start, end = group[0].start, group[-1].end
         members = ancestors(end, _after(order[start] + 1, order)) - {start}
         reason = _skip_reason(group, start, end) or _escapes(members, end, live)
@@ -169,7 +212,7 @@ def find_blocks(gm: fx.GraphModule, attention: list[AttentionSite], mlps: list[M
             residuals=tuple(u.residual for u in group if u.residual is not None), input=start.name,
             output=end.name, tokens_in=_tokens(shape_of(start)), tokens_out=_tokens(shape_of(end)),
             skippable=reason is None, skip_reason=reason, token_prunable=False, token_reason=None,
-            nodes=member_names, flops=flops, params=params))
+            nodes=member_names, flops=flops, params=params, mixer=mixer))
     return blocks
 
 

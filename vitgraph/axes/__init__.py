@@ -1,7 +1,7 @@
 """Compression axes: each is an instrument pass, a materialize pass and one method behind ``Axis``.
 
 ``AXES`` lists the built-in axes in the order the spec gives them (and their instrument passes
-run): width, exits, tokens, depth. Exits come before the block gates so that an exit after a skipped block
+run): width, conv, exits, tokens, depth. Exits come before the block gates so that an exit after a skipped block
 reads the gated stream. ``build_axes`` asks each axis whether the spec wants it on this model;
 ``vg.instrument(..., axes=[MyAxis])`` adds axes of your own (see docs/architecture.md).
 """
@@ -10,23 +10,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from vitgraph.axes.base import Axis, AxisContext
+from vitgraph.axes.conv import ConvAxis
 from vitgraph.axes.depth import DepthAxis
 from vitgraph.axes.exits import ExitsAxis
 from vitgraph.axes.tokens import TokenAxis
 from vitgraph.axes.width import WidthAxis
 from vitgraph.errors import SpecError
 
-AXES: tuple[type[Axis], ...] = (WidthAxis, ExitsAxis, TokenAxis, DepthAxis)
+AXES: tuple[type[Axis], ...] = (WidthAxis, ConvAxis, ExitsAxis, TokenAxis, DepthAxis)
 
 
 def _unsupported(ctx: AxisContext) -> None:
     spec = ctx.spec
-    todo = {"width.head_dim": spec.width.head_dim, "attention.to_conv": spec.attention.to_conv}
+    todo = {"width.head_dim": spec.width.head_dim}
     asked = [k for k, v in todo.items() if v]
     if asked:
         raise SpecError(f"spec asks for {', '.join(asked)}, which this version of vitgraph does not implement yet; "
                         f"set {asked[0]} to its default (false) - width pruning of heads and MLP units, "
-                        f"depth.skip_blocks, depth.exits and tokens (method attention) work")
+                        f"depth.skip_blocks, depth.exits, tokens and attention.to_conv work")
 
 
 def build_axes(ctx: AxisContext, extra: Sequence[type[Axis]] = ()) -> list[Axis]:
@@ -37,8 +38,8 @@ def build_axes(ctx: AxisContext, extra: Sequence[type[Axis]] = ()) -> list[Axis]
     if len(set(names)) != len(names):
         raise SpecError(f"two axes share a name in {names}: each axis needs its own (Axis.name)")
     if not axes:
-        raise SpecError("the spec compresses nothing: set width.heads and/or width.mlp, depth.skip_blocks or "
-                        "depth.exits")
+        raise SpecError("the spec compresses nothing: set width.heads and/or width.mlp, depth.skip_blocks, "
+                        "depth.exits, tokens or attention.to_conv")
     return axes
 
 

@@ -12,6 +12,8 @@ gives the kept fractions it learns with, and ``GatedModel``'s one ``Budget`` pri
   expected kept fraction under the augmented Lagrangian (methods.md §2).
 * ``uvc`` — learned count of units to drop per group, lowest-norm groups selected, proximal
   shrinking, primal-dual updates under the plain Lagrangian (methods.md §4, width part).
+* ``spvit`` — a learned keep logit per unit, concrete samples, under the quadratic FLOPs loss (methods.md
+  §1, the MLP part of the attention->convolution search).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 
 from vitgraph.axes.base import Learner
 from vitgraph.errors import SpecError
-from vitgraph.gates import ceil_ste, clamp_ste, least_sum, topk_hard, topk_mask
+from vitgraph.gates import ceil_ste, clamp_ste, concrete, least_sum, ste_step, topk_hard, topk_mask
 
 CostFn = Callable[[Mapping[str, Any]], Any]  # kept fraction per group -> fraction of the dense FLOPs
 
@@ -304,6 +306,58 @@ class UVC(WidthMethod):
                 "dual": {"lr": 1.0, "weight_decay": 0.0, "schedule": "constant", "optimizer": "sgd"}}
 
 
+class SPViTUnits(WidthMethod):
+    """One learned logit per unit (methods.md §1.1, the MLP part of SPViT's conv search): while learning
+    a unit is kept by a binary-concrete sample of sigmoid(phi) (one draw per forward); eval keeps
+    sigmoid(phi) > 0.5; the budget prices sum_j 1[sigmoid(phi_j) > 0.5] with the surrogate gradient of
+    sigmoid(sigmoid(phi) - 0.5), under the quadratic FLOPs loss it shares with ``attention.to_conv``."""
+
+    name = "spvit"
+    budget_form = "quadratic"
+
+    def __init__(self, sites: Sequence[Site], budget: float, weight: Callable[[str], Tensor]) -> None:
+        super().__init__(sites, budget, weight)
+        self.logits = nn.ParameterList([nn.Parameter(torch.full((s.units,), 1.5)) for s in self.sites])
+
+    def ranking(self) -> dict[str, Tensor]:
+        out = {}
+        for i, s in enumerate(self.sites):  # logits first; the consumer norm breaks ties of untrained logits
+            norms = self.column_norms(s)
+            out[s.name] = self.logits[i].detach() + 1e-6 * norms / (1 + norms.max())
+        return out
+
+    def learned_masks(self, mode: str) -> dict[str, Tensor]:
+        out = {}
+        for i, s in enumerate(self.sites):
+            q = torch.sigmoid(self.logits[i])
+            m = concrete(q, 1.0) if mode == "train" else (q.detach() > 0.5).float()
+            if s.min_units and not bool(m.detach().any()):  # a group that may not vanish keeps its best unit
+                m = torch.maximum(m, topk_hard(q.detach(), 1))
+            out[s.name] = m
+        return out
+
+    def expected(self) -> dict[str, Any]:
+        out = {}
+        for i, s in enumerate(self.sites):
+            q = torch.sigmoid(self.logits[i])
+            out[s.name] = ste_step(q, torch.sigmoid(q - 0.5)).mean()
+        return out
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"arch": list(self.logits)}
+
+    def optim_defaults(self, search_steps: int) -> dict[str, dict[str, Any]]:
+        return spvit_arch(search_steps)
+
+
+def spvit_arch(search_steps: int) -> dict[str, dict[str, Any]]:
+    """The ``arch`` group of SPViT's conv search (units and conv choices alike): methods.md §1.5 says AdamW
+    lr 1e-3, wd 0, every step, for ~25k steps; (decision) over a shorter search the lr scales up so a logit
+    can still travel about 5 (from 1.5, keep, to well below 0, drop): lr = max(1e-3, 5 / search steps)."""
+    lr = max(1e-3, 5.0 / max(1, search_steps))
+    return {"arch": {"lr": lr, "weight_decay": 0.0, "schedule": "constant", "optimizer": "adamw"}}
+
+
 def build_method(method: str, sites: Sequence[Site], budget: float, weight: Callable[[str], Tensor],
                  importance: Mapping[str, Tensor] | None = None) -> WidthMethod:
     if method in ("magnitude", "taylor"):
@@ -314,4 +368,6 @@ def build_method(method: str, sites: Sequence[Site], budget: float, weight: Call
         return WDPruning(sites, budget, weight)
     if method == "uvc":
         return UVC(sites, budget, weight)
-    raise SpecError(f"width.method {method!r} is not one of magnitude, taylor, wdpruning, uvc")
+    if method == "spvit":
+        return SPViTUnits(sites, budget, weight)
+    raise SpecError(f"width.method {method!r} is not one of magnitude, taylor, wdpruning, uvc, spvit")
