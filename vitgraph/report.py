@@ -26,20 +26,29 @@ def _fmt_params(p: int) -> str:
     return f"{p / 1e6:.2f} M" if p >= 1e5 else f"{p / 1e3:.1f} K"
 
 
-def _passes(b) -> str:
+def _passes(b, to_conv: str | None) -> str:  # noqa: ANN001 - a Block
     """Which passes apply at this block, and the first reason one does not."""
     ok, no = [], []
     for label, reason in (("heads", b.attention.prunable.get("heads") if b.attention else "no attention"),
                           ("head_dim", b.attention.prunable.get("head_dim") if b.attention else "no attention"),
                           ("mlp", b.mlp.prunable.get("mlp") if b.mlp else "no MLP"),
                           ("skip", b.skip_reason),
-                          ("tokens", b.token_reason)):
+                          ("tokens", b.token_reason),
+                          ("to_conv", to_conv if b.attention else "no attention")):
         (no if reason else ok).append((label, reason))
     text = ",".join(label for label, _ in ok) or "-"
     if no:
         text += "; not " + "; ".join(f"{label}: {reason}" for label, reason in no
                                      if reason not in ("no attention", "no MLP"))
     return text.rstrip("; not ")
+
+
+def _conv_reasons(g: Viewable) -> dict[str, str]:
+    """Why each attention that cannot become a convolution cannot (attention name -> reason)."""
+    if getattr(g, "gm", None) is None:
+        return {}
+    from vitgraph.analysis.conv import conv_sites
+    return conv_sites(g)[1]
 
 
 def structure_table(g: Viewable, console_width: int = 200) -> str:
@@ -52,15 +61,17 @@ def structure_table(g: Viewable, console_width: int = 200) -> str:
                     f"{_fmt_flops(s.flops)}FLOPs  {_fmt_params(s.params)} params", show_lines=False)
     for col in ("#", "block", "attn", "heads", "head dim", "MLP", "tokens", "FLOPs", "params", "passes"):
         t.add_column(col, overflow="fold")
+    refused = _conv_reasons(g)
     for b in s.blocks:
         a = b.attention
-        kind = "-" if a is None else ("msa" if a.mode == "token" else "xca")
+        kind = ("msa" if a.mode == "token" else "xca") if a is not None else b.mixer or ("skip" if b.mlp else "-")
         head_dim = "-" if a is None else (str(a.head_dim) if a.head_dim == a.v_head_dim
                                           else f"{a.head_dim}/{a.v_head_dim}")
         tokens = str(b.tokens_in) if b.tokens_in == b.tokens_out else f"{b.tokens_in}->{b.tokens_out}"
         t.add_row(str(b.index), b.name, kind, "-" if a is None else str(a.heads), head_dim,
                   "-" if b.mlp is None else str(b.mlp.hidden) + (" (gated)" if b.mlp.gated else ""),
-                  tokens, _fmt_flops(b.flops), _fmt_params(b.params), _passes(b))
+                  tokens, _fmt_flops(b.flops), _fmt_params(b.params),
+                  _passes(b, refused.get(a.name) if a is not None else None))
     tok = s.tokens
     grid = f"{tok.grid[0]}x{tok.grid[1]}" if tok.grid else "?"
     footer = (f"embed dim {tok.embed_dim}, tokens {tok.tokens} = {tok.prefix_tokens} prefix + grid {grid}, "
