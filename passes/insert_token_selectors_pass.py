@@ -102,7 +102,7 @@ class InsertTokenSelectorsPass(VitPass):
         if self.final is not None:
             gm.add_submodule(FINAL, FinalTokens(self.stages[0].prefix, self.stages[0].patches, self.pool_mean))
             last = alive[max(alive)] if alive else None
-            call = reroute(gm, nodes[self.final], FINAL, (nodes[self.final], last))
+            reroute(gm, nodes[self.final], FINAL, (nodes[self.final], last))
         gm.recompile()
         return PassResult(gm, modified=True, counters={"selectors": len(self.stages), "key_masks": len(self.masks)})
 

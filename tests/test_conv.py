@@ -111,9 +111,6 @@ def test_refusals_and_search_moves_toward_the_budget():
     g = _model("deit")
     with pytest.raises(SpecError, match="with width.heads is not implemented"):
         instrument(g, Spec.from_dict({"attention": {"to_conv": True}, "width": {"heads": True}}))
-    with pytest.raises(SpecError, match="different ways"):
-        instrument(g, Spec.from_dict({"attention": {"to_conv": True},
-                                      "width": {"method": "wdpruning", "heads": False, "mlp": True}}))
     gated = instrument(g, Spec.from_dict({"preset": "spvit_conv"}))
     gated.train()
     out = gated(g.example_inputs[0])
@@ -194,3 +191,25 @@ def test_ddp_ranks_take_identical_conv_decisions(tmp_path):
     # broadcasts rank 0's at the start of every forward: the saved model is rank 0's)
     own = ("running_mean", "running_var", "num_batches_tracked")
     assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"] if not k.endswith(own))
+
+
+def test_conv_tokens_and_mlp_widths_share_one_budget():
+    """Convs before the first token stage, one-shot tokens with listed ratios, learned MLP units: one
+    quadratic budget term, one pricer; the compact graph prices as FlopCounterMode counts."""
+    g = _model("deit")
+    spec = Spec.from_dict({"preset": "spvit_conv", "budget": {"flops": 0.5},
+                           "tokens": {"method": "attention", "stages": [2], "keep": [0.5]},
+                           "train": {"steps": 0}})
+    gated = instrument(g, spec)
+    assert [s.block for s in gated.axes["conv"].sites] == [0, 1] and "blocks.2.attn" in gated.axes["conv"].refused
+    gated.axes["conv"].choice.copy_(torch.tensor([2, 3]))  # block 0 conv3, block 1 msa
+    gated.freeze()
+    assert abs(gated.cost()["fraction"] - 0.5) <= 0.03
+    gated.eval()
+    compact = materialize(gated)
+    x = g.example_inputs[0]
+    with torch.no_grad():
+        assert (compact(x) - gated(x)).abs().max() <= 1e-5
+    cg = vg.trace(compact, g.example_inputs)
+    assert cg.structure.flops == pytest.approx(gated.cost()["flops"], rel=1e-9)
+    assert [block_dict(b)["attention"]["kind"] for b in cg.structure.blocks][:2] == ["conv3", "msa"]

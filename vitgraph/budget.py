@@ -30,7 +30,6 @@ from torch import Tensor, nn
 
 from vitgraph.analysis.depth import branch_sets
 from vitgraph.axes.base import PRICE_MODES, Axis, Decision, Factors
-from vitgraph.errors import SpecError
 from vitgraph.graph import VitGraph
 from vitgraph.meta import COST, NodeCost
 
@@ -137,10 +136,7 @@ class Budget(nn.Module):
 
     @staticmethod
     def for_axes(target: float, axes: Sequence[Axis]) -> Budget | None:
-        """The one budget term of the axes whose methods learn against the budget (they must agree on its form)."""
-        forms = [(a.name, a.budget_form) for a in axes if a.budget_form is not None]
-        if len({f for _, f in forms}) > 1:
-            raise SpecError(f"the learned axes learn against the budget in different ways ({forms}); one budget term "
-                            f"serves them all: pick methods of one family (e.g. width.method spvit with "
-                            f"attention.to_conv)")
-        return Budget(target, forms[0][1]) if forms else None
+        """One budget term for every axis that learns against the budget, in the form of the first one (in spec
+        order) that does: ``width.method uvc`` with block gates learns both under UVC's plain Lagrangian."""
+        form = next((a.budget_form for a in axes if a.budget_form is not None), None)
+        return None if form is None else Budget(target, form)

@@ -132,7 +132,7 @@ class Residual:
     add: str
     skip: str
     branch_out: str
-    kind: str                     # "attn" | "mlp" | "attn+mlp"
+    kind: str                     # "attn" | "mlp" | "attn+mlp" | "mixer" (a conv token mixer)
     layer_scale: str | None = None
     drop_path: str | None = None
     identity_skip: bool = True    # the skip operand is the branch's own input (no projection/pooling)

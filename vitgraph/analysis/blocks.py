@@ -101,23 +101,27 @@ def _units(gm: fx.GraphModule, attention: list[AttentionSite], mlps: list[MlpSit
         res = _residual(out, inp, gm, kind, order)
         units.append(_Unit(kind, site, res, out, inp if res is None else nodes[res.skip],
                            out if res is None else nodes[res.add]))
-    units += _conv_mixers(gm, {u.residual.add for u in units if u.residual is not None}, order)
+    units += _conv_mixers(gm, units, order)
     return sorted(units, key=lambda u: order[u.output])
 
 
-def _conv_mixers(gm: fx.GraphModule, covered: set[str], order: dict[fx.Node, int]) -> list[_Unit]:
-    """Residual branches ``x + f(x)`` whose f runs a convolution over the stream (an attention that
-    became a conv3): token mixers without attention."""
+def _conv_mixers(gm: fx.GraphModule, units: list[_Unit], order: dict[fx.Node, int]) -> list[_Unit]:
+    """Residual branches ``x + f(x)`` whose f runs a convolution over the stream and holds no attention or
+    MLP (an attention that became a conv3, XCiT's local patch interaction): token mixers without attention."""
+    covered = {u.residual.add for u in units if u.residual is not None}
+    sites = {u.output for u in units}
+    inside = set().union(*(ancestors(u.output, _after(order[u.start] + 1, order)) for u in units)) if units else set()
     out = []
     for add in gm.graph.nodes:
         args = tensor_args(add)
-        if op_kind(add, gm) != "add" or add.name in covered or len(args) != 2 or shape_of(args[0]) != shape_of(args[1]):
+        if op_kind(add, gm) != "add" or add.name in covered or add in inside or len(args) != 2 \
+                or shape_of(args[0]) != shape_of(args[1]):  # (an add inside a site: MViT's residual pooling)
             continue
         for skip, branch in (args, args[::-1]):
             members = ancestors(branch, _after(order[skip] + 1, order))
             conv = next((m for m in members if op_kind(m, gm) == "conv"), None)
-            if conv is not None and any(skip in m.all_input_nodes for m in members):
-                res = Residual(add=add.name, skip=skip.name, branch_out=branch.name, kind="attn")
+            if conv is not None and not members & sites and any(skip in m.all_input_nodes for m in members):
+                res = Residual(add=add.name, skip=skip.name, branch_out=branch.name, kind="mixer")
                 out.append(_Unit("mixer", MixerSite(_path(conv, gm), "conv3"), res, branch, skip, add))
                 break
     return out
@@ -133,6 +137,12 @@ def _pair(units: list[_Unit], order: dict[fx.Node, int]) -> list[list[_Unit]]:
     i = 0
     while i < len(units):
         u, nxt = units[i], units[i + 1] if i + 1 < len(units) else None
+        after = units[i + 2] if i + 2 < len(units) else None
+        if u.kind == "attn" and nxt is not None and nxt.kind == "mixer" and after is not None \
+                and after.kind == "mlp" and after.residual is not None:  # attention, a conv mixer, the MLP (XCiT)
+            groups.append([u, nxt, after])
+            i += 3
+            continue
         # a token mixer (attention, a conv, or a residual MLP that an MLP follows: a converted conv1) and
         # the MLP after it on the same stream
         mixes = u.kind in ("attn", "mixer") or (u.kind == "mlp" and u.residual is not None and _patch_slice(u))

@@ -3,7 +3,7 @@ choice of ``msa`` / ``conv3`` / ``conv1`` / ``skip``, the convolutions derived f
 and output weights.
 
 Instrument: ``InsertConvGatesPass`` (an ``AttentionConv`` on each site's projection output); learning:
-``op_logits`` (``arch``) under the two-sided quadratic FLOPs loss lambda (T - cost)^2 (the budget's
+``op_logits`` (``arch:conv``) under the two-sided quadratic FLOPs loss lambda (T - cost)^2 (the budget's
 ``quadratic`` form, shared with the MLP units of the ``spvit`` width method), the tap assignment and
 BatchNorms with the weights; freeze: the eval decisions; materialize: ``AttentionToConvPass``.
 Pricing: the set factor ``msa.<i>`` scales every node of block i's attention branch (1 = kept); the
@@ -19,7 +19,6 @@ from torch import nn
 
 from vitgraph.analysis.conv import ConvSite, conv_sites
 from vitgraph.axes.base import Axis, AxisContext, Factors, Pricer, Run
-from vitgraph.axes.width_methods import spvit_arch
 from vitgraph.conv_gates import CHOICES, AttentionConv
 from vitgraph.errors import SpecError
 from vitgraph.meta import CONV_GATES, submodule_name
@@ -89,10 +88,15 @@ class ConvAxis(Axis):
         return not self.frozen
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"arch": [g.op_logits for g in self.gates]}
+        return {"arch:conv": [g.op_logits for g in self.gates]}
 
     def optim_defaults(self, search_steps: int) -> dict[str, dict[str, Any]]:
-        return spvit_arch(search_steps)
+        # methods.md §1.5: AdamW lr 1e-3, wd 0, every step, over ~25k steps. (decision) Over a shorter search
+        # the three choice logits of a site get their own group whose lr lets them travel about 5 (from 1.5,
+        # msa, to well below 0); MLP unit logits keep 1e-3. With one shared Adam lr the hundreds of unit
+        # logits (Adam steps every parameter alike) met the budget alone on digits and no site converted.
+        lr = max(1e-3, 5.0 / max(1, search_steps))
+        return {"arch:conv": {"lr": lr, "weight_decay": 0.0, "schedule": "constant", "optimizer": "adamw"}}
 
     # -- freezing ----------------------------------------------------------------------------------
     @property

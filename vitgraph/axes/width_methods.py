@@ -347,15 +347,8 @@ class SPViTUnits(WidthMethod):
         return {"arch": list(self.logits)}
 
     def optim_defaults(self, search_steps: int) -> dict[str, dict[str, Any]]:
-        return spvit_arch(search_steps)
-
-
-def spvit_arch(search_steps: int) -> dict[str, dict[str, Any]]:
-    """The ``arch`` group of SPViT's conv search (units and conv choices alike): methods.md §1.5 says AdamW
-    lr 1e-3, wd 0, every step, for ~25k steps; (decision) over a shorter search the lr scales up so a logit
-    can still travel about 5 (from 1.5, keep, to well below 0, drop): lr = max(1e-3, 5 / search steps)."""
-    lr = max(1e-3, 5.0 / max(1, search_steps))
-    return {"arch": {"lr": lr, "weight_decay": 0.0, "schedule": "constant", "optimizer": "adamw"}}
+        # methods.md §1.5: arch AdamW lr 1e-3, wd 0, every step
+        return {"arch": {"lr": 1e-3, "weight_decay": 0.0, "schedule": "constant", "optimizer": "adamw"}}
 
 
 def build_method(method: str, sites: Sequence[Site], budget: float, weight: Callable[[str], Tensor],
