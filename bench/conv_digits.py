@@ -12,15 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
-import timm
-import torch
-
 import vitgraph as vg
-from vitgraph.data import load_data
-from vitgraph.spec import Train
-from vitgraph.train import evaluate, fit
-
-INPUT = (1, 32, 32)
+from _digits import trained_digits_vit
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,14 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args(argv)
 
-    torch.manual_seed(0)
-    data = load_data("digits", INPUT, 64, seed=0)
-    model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=4, in_chans=1, num_classes=10,
-                              embed_dim=128, depth=4, num_heads=4)
-    fit(model, data.train, Train(steps=args.dense_steps, batch_size=64, lr=2e-3, warmup_steps=30, seed=0),
-        progress=False)
-    model.eval()
-    example = (torch.randn(2, *INPUT),)
+    model, data, example = trained_digits_vit(args.dense_steps)
     spec = {"preset": "spvit_conv", "budget": {"flops": args.flops},
             "train": {"steps": args.steps, "batch_size": 64, "search": 0.5}}
     result = vg.compress(model, spec, example_inputs=example, data=data, progress=False, latency_targets=("onnx",),

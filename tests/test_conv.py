@@ -123,23 +123,10 @@ def test_refusals_and_search_moves_toward_the_budget():
 
 def _conv_run(data, out, crash_at: int | None = None, resume: bool = False):
     """The spvit_conv search + fine-tuning of a tiny deit, 8 steps, a checkpoint every step."""
-    import timm
+    from tests.test_tokens import run_tiny_deit
 
-    from tests.test_train import Crash, _crash_after
-    from vitgraph.train import fit
-
-    torch.manual_seed(0)
-    m = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=2, in_chans=1, num_classes=10,
-                          embed_dim=24, depth=3, num_heads=2).eval()
-    spec = Spec.from_dict({"preset": "spvit_conv", "train": {"steps": 8, "batch_size": 16, "checkpoint_every": 1}})
-    gated = instrument(vg.trace(m, torch.randn(2, 1, 16, 16)), spec)
-    if crash_at is not None:
-        _crash_after(gated, crash_at)
-        with pytest.raises(Crash):
-            fit(gated, data.train, spec.train, teacher=m, out_dir=out, progress=False)
-        return None
-    fit(gated, data.train, spec.train, teacher=m, out_dir=out, resume=resume, progress=False)
-    return gated
+    spec = {"preset": "spvit_conv", "train": {"steps": 8, "batch_size": 16, "checkpoint_every": 1}}
+    return run_tiny_deit(spec, data, out, crash_at, resume)
 
 
 @pytest.mark.parametrize("crash_at", [2, 6])

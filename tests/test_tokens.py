@@ -164,16 +164,16 @@ def test_tokens_and_widths_share_one_budget():
     assert report["compressed"]["flops"] == pytest.approx(priced, rel=1e-9)
 
 
-def _tokens_run(seed: int, data, out, crash_at: int | None = None, resume: bool = False, method: str = "attention"):
-    """A token-pruned tiny deit fine-tuned 8 steps (checkpoints every step); a Crash after ``crash_at`` steps."""
+def run_tiny_deit(spec: dict, data, out, crash_at: int | None = None, resume: bool = False, seed: int = 0):
+    """A tiny deit (16 px, 64 patches) instrumented with ``spec`` and trained (a checkpoint every step); with
+    ``crash_at``, a Crash after that many steps (returns None). Shared by the resume tests of the axes."""
     from tests.test_train import Crash, _crash_after
     from vitgraph.train import fit
 
     torch.manual_seed(0)
     m = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=2, in_chans=1, num_classes=10,
                           embed_dim=24, depth=3, num_heads=2).eval()
-    spec = Spec.from_dict({"budget": {"flops": 0.7}, "tokens": {"method": method, "stages": [1]},
-                           "train": {"steps": 8, "batch_size": 16, "checkpoint_every": 1}})
+    spec = Spec.from_dict(spec)
     gated = instrument(vg.trace(m, torch.randn(2, 1, 16, 16)), spec)
     torch.manual_seed(seed)
     if crash_at is not None:
@@ -183,6 +183,12 @@ def _tokens_run(seed: int, data, out, crash_at: int | None = None, resume: bool 
         return None
     fit(gated, data.train, spec.train, teacher=m, out_dir=out, resume=resume, progress=False)
     return gated
+
+
+def _tokens_run(seed: int, data, out, crash_at: int | None = None, resume: bool = False, method: str = "attention"):
+    spec = {"budget": {"flops": 0.7}, "tokens": {"method": method, "stages": [1]},
+            "train": {"steps": 8, "batch_size": 16, "checkpoint_every": 1}}
+    return run_tiny_deit(spec, data, out, crash_at, resume, seed)
 
 
 @pytest.mark.parametrize("method,crash_at", [("attention", 5), ("spvit", 2), ("spvit", 6)])

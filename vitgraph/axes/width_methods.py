@@ -168,6 +168,14 @@ class WidthMethod(Learner):
     def consumer_weight(self, site: Site) -> Tensor:
         return self.weight(site.consumer)
 
+    def tie_broken(self, learned: Sequence[Tensor]) -> dict[str, Tensor]:
+        """Learned per-unit values first; the consumer column norm breaks the ties of untrained ones."""
+        out = {}
+        for i, s in enumerate(self.sites):
+            norms = self.column_norms(s)
+            out[s.name] = learned[i].detach() + 1e-6 * norms / (1 + norms.max())
+        return out
+
     def column_norms(self, site: Site) -> Tensor:
         """Squared norm of each unit's consumer columns (W_o head columns, W_2 unit columns)."""
         cols = self.consumer_weight(site).detach().float().pow(2).sum(0)
@@ -211,11 +219,7 @@ class WDPruning(WidthMethod):
         return clamp_ste(raw, max(a if site.min_units else 0, site.min_units), site.units)
 
     def ranking(self) -> dict[str, Tensor]:
-        out = {}
-        for i, s in enumerate(self.sites):  # scores first; the consumer norm breaks ties of untrained scores
-            norms = self.column_norms(s)
-            out[s.name] = self.scores[i].detach() + 1e-6 * norms / (1 + norms.max())
-        return out
+        return self.tie_broken(list(self.scores))
 
     def learned_masks(self, mode: str) -> dict[str, Tensor]:
         out = {}
@@ -320,11 +324,7 @@ class SPViTUnits(WidthMethod):
         self.logits = nn.ParameterList([nn.Parameter(torch.full((s.units,), 1.5)) for s in self.sites])
 
     def ranking(self) -> dict[str, Tensor]:
-        out = {}
-        for i, s in enumerate(self.sites):  # logits first; the consumer norm breaks ties of untrained logits
-            norms = self.column_norms(s)
-            out[s.name] = self.logits[i].detach() + 1e-6 * norms / (1 + norms.max())
-        return out
+        return self.tie_broken(list(self.logits))
 
     def learned_masks(self, mode: str) -> dict[str, Tensor]:
         out = {}
