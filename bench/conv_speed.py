@@ -31,7 +31,8 @@ from vitgraph.targets import bench
 def forced(model: torch.nn.Module, x: torch.Tensor, pattern: list[str]) -> torch.nn.Module:
     """``model`` with each attention's decision forced (cycling through ``pattern``), materialized."""
     g = vg.trace(model, (x,))
-    spec = vg.Spec.from_dict({"attention": {"to_conv": True}, "width": {"heads": False, "mlp": False}})
+    spec = vg.Spec.from_dict({"budget": {"flops": 0.9, "tolerance": 0.4},  # (decisions are forced: any budget)
+                              "attention": {"to_conv": True}, "width": {"heads": False, "mlp": False}})
     gated = instrument(g, spec)
     axis = gated.axes["conv"]
     axis.choice.copy_(torch.tensor([CHOICES.index(pattern[i % len(pattern)]) for i in range(len(axis.sites))]))
