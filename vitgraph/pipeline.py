@@ -112,14 +112,7 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
     compact = materialize(gated)
     compressed = trace(compact, gated.example_inputs(), name=f"{g.name} (compressed)")
     parity = _parity(gated, compact, g.example_inputs, gated.serving_batch)
-    achieved = compressed.structure.flops / g.structure.flops
-    if gated.serving_batch is not None:  # per-image token counts: the cost is the one priced at the keep targets
-        achieved = gated.cost()["fraction"]
-        compressed.structure = replace(compressed.structure, flops=round(gated.cost()["flops"]))
-    if abs(achieved - spec.budget.flops) > spec.budget.tolerance:
-        raise SpecError(f"{g.name}: the compact model has {achieved:.3f} of the dense FLOPs, outside budget.flops "
-                        f"{spec.budget.flops} +- {spec.budget.tolerance}: the allowed sites cannot reach it "
-                        f"(see 'vitgraph inspect' for which sites the spec can prune)")
+    achieved = _achieved(g, gated, compressed, spec)
     report = {
         "model": g.name,
         "input_size": list(size),
@@ -150,6 +143,20 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
     if out_dir is not None and _rank() == 0:  # under torchrun every rank holds the same result
         result.save(out_dir)
     return result
+
+
+def _achieved(g: VitGraph, gated: GatedModel, compressed: VitGraph, spec: Spec) -> float:
+    """The compact model's fraction of the dense FLOPs, checked against the budget. A graph with per-image
+    token counts (a serving batch) is priced at its keep targets, and its structure says so."""
+    achieved = compressed.structure.flops / g.structure.flops
+    if gated.serving_batch is not None:
+        achieved = gated.cost()["fraction"]
+        compressed.structure = replace(compressed.structure, flops=round(gated.cost()["flops"]))
+    if abs(achieved - spec.budget.flops) > spec.budget.tolerance:
+        raise SpecError(f"{g.name}: the compact model has {achieved:.3f} of the dense FLOPs, outside budget.flops "
+                        f"{spec.budget.flops} +- {spec.budget.tolerance}: the allowed sites cannot reach it "
+                        f"(see 'vitgraph inspect' for which sites the spec can prune)")
+    return achieved
 
 
 def _rank() -> int:
