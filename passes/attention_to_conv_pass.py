@@ -23,9 +23,8 @@ from torch import nn
 
 from vitgraph.analysis.conv import ConvSite
 from vitgraph.conv_gates import AttentionConv
-from vitgraph.errors import PostconditionError
 from vitgraph.meta import CONV_GATES, submodule_name
-from vitgraph.passes.base import PassResult, VitPass
+from vitgraph.passes.base import PassResult, VitPass, drop_root, ensure_no_calls
 
 
 def _fold(weight: torch.Tensor, bias: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,11 +63,7 @@ class AttentionToConvPass(VitPass):
                     out = self._conv(gm, node, gate, site, choice)
                 node.replace_all_uses_with(out)
             gm.graph.erase_node(node)
-        gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
-        if hasattr(gm, CONV_GATES):
-            delattr(gm, CONV_GATES)
-        gm.recompile()
+        drop_root(gm, CONV_GATES)
         return PassResult(gm, modified=sum(counters.values()) > 0, counters=counters)
 
     @staticmethod
@@ -118,6 +113,5 @@ class AttentionToConvPass(VitPass):
 
     def ensures(self, gm: fx.GraphModule) -> None:
         super().ensures(gm)
-        if any(n.op == "call_module" and str(n.target).startswith(CONV_GATES) for n in gm.graph.nodes):
-            raise PostconditionError(f"{self.name}: conv gate calls are left in the compact graph")
+        ensure_no_calls(gm, CONV_GATES, self.name, "conv gate")
 

@@ -69,6 +69,22 @@ def reroute(gm: fx.GraphModule, stream: fx.Node, target: str, args: tuple[fx.Nod
     return call
 
 
+def drop_root(gm: fx.GraphModule, root: str) -> None:
+    """After a materialize pass has rewritten every call under ``root``: dead nodes and unused modules go,
+    and so does the ``root`` container itself; the code is regenerated."""
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    if hasattr(gm, root):
+        delattr(gm, root)
+    gm.recompile()
+
+
+def ensure_no_calls(gm: fx.GraphModule, root: str, pass_name: str, what: str) -> None:
+    """No node calls a module under ``root`` any more (``what`` names them in the error)."""
+    if any(n.op == "call_module" and str(n.target).startswith(root) for n in gm.graph.nodes):
+        raise PostconditionError(f"{pass_name}: {what} calls are left in the compact graph")
+
+
 def require_roles(gm: fx.GraphModule, wanted: Iterable[tuple[str, str | None]], pass_name: str) -> None:
     """Every ``(role kind, site)`` wanted is on some node (site None: any site); the analysis writes roles."""
     have = {(r.kind, r.site) for n in gm.graph.nodes if isinstance(r := n.meta.get(ROLE), Role)}

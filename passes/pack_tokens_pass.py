@@ -21,7 +21,7 @@ from torch import nn
 
 from vitgraph.errors import PostconditionError, PreconditionError
 from vitgraph.meta import TOKENS, submodule_name
-from vitgraph.passes.base import PassResult, VitPass
+from vitgraph.passes.base import PassResult, VitPass, drop_root, ensure_no_calls
 from vitgraph.token_gates import FinalTokens, KeyMask, LearnedTokenSelector, TokenSelector
 
 SCORES = "token_scores"
@@ -65,11 +65,7 @@ class PackTokensPass(VitPass):
             out = self._inline(gm, node, module, str(node.target)) if active else node.args[0]
             self._replace(gm, node, out)
             counters["selectors_inlined" if active else "removed"] += 1
-        gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
-        if hasattr(gm, TOKENS):
-            delattr(gm, TOKENS)
-        gm.recompile()
+        drop_root(gm, TOKENS)
         return PassResult(gm, modified=sum(counters.values()) > 0, counters=counters)
 
     @staticmethod
@@ -122,6 +118,5 @@ class PackTokensPass(VitPass):
 
     def ensures(self, gm: fx.GraphModule) -> None:
         super().ensures(gm)
-        if any(n.op == "call_module" and str(n.target).startswith(TOKENS) for n in gm.graph.nodes):
-            raise PostconditionError(f"{self.name}: token selector calls are left in the compact graph")
+        ensure_no_calls(gm, TOKENS, self.name, "token selector")
 

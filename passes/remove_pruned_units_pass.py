@@ -17,9 +17,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from vitgraph.passes.base import PassResult, VitPass, require_nodes
+from vitgraph.passes.base import PassResult, VitPass, drop_root, ensure_no_calls, require_nodes
 from vitgraph.passes.insert_unit_gates_pass import branch_add
-from vitgraph.errors import PostconditionError, PreconditionError
+from vitgraph.errors import PreconditionError
 from vitgraph.meta import GATES, Block, CoupledGroup, submodule_name
 
 
@@ -61,11 +61,7 @@ class RemovePrunedUnitsPass(VitPass):
                 continue
             slice_group(gm, group, units)
             rewrite_constants(gm, group, removed, self.name)
-        gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
-        if hasattr(gm, GATES):
-            delattr(gm, GATES)
-        gm.recompile()
+        drop_root(gm, GATES)
         modified = counters["gates_removed"] > 0 or counters["units_removed"] > 0
         return PassResult(gm, modified=modified, counters=counters)
 
@@ -90,8 +86,7 @@ class RemovePrunedUnitsPass(VitPass):
 
     def ensures(self, gm: fx.GraphModule) -> None:
         super().ensures(gm)
-        if any(n.op == "call_module" and str(n.target).startswith(GATES) for n in gm.graph.nodes):
-            raise PostconditionError(f"{self.name}: gate calls are left in the compact graph")
+        ensure_no_calls(gm, GATES, self.name, "gate")
 
 
 def _is_add(node: fx.Node) -> bool:

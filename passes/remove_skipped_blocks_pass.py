@@ -12,9 +12,8 @@ from collections.abc import Mapping
 
 import torch.fx as fx
 
-from vitgraph.errors import PostconditionError
 from vitgraph.meta import BLOCK_GATES, SHAPE, shape_of
-from vitgraph.passes.base import PassResult, VitPass
+from vitgraph.passes.base import PassResult, VitPass, drop_root, ensure_no_calls
 
 
 class RemoveSkippedBlocksPass(VitPass):
@@ -48,17 +47,12 @@ class RemoveSkippedBlocksPass(VitPass):
             gm.graph.erase_node(add)
             gm.graph.erase_node(node)
             counters["branches_removed"] += 1
-        gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
-        if hasattr(gm, BLOCK_GATES):
-            delattr(gm, BLOCK_GATES)
-        gm.recompile()
+        drop_root(gm, BLOCK_GATES)
         return PassResult(gm, modified=counters["gates_removed"] > 0, counters=counters)
 
     def ensures(self, gm: fx.GraphModule) -> None:
         super().ensures(gm)
-        if any(n.op == "call_module" and str(n.target).startswith(BLOCK_GATES) for n in gm.graph.nodes):
-            raise PostconditionError(f"{self.name}: block gate calls are left in the compact graph")
+        ensure_no_calls(gm, BLOCK_GATES, self.name, "block gate")
 
 
 def _as_shape(gm: fx.GraphModule, x_in: fx.Node, x_out: fx.Node, where: fx.Node) -> fx.Node:

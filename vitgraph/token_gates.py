@@ -28,6 +28,18 @@ def _gather(x: Tensor, index: Tensor) -> Tensor:
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def pack_top_k(x: Tensor, prefix: int, n: int, scores: Tensor, k: int, mean: bool) -> Tensor:
+    """``[prefix ; n candidates ; rest]`` -> ``[prefix ; the top-k candidates by score ; rest ; package]``:
+    the package is the score-weighted sum of the dropped candidates (divided by their weight with ``mean``)."""
+    content = x[:, prefix:prefix + n]
+    top = torch.topk(scores, k, dim=1)
+    dropped = scores.scatter(1, top.indices, 0.0)
+    package = dropped.unsqueeze(1) @ content
+    if mean:
+        package = package / (dropped.sum(1)[:, None, None] + 1e-6)
+    return torch.cat([x[:, :prefix], _gather(content, top.indices), x[:, prefix + n:], package], 1)
+
+
 class TokenSelector(nn.Module):
     """Keeps the ``keep`` content tokens that receive the most attention; folds the rest into one package.
 
@@ -59,11 +71,7 @@ class TokenSelector(nn.Module):
             return x
         p, end = self.prefix, self.prefix + self.candidates
         s = self.scores(a, b)[:, p:end]
-        content = x[:, p:end]
-        top = torch.topk(s, self.keep, dim=1)
-        dropped = s.scatter(1, top.indices, 0.0)
-        package = (dropped.unsqueeze(1) @ content) / (dropped.sum(1)[:, None, None] + 1e-6)
-        return torch.cat([x[:, :p], _gather(content, top.indices), x[:, end:], package], dim=1)
+        return pack_top_k(x, p, self.candidates, s, self.keep, mean=True)
 
     def extra_repr(self) -> str:
         return f"prefix={self.prefix}, candidates={self.candidates}, keep={self.keep}"
@@ -164,11 +172,7 @@ class LearnedTokenSelector(nn.Module):
             return torch.cat([x[:, :p], content[:, kept.nonzero().squeeze(1)], x[:, end:], package], 1)
         if k >= n:
             return x
-        content = x[:, p:p + n]
-        top = torch.topk(keep[:, :n], k, dim=1)
-        dropped = keep[:, :n].scatter(1, top.indices, 0.0)
-        package = dropped.unsqueeze(1) @ content
-        return torch.cat([x[:, :p], _gather(content, top.indices), x[:, p + n:], package], 1)
+        return pack_top_k(x, p, n, keep[:, :n], k, mean=False)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, prefix={self.prefix}, patches={self.patches}, mode={self.mode}"

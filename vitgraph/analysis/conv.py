@@ -62,7 +62,7 @@ def conv_sites(g: VitGraph) -> tuple[list[ConvSite], dict[str, str]]:
         a = b.attention
         if a is None:
             continue
-        why = _reason(g, b, a, groups, branches)
+        why = _reason(g, nodes, b, a, groups, branches)
         if why is not None:
             reasons[a.name] = why
             continue
@@ -83,9 +83,8 @@ def conv_sites(g: VitGraph) -> tuple[list[ConvSite], dict[str, str]]:
     return sites, reasons
 
 
-def _reason(g: VitGraph, b, a, groups, branches) -> str | None:  # noqa: ANN001 - analysis records
-    info, gm = g.structure.tokens, g.gm
-    nodes = {n.name: n for n in gm.graph.nodes}
+def _reason(g: VitGraph, nodes: dict[str, fx.Node], b, a, groups, branches) -> str | None:  # noqa: ANN001
+    info = g.structure.tokens
     if a.mode != "token":
         return "it attends over channels, not tokens"
     if info.grid is None or info.layout != "sequence":

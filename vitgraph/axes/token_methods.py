@@ -87,9 +87,6 @@ class SPViT(Learner):
         # searches of hundreds of steps instead of 30 epochs
         return {"arch": {"lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine", "optimizer": "adamw"}}
 
-    def status(self) -> dict[str, float]:
-        return {}
-
 
 def _trunk(graph: VitGraph, wanted: bool) -> fx.GraphModule | None:
     """The dense graph up to the last block's output (the teacher's tokens), frozen."""

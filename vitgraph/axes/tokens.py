@@ -248,9 +248,6 @@ class TokenAxis(Axis):
                 for i, s in enumerate(self.stages)}
         return [PackTokensPass(kept, self.dynamic and self.frozen)]
 
-    def status(self, pricer: Pricer) -> dict[str, float]:
-        return self.method.status() if self.method is not None and not self.frozen else {}
-
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.spec.tokens.method, "mode": self.spec.tokens.mode,
                                "stages": [s.block for s in self.stages], "kept_tokens": self.decisions(),
