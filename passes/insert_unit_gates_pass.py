@@ -26,9 +26,9 @@ from vitgraph.analysis.blocks import removable_residual
 from vitgraph.analysis.ops import linear_info
 from vitgraph.errors import PreconditionError
 from vitgraph.gates import UnitGate
-from vitgraph.meta import GATES, SHAPE, Block, CoupledGroup, submodule_name
+from vitgraph.meta import GATES, SHAPE, Block, CoupledGroup, Linear, submodule_name
 
-CONSUMER_ROLE = {"heads": "attn.proj", "mlp": "mlp.fc2"}  # the linear reading a group's units, by group kind
+CONSUMER_ROLE = {"heads": "attn.proj", "head_dim": "attn.proj", "mlp": "mlp.fc2"}  # the linear reading a group's units, by group kind
 
 
 def branch_add(blocks: Mapping[int, Block], group: CoupledGroup) -> tuple[str, str] | None:
@@ -61,9 +61,14 @@ class InsertUnitGatesPass(VitPass):
             consumers = _consumers(gm, group)
             if not consumers:
                 raise PreconditionError(f"{self.name}: group {group.name} has no consumer linear in the graph")
-            branch = branch_add(self.blocks, group)
-            channel_unit = _channel_units(gm, group, consumers[0][1])
-            gate = UnitGate(group.name, group.units, channel_unit, min_units=0 if branch else 1)
+            branch = branch_add(self.blocks, group) if group.kind != "head_dim" else None  # value dims keep one a head
+            channel_unit = _channel_units(gm, group, consumers[0][1].weight)
+            axes = {info.channel_axis for _, info in consumers}
+            if len(axes) != 1:
+                raise PreconditionError(f"{self.name}: the consumers of {group.name} hold its channels on different "
+                                        f"axes {sorted(axes)}; one gate cannot mask them all")
+            gate = UnitGate(group.name, group.units, channel_unit, min_units=0 if branch else 1,
+                            channel_axis=axes.pop())
             target = submodule_name(GATES, group.name)
             gm.add_submodule(target, gate)
             self.gates[group.name] = gate
@@ -87,13 +92,14 @@ class InsertUnitGatesPass(VitPass):
         return PassResult(gm, modified=inserted > 0, counters={"gates": len(self.gates), "gate_calls": inserted})
 
 
-def _consumers(gm: fx.GraphModule, group: CoupledGroup) -> list[tuple[fx.Node, str]]:
+def _consumers(gm: fx.GraphModule, group: CoupledGroup) -> list[tuple[fx.Node, Linear]]:
+    """The linear-like nodes (Linears, pointwise convs) whose input columns the group slices."""
     weights = {s.target for s in group.slices if s.what == "weight.in"}
     out = []
     for node in gm.graph.nodes:
         info = linear_info(node, gm)
         if info is not None and info.weight in weights:
-            out.append((node, info.weight))
+            out.append((node, info))
     return out
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from vitgraph.analysis.cost import flop_counter_flops, node_flops
-from vitgraph.analysis.ops import op_kind
+from vitgraph.analysis.ops import is_linear
 from vitgraph.analysis.shapes import propagate_shapes
 from vitgraph.errors import AnalysisError, PostconditionError
 from vitgraph.meta import ROLE, SHAPE, VALUE, Role
@@ -57,7 +57,7 @@ class PassManager:
             if not isinstance(role, Role):
                 raise PostconditionError(f"{after}: {node.format_node()} has a role that is not a Role: {role!r}")
             if role.kind in _LINEAR_ROLES and node.op in ("call_module", "call_function") \
-                    and op_kind(node, gm) != "linear":
+                    and not is_linear(node, gm):
                 raise PostconditionError(f"{after}: {node.format_node()} has role {role.kind} but is no longer a "
                                          f"linear")
         if self.example_inputs is None:

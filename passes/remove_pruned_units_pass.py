@@ -123,6 +123,8 @@ def _sync_sizes(module: nn.Module) -> None:
     """Keep the size attributes of standard modules true to their new weights (repr, re-tracing)."""
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.Conv2d) and module.groups == 1:  # a pointwise conv: (out, in, 1, 1)
+        module.out_channels, module.in_channels = module.weight.shape[:2]
     elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
         module.num_features = module.weight.shape[0]
 

@@ -63,10 +63,10 @@ def test_learned_method_at_init_is_the_original(method):
             assert torch.equal(gated.set_mode(mode)(*x), dense), mode
 
 
-@pytest.mark.parametrize("method", ["wdpruning", "uvc"])
-def test_learned_method_compresses_to_budget_with_exact_rewrite(method, tmp_path):
+@pytest.mark.parametrize("method, head_dim", [("wdpruning", False), ("uvc", True), ("wdpruning", True)])
+def test_learned_method_compresses_to_budget_with_exact_rewrite(method, head_dim, tmp_path):
     model, x = _tiny()
-    spec = Spec.from_dict({"budget": {"flops": 0.5}, "width": {"method": method, "align": 8},
+    spec = Spec.from_dict({"budget": {"flops": 0.5}, "width": {"method": method, "align": 8, "head_dim": head_dim},
                            "train": {"steps": 24, "batch_size": 32, "log_every": 4}})
     result = vg.compress(model, spec, example_inputs=x, data="digits", progress=False, out_dir=tmp_path,
                          latency_targets=())

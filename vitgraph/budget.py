@@ -48,7 +48,8 @@ def flops_table(g: VitGraph, sets: Mapping[str, frozenset[str]]) -> Table:
     for node in g.gm.graph.nodes:
         cost: NodeCost | None = node.meta.get(COST)
         if cost is not None and cost.flops:
-            table[cost.factors + tuple(member.get(node.name, ()))] += cost.flops
+            for flops, factors in cost.rows():
+                table[factors + tuple(member.get(node.name, ()))] += flops
     return list(table.items())
 
 

@@ -118,14 +118,16 @@ class UnitGate(nn.Module):
     Called twice in the graph: on the consumer linear's input (each channel times its unit's mask)
     and, with ``branch=True``, on the residual branch it feeds (times 0 when no unit is kept, so a
     layer with every head pruned contributes nothing, exactly as the deleted branch will). With no
-    mask set the gate is the identity: the ``open`` mode.
+    mask set the gate is the identity: the ``open`` mode. ``channel_axis`` is where the consumer's
+    input holds its channels: -1 for a Linear, 1 for a pointwise conv on (B, C, H, W).
     """
 
-    def __init__(self, group: str, units: int, channel_unit: Tensor, min_units: int) -> None:
+    def __init__(self, group: str, units: int, channel_unit: Tensor, min_units: int, channel_axis: int = -1) -> None:
         super().__init__()
         self.group = group
         self.units = units
         self.min_units = min_units
+        self.channel_axis = channel_axis
         self.register_buffer("channel_unit", channel_unit.long(), persistent=False)
         self.mask: Tensor | None = None
 
@@ -136,10 +138,13 @@ class UnitGate(nn.Module):
         if branch:
             return x * (m.detach().sum() > 0).to(x.dtype)
         full = torch.cat([m, m.new_ones(1)])[self.channel_unit]  # -1: a channel no unit owns
+        if self.channel_axis != -1:  # (C,) -> (C, 1, ..., 1): broadcast over the axes after the channels
+            full = full.reshape(full.shape + (1,) * (x.dim() - 1 - self.channel_axis))
         return x * full.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.group}, units={self.units}, channels={self.channel_unit.numel()}"
+        axis = f", channel_axis={self.channel_axis}" if self.channel_axis != -1 else ""
+        return f"{self.group}, units={self.units}, channels={self.channel_unit.numel()}{axis}"
 
 
 class BlockGate(nn.Module):

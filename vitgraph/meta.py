@@ -67,17 +67,31 @@ class NodeCost:
     flops: int
     params: int = 0
     factors: tuple[str, ...] = ()
+    # shares of ``flops`` that scale with further factors too: a fused qkv's v rows, sdpa's attn @ v
+    parts: tuple[tuple[int, tuple[str, ...]], ...] = ()
+
+    def rows(self) -> list[tuple[int, tuple[str, ...]]]:
+        """(FLOPs, factors) pieces summing to ``flops``: the parts, then the rest with ``factors`` alone."""
+        rest = self.flops - sum(f for f, _ in self.parts)
+        return [(f, self.factors + extra) for f, extra in self.parts] + ([(rest, self.factors)] if rest else [])
 
 
 @dataclass(frozen=True)
 class Linear:
-    """A linear-like op: ``call_module`` nn.Linear or ``F.linear`` on a weight attribute."""
+    """A linear-like op: ``call_module`` nn.Linear, ``F.linear`` on a weight attribute, or a pointwise
+    (1x1, stride 1, unpadded, ungrouped) nn.Conv2d, which is a linear over its channel axis."""
 
     node: str
-    weight: str          # qualified parameter name of the weight
+    weight: str          # qualified parameter name of the weight: (out, in) or (out, in, 1, 1)
     bias: str | None
     in_features: int
     out_features: int
+    channel_axis: int = -1  # the axis of the input and output holding the features: 1 for a conv
+
+    def __post_init__(self) -> None:
+        if self.channel_axis not in (-1, 1):
+            raise ValueError(f"{self.node}: channel_axis is -1 (a linear) or 1 (a pointwise conv), "
+                             f"got {self.channel_axis}")
 
 
 @dataclass(frozen=True)
@@ -280,6 +294,12 @@ class Structure:
         for g in self.groups:
             if g.name == name:
                 return g
+        raise KeyError(name)
+
+    def attention_site(self, name: str) -> AttentionSite:
+        for a in self.attention:
+            if a.name == name:
+                return a
         raise KeyError(name)
 
 

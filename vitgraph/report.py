@@ -178,8 +178,8 @@ def _plot_kept(report: dict, path: Path) -> Path | None:
     idx = list(range(len(dense)))
 
     def frac(d: dict, key: str, field: str) -> float:  # a removed block keeps nothing
-        b = after.get(d["name"])
-        return (b[key][field] if b and b[key] else 0) / d[key][field] if d[key] else 0.0
+        b = after.get(d["name"])  # a block without attention (a conv or pooling mixer) has no heads: 0 of 0
+        return (b[key][field] if b and b[key] else 0) / d[key][field] if d[key] and d[key][field] else 0.0
 
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(idx) + 2), 3))
     w = 0.4

@@ -22,6 +22,7 @@ from vitgraph.errors import SpecError
 WIDTH_METHODS = ("magnitude", "taylor", "wdpruning", "uvc", "spvit")
 TOKEN_METHODS = ("spvit", "attention")
 ONE_SHOT = ("magnitude", "taylor")
+WIDTH_ALLOCATIONS = ("uniform", "global")
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,13 @@ class Width:
     head_dim: bool = False       # UVC value-dim pruning
     mlp: bool = True
     align: int = 8               # kept MLP units rounded to multiples of this (heads: whole heads)
+    allocation: str = "uniform"  # one-shot methods: uniform (one keep ratio) | global (ranked across layers)
 
     def __post_init__(self) -> None:
         if self.method not in WIDTH_METHODS:
             raise SpecError(f"width.method {self.method!r} is not one of {', '.join(WIDTH_METHODS)}")
+        if self.allocation not in WIDTH_ALLOCATIONS:
+            raise SpecError(f"width.allocation {self.allocation!r} is not one of {', '.join(WIDTH_ALLOCATIONS)}")
         if self.align < 1:
             raise SpecError(f"width.align must be a positive integer, got {self.align}")
 
@@ -225,10 +229,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "wdpruning": {"budget": {"flops": 0.5},
                   "width": {"method": "wdpruning", "heads": True, "head_dim": False, "mlp": True, "align": 16},
                   "train": {"steps": 300, "lr": 5.0e-4, "search": 0.5}},
-    # methods.md §4 also prunes value dims; that axis is not implemented yet (spec `head_dim: true` raises a
-    # clear SpecError), so the preset learns heads, MLP units and block gates under one budget
+    # methods.md §4: heads, value dims inside the heads, MLP units and block gates under one budget
     "uvc": {"budget": {"flops": 0.5},
-            "width": {"method": "uvc", "heads": True, "head_dim": False, "mlp": True, "align": 8},
+            "width": {"method": "uvc", "heads": True, "head_dim": True, "mlp": True, "align": 8},
             "depth": {"skip_blocks": True, "warmup": 0.167},
             "train": {"steps": 300, "lr": 1.0e-4, "distill": {"alpha": 0.1, "tau": 1.0}, "search": 0.5}},
     # methods.md §3: learned selectors at L/4, L/2, 3L/4, ratios from the budget, KD on the logits (and, in

@@ -13,6 +13,7 @@ import torch.fx as fx
 from vitgraph.analysis.attention import find_attention
 from vitgraph.analysis.blocks import find_blocks, find_tokens, mark_token_prunable
 from vitgraph.analysis.cost import annotate_costs, assign_factors
+from vitgraph.analysis.value_dims import value_plan
 from vitgraph.analysis.groups import head_group, mlp_group, value_dim_group
 from vitgraph.analysis.mlp import find_mlps
 from vitgraph.analysis.shapes import propagate_shapes
@@ -66,6 +67,14 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], *, sha
     if not shapes_known:
         propagate_shapes(gm, example_inputs)
     found = find_attention(gm, batch)
+    # value rows per head (attention->conv reads them) exist wherever heads map; *cutting* value dims
+    # also needs the projections split apart, which only some graphs allow (prunable["head_dim"])
+    value_groups = [g for g in (value_dim_group(gm, f) for f in found) if g is not None]
+    for f in found:
+        if f.site.prunable.get("head_dim") is None:
+            plan = value_plan(gm, f.site)
+            if isinstance(plan, str):
+                f.site = replace(f.site, prunable={**f.site.prunable, "head_dim": plan})
     claimed = {x for f in found for x in (f.site.q, f.site.k, f.site.v, f.site.proj) if x}
     data = _data_nodes(gm)
     mlps = find_mlps(gm, claimed, data)
@@ -80,7 +89,7 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], *, sha
     attention = tuple(f.site for f in found)
     mlps = [replace(m, block=block_of.get(m.name)) for m in mlps]
     groups = [g for g in (head_group(gm, f, data) for f in found) if g is not None]
-    groups += [g for g in (value_dim_group(gm, f) for f in found) if g is not None]
+    groups += value_groups
     groups += [g for g in (mlp_group(gm, m) for m in mlps) if g is not None]
     assign_factors(gm, blocks, attention, groups)
     params = sum(p.numel() for p in gm.parameters())

@@ -236,6 +236,16 @@ def _head_mixing(gm: fx.GraphModule, impl: str, core: fx.Node, out: fx.Node, pro
     return mixing
 
 
+def core_io(gm: fx.GraphModule, core: str) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node] | None:
+    """(q, k, v, per-head outputs) of the attention whose core node is named ``core``, or None."""
+    return next(((c.q, c.k, c.v, c.out) for c in _cores(gm) if c.node.name == core), None)
+
+
+def walk_back_to_linear(t: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node | None, list[fx.Node]]:
+    """The projection a q, k or v tensor comes from, and the path from it to ``t`` (as the analysis walks it)."""
+    return _walk_back(t, gm, "linear", _BACK_THROUGH)
+
+
 def find_attention(gm: fx.GraphModule, batch: int) -> list[Found]:
     """Every attention site of ``gm`` (shapes must have been propagated)."""
     results: list[Found] = []
@@ -292,4 +302,4 @@ def find_attention(gm: fx.GraphModule, batch: int) -> list[Found]:
     return results
 
 
-__all__ = ["find_attention", "Found"]
+__all__ = ["core_io", "find_attention", "Found", "walk_back_to_linear"]

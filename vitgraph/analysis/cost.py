@@ -92,7 +92,8 @@ def assign_factors(gm: fx.GraphModule, blocks: Sequence[Block], attention: Seque
     * ``block.<i>`` on every node of block i (1 = kept, 0 = skipped);
     * ``tokens.<i>`` (the fraction of tokens entering block i) once per token axis of the node:
       once for a linear over the tokens, twice for ``softmax(q k^T) v`` over them.
-    Value-dim groups are left out: they scale only the v third of a fused qkv.
+    * a value-dim group on the output projection and v's projection, or, where v shares its projection
+      (fused qkv) or its core (sdpa's attn @ v), on that share of the node's FLOPs (``NodeCost.parts``).
     """
     nodes = {n.name: n for n in gm.graph.nodes}
     factors: dict[str, list[str]] = {}
@@ -102,8 +103,10 @@ def assign_factors(gm: fx.GraphModule, blocks: Sequence[Block], attention: Seque
         if info is not None:
             weight_users.setdefault(info.weight, []).append(n.name)
     sites = {a.name: a for a in attention}
+    parts: dict[str, list[tuple[int, tuple[str, ...]]]] = {}
     for g in groups:
         if g.kind == "head_dim":
+            _value_factors(gm, nodes, sites[g.site], g.name, factors, parts)
             continue
         users = {u for s in g.slices for u in weight_users.get(s.target, [])}
         if g.kind == "heads":
@@ -115,18 +118,45 @@ def assign_factors(gm: fx.GraphModule, blocks: Sequence[Block], attention: Seque
             node = nodes[name]
             factors.setdefault(name, []).append(f"block.{b.index}")
             factors[name].extend([f"tokens.{b.index}"] * _token_axes(node, gm, b.tokens_in))
-    for name, fs in factors.items():
+    for name in set(factors) | set(parts):
         cost = nodes[name].meta.get(COST)
         if cost is not None:
-            nodes[name].meta[COST] = replace(cost, factors=tuple(fs))
+            nodes[name].meta[COST] = replace(cost, factors=tuple(factors.get(name, ())),
+                                             parts=tuple(parts.get(name, ())))
 
 
-def _attention_products(gm: fx.GraphModule, core: fx.Node) -> set[str]:
-    """The core itself, or for an explicit softmax the q@k^T and attn@v matmuls around it."""
+def _value_factors(gm: fx.GraphModule, nodes: Mapping[str, fx.Node], site: AttentionSite, group: str,
+                   factors: dict[str, list[str]], parts: dict[str, list[tuple[int, tuple[str, ...]]]]) -> None:
+    """Where the FLOPs of ``site``'s value dims are: v's rows of its projection, attn @ v, the projection."""
+    def share(name: str, fraction: float) -> None:
+        cost = nodes[name].meta.get(COST)
+        if fraction >= 1.0:
+            factors.setdefault(name, []).append(group)
+        elif cost is not None and cost.flops:
+            parts.setdefault(name, []).append((round(cost.flops * fraction), (group,)))
+
+    v_rows = site.heads * site.v_head_dim
+    info = linear_info(nodes[site.v], gm)
+    if info is not None:
+        share(site.v, v_rows / info.out_features)
+    if site.proj is not None:
+        share(site.proj, 1.0)
+    core = nodes[site.core]
+    if op_kind(core, gm) == "sdpa":
+        share(site.core, site.v_head_dim / (site.head_dim + site.v_head_dim))
+    else:
+        for name in _attention_products(gm, core, sides=("after",)):
+            share(name, 1.0)
+
+
+def _attention_products(gm: fx.GraphModule, core: fx.Node, sides: tuple[str, ...] = ("before", "after")
+                        ) -> set[str]:
+    """The core itself, or for an explicit softmax the q@k^T (before) and attn@v (after) matmuls around it."""
     if op_kind(core, gm) == "sdpa":
         return {core.name}
     found = set()
-    for step in (lambda n: n.all_input_nodes, lambda n: list(n.users)):
+    steps = {"before": lambda n: n.all_input_nodes, "after": lambda n: list(n.users)}
+    for step in (steps[s] for s in sides):
         frontier = [core]
         for _ in range(6):
             frontier = [m for n in frontier for m in step(n)]
@@ -175,10 +205,11 @@ def evaluate(gm: fx.GraphModule, kept: Mapping[str, Any], nodes: set[str] | None
         cost: NodeCost | None = node.meta.get(COST)
         if cost is None or not cost.flops:
             continue
-        term: Any = cost.flops
-        for f in cost.factors:
-            term = term * kept.get(f, 1.0)
-        total = total + term
+        for flops, factors in cost.rows():
+            term: Any = flops
+            for f in factors:
+                term = term * kept.get(f, 1.0)
+            total = total + term
     return total
 
 

@@ -248,8 +248,8 @@ def mlp_group(gm: fx.GraphModule, site: MlpSite) -> CoupledGroup | None:
                 continue
             info = linear_info(lin, gm)
             slices.extend(_linear_rows(info, tuple((r,) for r in col_rows)))
-            # LeViT-style Linear+BatchNorm: the BN channels the units flow through
-            code = _unit_code([[r] for r in col_rows], info.out_features).expand(*shape_of(lin)).clone()
+            # Linear+BatchNorm (LeViT), Conv1x1+BatchNorm2d (EfficientFormer): the BN channels the units flow through
+            code = ix.along(_unit_code([[r] for r in col_rows], info.out_features), shape_of(lin), info.channel_axis)
             slices.extend(_batchnorm_slices(gm, ix.propagate(gm, {lin: code}), site.hidden))
     info2 = linear_info(fc2, gm)
     slices.append(SliceRef(info2.weight, 1, tuple((c,) for c in range(site.hidden)), "weight.in"))

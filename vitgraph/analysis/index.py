@@ -103,10 +103,16 @@ def propagate(gm: fx.GraphModule, sources: dict[fx.Node, torch.Tensor], *, pick:
     return {n: v for n, v in env.items() if isinstance(v, torch.Tensor)}
 
 
-def row_index(shape: tuple[int, ...]) -> torch.Tensor:
-    """A tensor of ``shape`` whose entries are their position along the last axis."""
-    n = shape[-1]
-    return torch.arange(n, dtype=torch.float64).expand(*shape).clone()
+def row_index(shape: tuple[int, ...], axis: int = -1) -> torch.Tensor:
+    """A tensor of ``shape`` whose entries are their position along ``axis`` (default: the last)."""
+    return along(torch.arange(shape[axis], dtype=torch.float64), shape, axis)
+
+
+def along(values: torch.Tensor, shape: tuple[int, ...], axis: int = -1) -> torch.Tensor:
+    """A tensor of ``shape`` holding ``values`` (1-D, one per position) along ``axis``, repeated elsewhere."""
+    axis = axis % len(shape)
+    view = [values.numel() if i == axis else 1 for i in range(len(shape))]
+    return values.reshape(view).expand(*shape).clone()
 
 
 def channel_axis(idx: torch.Tensor) -> int | None:
@@ -121,6 +127,7 @@ def channel_axis(idx: torch.Tensor) -> int | None:
 
 def line(t: torch.Tensor, axis: int) -> list[int]:
     """The values of ``t`` along ``axis``, every other index at 0 (the line through the origin)."""
+    axis %= t.dim()
     for other in reversed(range(t.dim())):
         if other != axis:
             t = t.select(other, 0)

@@ -1,5 +1,8 @@
 """Recognise MLP sites: Linear -> activation (-> dropout/norm) -> Linear, plain or gated.
 
+"Linear" includes a pointwise (1x1) conv (``ops.linear_info``): EfficientFormer's and the conv-MLP
+hybrids' Conv1x1 -> BatchNorm -> act -> Conv1x1 over a (B, C, H, W) stream is an MLP over channels.
+
 A second linear ``fc2`` is an MLP output when walking back from its input crosses only element-wise
 ops (at least one activation) and reaches one or two linears. One linear whose output is split
 (chunk/getitem) and multiplied is a packed gated MLP; two linears multiplied are a SwiGLU-style pair.
@@ -12,7 +15,7 @@ import torch.fx as fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from vitgraph.analysis import index as ix
-from vitgraph.analysis.ops import common_prefix, module_path, op_kind, tensor_args
+from vitgraph.analysis.ops import common_prefix, is_linear, linear_info, module_path, op_kind, tensor_args
 from vitgraph.meta import MlpSite, shape_of
 
 _THROUGH = {"act", "dropout", "norm", "mul", "shape", "conv"}
@@ -35,7 +38,7 @@ def _producers(fc2: fx.Node, gm: fx.GraphModule, data: set[fx.Node]) -> tuple[li
     while queue:
         node = queue.popleft()
         kind = op_kind(node, gm)
-        if kind == "linear":
+        if is_linear(node, gm):
             linears.append(node)
             continue
         inputs = [a for a in tensor_args(node) if a in data]
@@ -66,7 +69,7 @@ def find_mlps(gm: fx.GraphModule, claimed: set[str], data: set[fx.Node]) -> list
     """
     sites = []
     for node in gm.graph.nodes:
-        if op_kind(node, gm) != "linear" or node.name in claimed or node not in data:
+        if not is_linear(node, gm) or node.name in claimed or node not in data:
             continue
         found = _producers(node, gm, data)
         if found is None:
@@ -81,7 +84,7 @@ def find_mlps(gm: fx.GraphModule, claimed: set[str], data: set[fx.Node]) -> list
         fc2_in = shape_of(node.args[0])
         if fc2_in is None:
             continue
-        hidden = fc2_in[-1]
+        hidden = fc2_in[_axis(node, gm)]
         # order a gated pair as (value, gate): the gate is the one whose path crosses the activation
         if len(linears) == 2:
             first = linears[0]
@@ -121,12 +124,18 @@ def unit_columns(linears: list[fx.Node], fc2: fx.Node, gm: fx.GraphModule, pick:
     """For each fc1 linear: the fc1 row feeding each fc2 input column (-1 where none)."""
     out = {}
     for lin in linears:
-        env = ix.propagate(gm, {lin: ix.row_index(shape_of(lin))}, pick=pick)
+        env = ix.propagate(gm, {lin: ix.row_index(shape_of(lin), _axis(lin, gm))}, pick=pick)
         idx = env.get(fc2.args[0])
         if idx is None:
             return None
-        out[lin] = [int(v) for v in idx.reshape(-1, idx.shape[-1])[0].tolist()]
+        out[lin] = ix.line(idx, _axis(fc2, gm))
     return out
+
+
+def _axis(node: fx.Node, gm: fx.GraphModule) -> int:
+    """The feature axis of a linear-like node: last for a Linear, 1 for a pointwise conv."""
+    info = linear_info(node, gm)
+    return -1 if info is None else info.channel_axis
 
 
 def _units_map(linears: list[fx.Node], fc2: fx.Node, gm: fx.GraphModule, hidden: int) -> bool:

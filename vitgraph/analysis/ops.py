@@ -140,13 +140,19 @@ def op_kind(node: fx.Node, gm: fx.GraphModule) -> str:
 
 
 def linear_info(node: fx.Node, gm: fx.GraphModule) -> Linear | None:
-    """Weights and widths of a linear-like node, or None."""
+    """Weights and widths of a linear-like node, or None.
+
+    A pointwise conv counts (``channel_axis`` 1): each pixel's channels go through one matrix, so its
+    units slice, gate and price exactly as a Linear's do. ``op_kind`` still calls it a "conv":
+    attention and token analyses keep seeing a convolution.
+    """
     if node.op == "call_module":
         mod = _module(gm, node)
+        bias = f"{node.target}.bias" if getattr(mod, "bias", None) is not None else None
         if isinstance(mod, nn.Linear):
-            return Linear(node.name, f"{node.target}.weight",
-                          f"{node.target}.bias" if mod.bias is not None else None,
-                          mod.in_features, mod.out_features)
+            return Linear(node.name, f"{node.target}.weight", bias, mod.in_features, mod.out_features)
+        if _pointwise(mod):
+            return Linear(node.name, f"{node.target}.weight", bias, mod.in_channels, mod.out_channels, 1)
         return None
     if node.op == "call_function" and node.target is F.linear:
         w = node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
@@ -160,6 +166,17 @@ def linear_info(node: fx.Node, gm: fx.GraphModule) -> Linear | None:
             "<computed>" if isinstance(b, fx.Node) else None)
         return Linear(node.name, str(w.target), bias, ws[1], ws[0])
     return None
+
+
+def _pointwise(mod: nn.Module | None) -> bool:
+    """A 1x1 Conv2d that moves no data between pixels: stride 1, no padding, one group."""
+    return isinstance(mod, nn.Conv2d) and mod.groups == 1 and tuple(mod.kernel_size) == (1, 1) \
+        and tuple(mod.stride) == (1, 1) and mod.padding in ((0, 0), "valid", "same")
+
+
+def is_linear(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """A Linear (however spelled) or a pointwise conv (see ``linear_info``)."""
+    return op_kind(node, gm) == "linear" or (node.op == "call_module" and _pointwise(_module(gm, node)))
 
 
 PRODUCTS = frozenset({"matmul", "einsum"})  # the two spellings of a batched matrix product

@@ -20,19 +20,8 @@ from vitgraph.errors import SpecError
 AXES: tuple[type[Axis], ...] = (WidthAxis, ConvAxis, ExitsAxis, TokenAxis, DepthAxis)
 
 
-def _unsupported(ctx: AxisContext) -> None:
-    spec = ctx.spec
-    todo = {"width.head_dim": spec.width.head_dim}
-    asked = [k for k, v in todo.items() if v]
-    if asked:
-        raise SpecError(f"spec asks for {', '.join(asked)}, which this version of vitgraph does not implement yet; "
-                        f"set {asked[0]} to its default (false) - width pruning of heads and MLP units, "
-                        f"depth.skip_blocks, depth.exits, tokens and attention.to_conv work")
-
-
 def build_axes(ctx: AxisContext, extra: Sequence[type[Axis]] = ()) -> list[Axis]:
     """The axes the spec asks for on ``ctx.graph``, in spec order, then ``extra`` ones."""
-    _unsupported(ctx)
     axes = [a for a in (cls.from_spec(ctx) for cls in (*AXES, *extra)) if a is not None]
     names = [a.name for a in axes]
     if len(set(names)) != len(names):

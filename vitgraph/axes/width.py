@@ -23,6 +23,7 @@ from vitgraph.gates import UnitGate
 from vitgraph.graph import VitGraph
 from vitgraph.meta import GATES, CoupledGroup, submodule_name
 from vitgraph.passes.insert_unit_gates_pass import InsertUnitGatesPass
+from vitgraph.passes.prune_value_dims_pass import PruneValueDimsPass
 from vitgraph.passes.remove_pruned_units_pass import RemovePrunedUnitsPass
 from vitgraph.spec import Spec
 
@@ -35,13 +36,17 @@ def chosen_groups(g: VitGraph, spec: Spec) -> tuple[list[CoupledGroup], dict[str
     width, skipped, chosen = spec.width, {}, []
     kinds = {"heads"} if width.heads else set()
     kinds |= {"mlp"} if width.mlp else set()
+    kinds |= {"head_dim"} if width.head_dim else set()
+    cut_values = {a.name for a in g.structure.attention if a.prunable.get("head_dim") is None}
     for group in g.structure.groups:
-        if group.kind in kinds and group.units > 1:
+        if group.kind in kinds and group.units > 1 and (group.kind != "head_dim" or group.site in cut_values):
             chosen.append(group)
     have = {(gr.site, gr.kind) for gr in chosen}
     for a in g.structure.attention:
         if width.heads and (a.name, "heads") not in have:
             skipped[a.name] = a.prunable.get("heads") or "heads are not separable here"
+        elif width.head_dim and (a.name, "head_dim") not in have:
+            skipped[a.name] = f"value dims: {a.prunable.get('head_dim') or 'not separable here'}"
     for m in g.structure.mlps:
         if width.mlp and (m.name, "mlp") not in have:
             skipped[m.name] = m.prunable.get("mlp") or "hidden units are not separable here"
@@ -97,14 +102,23 @@ class WidthAxis(Axis):
                                 "or --data imagefolder:PATH, or use method magnitude with --data none")
             aux = isinstance(next(n for n in gm.graph.nodes if n.op == "output").args[0], tuple)
             importance = taylor_importance(gm, self.gates, self.calibration, final_only=aux) if self.sites else {}
-        self.method = build_method(spec.width.method, self.sites, spec.budget.flops, gm.get_parameter, importance)
+        self.method = build_method(spec.width.method, self.sites, spec.budget.flops, gm.get_parameter, importance,
+                                   allocation=spec.width.allocation)
 
     def _site(self, group: CoupledGroup) -> Site:
         consumer = next(s.target for s in group.slices if s.what == "weight.in")
         weights = tuple((s.target, s.axis, s.indices) for s in group.slices if s.what in ("weight.out", "weight.in"))
         gate = self.gates[group.name]
-        return Site(group.name, group.kind, group.units, 1 if group.kind == "heads" else self.spec.width.align,
-                    gate.min_units, consumer, gate.channel_unit.clone(), weights)
+        align, segments, min_units = self.spec.width.align, 1, gate.min_units
+        if group.kind == "heads":
+            align = 1
+        elif group.kind == "head_dim":  # the same count in every head, aligned per head, at least one chunk each
+            segments = self.graph.structure.attention_site(group.site).heads
+            per_head = group.units // segments
+            align = segments * (align if per_head % align == 0 and per_head >= 2 * align else 1)
+            min_units = align
+        return Site(group.name, group.kind, group.units, align, min_units, consumer, gate.channel_unit.clone(),
+                    weights, segments)
 
     # -- running and training -------------------------------------------------------------------
     def apply(self, mode: str) -> None:
@@ -171,8 +185,26 @@ class WidthAxis(Axis):
         return {name: torch.nonzero(m > 0.5).flatten().tolist() for name, m in masks.items()}
 
     def materialize_passes(self) -> list[VitPass]:
-        blocks = self.graph.structure.blocks
-        return [RemovePrunedUnitsPass(self.graph.structure.groups, blocks, self.decisions())] if self.sites else []
+        if not self.sites:
+            return []
+        st, decisions = self.graph.structure, self.decisions()
+        units = {k: v for k, v in decisions.items() if st.group(k).kind != "head_dim"}
+        passes: list[VitPass] = [RemovePrunedUnitsPass(st.groups, st.blocks, units)]
+        values = {st.group(k).site: v for k, v in decisions.items() if st.group(k).kind == "head_dim"}
+        if values:
+            passes.append(PruneValueDimsPass(st.attention, self._value_dims_per_head(values, decisions)))
+        return passes
+
+    def _value_dims_per_head(self, values: Mapping[str, list[int]], decisions: Mapping[str, list[int]]
+                             ) -> dict[str, list[list[int]]]:
+        """Per attention, for each head the heads decision keeps (renumbered as sliced), its kept value dims."""
+        out = {}
+        for site, kept in values.items():
+            a = self.graph.structure.attention_site(site)
+            heads = decisions.get(f"{site}.heads", list(range(a.heads)))
+            per = a.v_head_dim
+            out[site] = [[u - h * per for u in kept if u // per == h] for h in heads]
+        return out
 
     def status(self, pricer: Pricer) -> dict[str, float]:
         if self.budget_form is None:

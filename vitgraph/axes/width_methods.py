@@ -7,7 +7,9 @@ way: ``freeze`` takes its hard decisions, projects the kept counts onto the FLOP
 ``materialize`` bakes exactly them in. The budget term itself is not a method's: ``expected()``
 gives the kept fractions it learns with, and ``GatedModel``'s one ``Budget`` prices them.
 
-* ``magnitude`` / ``taylor`` — one-shot importance, uniform keep ratio, no training.
+* ``magnitude`` / ``taylor`` — one-shot importance, no training; ``width.allocation`` picks the
+  per-group kept fractions: ``uniform`` (one keep ratio everywhere) or ``global`` (one ranking of
+  normalised importance per group kind across the layers, ``allocate_global``).
 * ``wdpruning`` — per-unit scores, per-group learnable threshold, top-k masks, priced by their
   expected kept fraction under the augmented Lagrangian (methods.md §2).
 * ``uvc`` — learned count of units to drop per group, lowest-norm groups selected, proximal
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 from vitgraph.axes.base import Learner
 from vitgraph.errors import SpecError
 from vitgraph.gates import ceil_ste, clamp_ste, concrete, least_sum, ste_step, topk_hard, topk_mask
+from vitgraph.spec import WIDTH_ALLOCATIONS
 
 CostFn = Callable[[Mapping[str, Any]], Any]  # kept fraction per group -> fraction of the dense FLOPs
 
@@ -37,13 +40,24 @@ class Site:
     """One gated group as the methods see it."""
 
     name: str
-    kind: str                 # "heads" | "mlp"
+    kind: str                 # "heads" | "head_dim" | "mlp"
     units: int
     align: int                # kept counts are multiples of this (1 for heads)
     min_units: int            # 0 when the branch can be removed, else 1
     consumer: str             # the consumer weight (proj / fc2) whose columns rank units
     channel_unit: Tensor      # consumer input channel -> unit (-1: none)
     weights: tuple[tuple[str, int, tuple[tuple[int, ...], ...]], ...]  # (param, axis, indices per unit)
+    segments: int = 1         # value dims: one segment per head, every head keeping as many units
+
+    def top(self, scores: Tensor, k: int | Tensor) -> Tensor:
+        """Mask of the ``k`` best units (``k`` a tensor: the straight-through ``topk_mask``); with segments,
+        the ``k / segments`` best of every segment."""
+        soft = isinstance(k, Tensor) and k.requires_grad
+        if self.segments == 1:
+            return topk_mask(scores, k) if soft else topk_hard(scores, int(k))
+        per = k / self.segments
+        rows = scores.reshape(self.segments, -1)
+        return torch.cat([topk_mask(r, per) if soft else topk_hard(r, round(float(per))) for r in rows])
 
     def round(self, fraction: float) -> int:
         """Kept units for a kept fraction: aligned, at least ``min_units``, at most all."""
@@ -91,7 +105,7 @@ def allocate(sites: Sequence[Site], fractions: Mapping[str, float], target: floa
     if not sites:
         return {}
     everything = {s.name for s in sites}
-    fine = {s.name for s in sites if s.kind == "mlp"}
+    fine = {s.name for s in sites if s.kind != "heads"}  # MLP units, value dims
     if fine and fine != everything:
         scale, _ = bisect(everything, {}, rounded=False)
         coarse = scaled(scale, everything - fine, {}, rounded=True)
@@ -103,6 +117,70 @@ def allocate(sites: Sequence[Site], fractions: Mapping[str, float], target: floa
         fractions = {**fractions, **{s.name: max(kept[s.name], 1) / s.units for s in sites if s.name in fine}}
         _, kept = bisect(fine, kept, rounded=True)
     return {k: int(v) for k, v in kept.items()}
+
+
+def normalised(importance: Tensor) -> Tensor:
+    """One group's scores divided by the group's mean score (all zeros stay zeros).
+
+    (decision) The mean, not the L2 norm: 1 means "as important as this layer's average unit" whatever
+    the group's size (4 heads or 1536 units); and as any statistic that scales with the scores, it makes
+    the ranking blind to a layer's overall scale, so layers with larger weights (or gradients) do not
+    win everything: what counts is how a unit stands against the rest of its own layer.
+    """
+    scores = importance.detach().float().clamp_min(0.0)
+    mean = float(scores.mean()) if scores.numel() else 0.0
+    return scores / mean if mean > 0.0 else torch.zeros_like(scores)
+
+
+def _top_counts(sites: Sequence[Site], ranked: Mapping[str, tuple[Tensor, Tensor]], q: float) -> dict[str, int]:
+    """Per group, its units among the top ``q`` of its kind's pooled ranking (each kind keeps one at least)."""
+    counts = torch.zeros(len(sites), dtype=torch.long)
+    for order, owner in ranked.values():
+        n = max(1, min(len(order), int(math.floor(q * len(order) + 0.5))))
+        counts += torch.bincount(owner[order[:n]], minlength=len(sites))
+    return {s.name: int(c) for s, c in zip(sites, counts)}
+
+
+def allocate_global(sites: Sequence[Site], importance: Mapping[str, Tensor], target: float, cost: CostFn,
+                    tolerance: float = 0.01) -> dict[str, int]:
+    """Kept counts from one ranking per group kind across every layer, landing on ``target``.
+
+    1. Each group's scores are ``normalised`` (divided by the group's mean).
+    2. Per kind, the units of all its groups are pooled and sorted by normalised score: heads compete
+       with heads, MLP units with MLP units. The kinds share one keep quantile ``q`` (each keeps its
+       top ``q`` of units: a threshold per kind), so the heads / MLP split stays the uniform one and
+       only the spread across layers changes.
+    3. ``q`` is bisected until the ``cost`` of those per-group fractions is nearest ``target``.
+    4. ``allocate`` takes the fractions as its shape: it rescales them, rounds them to each Site's
+       alignment and ``min_units``, and lands on the budget as it does for ``uniform``.
+    A group whose ``min_units`` is 0 may keep nothing (its residual branch is deleted); where every
+    group of a kind may, the one holding the kind's best unit keeps one aligned step at least.
+    """
+    if not sites:
+        return {}
+    ranked: dict[str, tuple[Tensor, Tensor]] = {}
+    for kind in dict.fromkeys(s.kind for s in sites):
+        idx = [i for i, s in enumerate(sites) if s.kind == kind]
+        scores = torch.cat([normalised(importance[sites[i].name]) for i in idx])
+        owner = torch.cat([torch.full((sites[i].units,), i) for i in idx])
+        ranked[kind] = (torch.sort(scores, descending=True, stable=True).indices, owner)
+
+    def fractions(q: float) -> dict[str, float]:
+        counts = _top_counts(sites, ranked, q)
+        return {s.name: counts[s.name] / s.units for s in sites}
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):  # the cost grows with q
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if float(cost(fractions(mid))) < target else (lo, mid)
+    shape = min((fractions(lo), fractions(hi)), key=lambda f: abs(float(cost(f)) - target))
+    guarded = list(sites)
+    for order, owner in ranked.values():
+        best = sites[int(owner[order[0]])]
+        if all(sites[i].min_units == 0 for i in set(owner.tolist())):
+            step = best.align if best.units >= best.align else 1
+            guarded[int(owner[order[0]])] = replace(best, min_units=min(best.units, step))
+    return allocate(guarded, shape, target, cost, tolerance)
 
 
 # -- the methods ---------------------------------------------------------------------------------
@@ -155,14 +233,19 @@ class WidthMethod(Learner):
         """Fix the decisions: learned kept counts, projected onto the budget (priced by ``cost``),
         best-ranked units kept."""
         counts = {name: float(m.sum()) for name, m in self.learned_masks("eval").items()}
-        fractions = {s.name: max(counts[s.name], 1.0) / s.units for s in self.sites}
         before = float(cost({s.name: counts[s.name] / s.units for s in self.sites}))
-        kept = allocate(self.sites, fractions, self.budget, cost)
+        kept = self.project(counts, cost)
         ranking = self.ranking()
         for i, s in enumerate(self.sites):
-            getattr(self, f"frozen_{i}").copy_(topk_hard(ranking[s.name], kept[s.name]).bool())
+            getattr(self, f"frozen_{i}").copy_(s.top(ranking[s.name], kept[s.name]).bool())
         self.is_frozen.fill_(True)
         self.projection = {"learned": before, "final": float(cost(self.kept_fractions("eval")))}
+
+    def project(self, counts: Mapping[str, float], cost: CostFn) -> dict[str, int]:
+        """Kept counts on the budget, shaped like the learned counts (``allocate``). Learned methods
+        keep this shape whatever ``width.allocation`` says: they learn per-layer widths already."""
+        fractions = {s.name: max(counts[s.name], 1.0) / s.units for s in self.sites}
+        return allocate(self.sites, fractions, self.budget, cost)
 
     # weights the methods read
     def consumer_weight(self, site: Site) -> Tensor:
@@ -178,21 +261,34 @@ class WidthMethod(Learner):
 
     def column_norms(self, site: Site) -> Tensor:
         """Squared norm of each unit's consumer columns (W_o head columns, W_2 unit columns)."""
-        cols = self.consumer_weight(site).detach().float().pow(2).sum(0)
+        w = self.consumer_weight(site).detach().float()  # (out, in), or (out, in, 1, 1) for a pointwise conv
+        cols = w.pow(2).transpose(0, 1).reshape(w.shape[1], -1).sum(1)
         owner = site.channel_unit.to(cols.device)
         keep = owner >= 0
         return torch.zeros(site.units, device=cols.device).index_add_(0, owner[keep], cols[keep])
 
 
 class OneShot(WidthMethod):
-    """Importance from weights (``magnitude``) or from gradients on calibration data (``taylor``)."""
+    """Importance from weights (``magnitude``) or from gradients on calibration data (``taylor``).
+
+    ``allocation``: ``uniform`` keeps one fraction in every group, projected onto the budget;
+    ``global`` ranks normalised importance across the layers per kind (``allocate_global``).
+    """
 
     def __init__(self, sites: Sequence[Site], budget: float, weight: Callable[[str], Tensor],
-                 importance: Mapping[str, Tensor], name: str) -> None:
+                 importance: Mapping[str, Tensor], name: str, allocation: str = "uniform") -> None:
         super().__init__(sites, budget, weight)
+        if allocation not in WIDTH_ALLOCATIONS:
+            raise SpecError(f"width.allocation {allocation!r} is not one of {', '.join(WIDTH_ALLOCATIONS)}")
         self.name = name
+        self.allocation = allocation
         for i, s in enumerate(self.sites):
             self.register_buffer(f"importance_{i}", importance[s.name].detach().float().clone())
+
+    def project(self, counts: Mapping[str, float], cost: CostFn) -> dict[str, int]:
+        if self.allocation == "global":
+            return allocate_global(self.sites, self.ranking(), self.budget, cost)
+        return super().project(counts, cost)
 
     def ranking(self) -> dict[str, Tensor]:
         return {s.name: getattr(self, f"importance_{i}") for i, s in enumerate(self.sites)}
@@ -227,7 +323,7 @@ class WDPruning(WidthMethod):
         for i, s in enumerate(self.sites):
             k = self._k(s, self.thresholds[i])
             scores = self.scores[i] if mode == "train" else ranking[s.name]
-            out[s.name] = topk_mask(scores, k) if mode == "train" else topk_hard(scores, int(k.item()))
+            out[s.name] = s.top(scores, k) if mode == "train" else s.top(scores, int(k.item()))
         return out
 
     def expected(self) -> dict[str, Any]:
@@ -275,7 +371,7 @@ class UVC(WidthMethod):
     def learned_masks(self, mode: str) -> dict[str, Tensor]:
         if mode == "train":  # stage 1 does not mask: proximal steps shrink the selected groups instead
             return {s.name: torch.ones(s.units) for s in self.sites}
-        return {s.name: 1.0 - topk_hard(-self.column_norms(s), int(self._removed(i, s).item()))
+        return {s.name: 1.0 - s.top(-self.column_norms(s), int(self._removed(i, s).item()))
                 for i, s in enumerate(self.sites)}
 
     def expected(self) -> dict[str, Any]:
@@ -352,11 +448,14 @@ class SPViTUnits(WidthMethod):
 
 
 def build_method(method: str, sites: Sequence[Site], budget: float, weight: Callable[[str], Tensor],
-                 importance: Mapping[str, Tensor] | None = None) -> WidthMethod:
+                 importance: Mapping[str, Tensor] | None = None, allocation: str = "uniform") -> WidthMethod:
+    """The spec's width method over ``sites``. ``allocation`` (``width.allocation``) shapes the one-shot
+    methods' kept fractions; the learned ones (wdpruning, uvc, spvit) ignore it: they learn per-layer
+    widths, and their projection onto the budget keeps the learned shape."""
     if method in ("magnitude", "taylor"):
         if importance is None:
             raise SpecError(f"width.method {method} needs importance scores")
-        return OneShot(sites, budget, weight, importance, method)
+        return OneShot(sites, budget, weight, importance, method, allocation)
     if method == "wdpruning":
         return WDPruning(sites, budget, weight)
     if method == "uvc":
