@@ -79,6 +79,7 @@ class InsertUnitGatesPass(VitPass):
                 g.meta[SHAPE] = src.meta.get(SHAPE)
                 node.replace_input_with(src, g)
                 inserted += 1
+            inserted += _mask_norms(gm, group, target, self.name)
             if branch is not None:
                 add, skip = branch
                 nodes = require_nodes(gm, (add, skip), self.name, "residual")
@@ -90,6 +91,31 @@ class InsertUnitGatesPass(VitPass):
                 inserted += 1
         gm.recompile()
         return PassResult(gm, modified=inserted > 0, counters={"gates": len(self.gates), "gate_calls": inserted})
+
+
+def _mask_norms(gm: fx.GraphModule, group: CoupledGroup, target: str, pass_name: str) -> int:
+    """Every LayerNorm over the group's channels becomes ``gate(x, eps=, weight=, bias=)``: the same norm,
+    with its statistics over the kept channels once the gate has a mask."""
+    nodes = require_nodes(gm, group.norms, pass_name, "LayerNorm")
+    for name in group.norms:
+        node = nodes[name]
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            with gm.graph.inserting_before(node):
+                w = gm.graph.get_attr(f"{node.target}.weight") if mod.weight is not None else None
+                b = gm.graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
+            eps = mod.eps
+        else:
+            args = list(node.args) + [None] * (5 - len(node.args))
+            w = node.kwargs.get("weight", args[2])
+            b = node.kwargs.get("bias", args[3])
+            eps = node.kwargs.get("eps", args[4] if args[4] is not None else 1e-5)
+        with gm.graph.inserting_before(node):
+            g = gm.graph.call_module(target, (node.args[0],), {"eps": float(eps), "weight": w, "bias": b})
+        g.meta[SHAPE] = node.meta.get(SHAPE)
+        node.replace_all_uses_with(g)
+        gm.graph.erase_node(node)
+    return len(group.norms)
 
 
 def _consumers(gm: fx.GraphModule, group: CoupledGroup) -> list[tuple[fx.Node, Linear]]:

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from vitgraph.passes.base import PassResult, VitPass, drop_root, ensure_no_calls, require_nodes
@@ -52,7 +53,7 @@ class RemovePrunedUnitsPass(VitPass):
             if not units:
                 self._remove_branch(gm, name)
                 counters["branches_removed"] += 1
-        counters["gates_removed"] = _strip_gates(gm)
+        counters["gates_removed"] = _strip_gates(gm, kept)
         for name, units in kept.items():
             group = self.groups[name]
             removed = group.units - len(units)
@@ -94,11 +95,21 @@ def _is_add(node: fx.Node) -> bool:
         (node.op == "call_method" and node.target == "add")
 
 
-def _strip_gates(gm: fx.GraphModule) -> int:
+def _strip_gates(gm: fx.GraphModule, kept: Mapping[str, Sequence[int]]) -> int:
+    """Every gate call goes; a gate standing for a LayerNorm (``eps=``) becomes that norm over the kept channels."""
     n = 0
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and str(node.target).startswith(GATES + "."):
-            node.replace_all_uses_with(node.args[0])
+            if node.kwargs.get("eps") is not None:
+                gate = gm.get_submodule(node.target)
+                size = len(kept.get(gate.group, range(gate.units)))
+                with gm.graph.inserting_before(node):
+                    norm = gm.graph.call_function(F.layer_norm, (node.args[0], (size,)), {
+                        "weight": node.kwargs.get("weight"), "bias": node.kwargs.get("bias"),
+                        "eps": node.kwargs["eps"]})
+                node.replace_all_uses_with(norm)
+            else:
+                node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             n += 1
     return n

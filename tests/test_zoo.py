@@ -174,10 +174,16 @@ def test_beyond_the_list_hiera_mask_unit_attention():
 
 
 def test_beyond_the_list_metaformer_star_relu_and_res_scale():
-    """CAFormer: StarReLU spelled as element-wise ops, a learned scale on the shortcut, conv downsampling."""
+    """CAFormer: StarReLU spelled as element-wise ops, a learned scale on the shortcut, conv downsampling.
+    Its two conv stages: a separable conv (pointwise -> StarReLU -> depthwise 7x7 -> pointwise) mixes the
+    tokens, a pointwise-conv MLP follows."""
     g = traced("caformer_s18")
-    assert len(g.blocks) == 12 and all(b.attention and b.mlp for b in g.blocks)
-    assert all("res-scale" in b.skip_reason for b in g.blocks)
-    assert "after the block reshapes tokens into a 14x14 grid" in g.blocks[8].token_reason
-    assert "after the block reshapes tokens into a 7x7 grid" in g.blocks[11].token_reason  # NCHW pooling head
+    assert len(g.blocks) == 18
+    assert all(b.mixer == "conv3" and b.attention is None and b.mlp for b in g.blocks[:6])
+    assert [r.kind for r in g.blocks[0].residuals] == ["mixer", "mlp"] and g.blocks[0].skippable
+    assert {gr.name for gr in g.structure.groups} >= {"stages.0.blocks.0.mlp.mlp", "stages.1.blocks.2.mlp.mlp"}
+    assert all(b.attention and b.mlp for b in g.blocks[6:])
+    assert all("res-scale" in b.skip_reason for b in g.blocks[6:])
+    # the stream starts as (B, C, H, W) in the conv stages: the token axis is a grid there
+    assert g.structure.tokens.layout == "channels" and all("spatial grid" in b.token_reason for b in g.blocks)
     assert not any(b.token_prunable for b in g.blocks)

@@ -7,6 +7,7 @@ Ties are broken by index everywhere, so every DDP rank takes the same decision.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -131,8 +132,11 @@ class UnitGate(nn.Module):
         self.register_buffer("channel_unit", channel_unit.long(), persistent=False)
         self.mask: Tensor | None = None
 
-    def forward(self, x: Tensor, branch: bool = False) -> Tensor:
+    def forward(self, x: Tensor, branch: bool = False, eps: float | None = None, weight: Tensor | None = None,
+                bias: Tensor | None = None) -> Tensor:
         m = self.mask
+        if eps is not None:  # a LayerNorm over the group's channels (the stream): statistics over kept ones
+            return self._norm(x, m, eps, weight, bias)
         if m is None:
             return x
         if branch:
@@ -141,6 +145,20 @@ class UnitGate(nn.Module):
         if self.channel_axis != -1:  # (C,) -> (C, 1, ..., 1): broadcast over the axes after the channels
             full = full.reshape(full.shape + (1,) * (x.dim() - 1 - self.channel_axis))
         return x * full.to(x.dtype)
+
+    def _norm(self, x: Tensor, m: Tensor | None, eps: float, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """LayerNorm over the last axis as the narrowed graph computes it: mean and variance over the kept
+        channels only (all of them with no mask: exactly ``F.layer_norm``). Pruned channels carry garbage
+        that every reader masks."""
+        if m is None:
+            return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        full = m.to(x.dtype)
+        k = full.sum()
+        mean = (x * full).sum(-1, keepdim=True) / k
+        d = (x - mean) * full
+        y = d * torch.rsqrt((d * d).sum(-1, keepdim=True) / k + eps)
+        y = y * weight if weight is not None else y
+        return y + bias if bias is not None else y
 
     def extra_repr(self) -> str:
         axis = f", channel_axis={self.channel_axis}" if self.channel_axis != -1 else ""

@@ -242,18 +242,19 @@ class CoupledGroup:
     """Dimensions that must shrink together: ``blocks.0.attn.qkv.out[6 heads] => blocks.0.attn.proj.in``."""
 
     name: str
-    kind: str                     # "heads" | "head_dim" | "mlp"
+    kind: str                     # "heads" | "head_dim" | "mlp" | "embed"
     site: str
     block: int | None
     units: int                    # number of prunable units (heads, units)
     unit_width: int               # channels per unit in the producer
     slices: tuple[SliceRef, ...]
     constants: tuple[ConstRef, ...] = ()
+    norms: tuple[str, ...] = ()   # embed: the LayerNorms over its channels (statistics over kept channels)
 
     @property
     def branch(self) -> str:
-        """The residual branch the group lives in: "attn" (heads, value dims) or "mlp"."""
-        return "attn" if self.kind in ("heads", "head_dim") else "mlp"
+        """The residual branch the group lives in: "attn" (heads, value dims), "mlp", or "stream" (embed)."""
+        return "attn" if self.kind in ("heads", "head_dim") else "stream" if self.kind == "embed" else "mlp"
 
     def __str__(self) -> str:
         parts = " => ".join(
@@ -289,6 +290,7 @@ class Structure:
     flops: int
     params: int
     notes: tuple[str, ...] = ()
+    embed_reason: str | None = None  # why the stream's channels cannot narrow (None: the "embed" group exists)
 
     def group(self, name: str) -> CoupledGroup:
         for g in self.groups:

@@ -43,6 +43,7 @@ class Width:
     heads: bool = True
     head_dim: bool = False       # UVC value-dim pruning
     mlp: bool = True
+    embed: bool = False          # the residual stream's channels (one group through every block)
     align: int = 8               # kept MLP units rounded to multiples of this (heads: whole heads)
     allocation: str = "uniform"  # one-shot methods: uniform (one keep ratio) | global (ranked across layers)
 
@@ -56,7 +57,7 @@ class Width:
 
     @property
     def enabled(self) -> bool:
-        return self.heads or self.head_dim or self.mlp
+        return self.heads or self.head_dim or self.mlp or self.embed
 
 
 @dataclass(frozen=True)

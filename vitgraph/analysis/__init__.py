@@ -13,6 +13,7 @@ import torch.fx as fx
 from vitgraph.analysis.attention import find_attention
 from vitgraph.analysis.blocks import find_blocks, find_tokens, mark_token_prunable
 from vitgraph.analysis.cost import annotate_costs, assign_factors
+from vitgraph.analysis.embed import embed_group
 from vitgraph.analysis.value_dims import value_plan
 from vitgraph.analysis.groups import head_group, mlp_group, value_dim_group
 from vitgraph.analysis.mlp import find_mlps
@@ -91,10 +92,14 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], *, sha
     groups = [g for g in (head_group(gm, f, data) for f in found) if g is not None]
     groups += value_groups
     groups += [g for g in (mlp_group(gm, m) for m in mlps) if g is not None]
+    embed = embed_group(gm, tokens, blocks, data)
+    if not isinstance(embed, str):
+        groups.append(embed)
     assign_factors(gm, blocks, attention, groups)
     params = sum(p.numel() for p in gm.parameters())
     structure = Structure(blocks=tuple(blocks), attention=attention, mlps=tuple(mlps), tokens=tokens,
-                          groups=tuple(groups), flops=flops, params=params, notes=_notes(gm, attention))
+                          groups=tuple(groups), flops=flops, params=params, notes=_notes(gm, attention),
+                          embed_reason=embed if isinstance(embed, str) else None)
     _tag(gm, structure)
     return structure
 

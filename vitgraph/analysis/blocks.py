@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch.fx as fx
 
-from vitgraph.analysis.ops import common_prefix, op_kind, tensor_args
+from vitgraph.analysis.ops import common_prefix, linear_info, op_kind, tensor_args
 from vitgraph.meta import COST, SHAPE, AttentionSite, Block, MixerSite, MlpSite, Residual, TokenInfo, shape_of
 
 _TO_ADD = {"dropout", "mul", "div", "norm", "shape", "function", "module", "method"}
@@ -89,6 +89,7 @@ class _Unit:
     output: fx.Node                 # the site's last linear (or attention core)
     start: fx.Node                  # the residual stream entering the unit (its input without a residual)
     end: fx.Node                    # the residual stream leaving the unit (its output without a residual)
+    spatial: bool = False           # an MLP whose hidden units pass through a k x k conv (it mixes tokens)
 
 
 def _units(gm: fx.GraphModule, attention: list[AttentionSite], mlps: list[MlpSite],
@@ -100,9 +101,17 @@ def _units(gm: fx.GraphModule, attention: list[AttentionSite], mlps: list[MlpSit
     for kind, site, out, inp in sites:
         res = _residual(out, inp, gm, kind, order)
         units.append(_Unit(kind, site, res, out, inp if res is None else nodes[res.skip],
-                           out if res is None else nodes[res.add]))
+                           out if res is None else nodes[res.add], kind == "mlp" and _spatial(gm, site, nodes, order)))
     units += _conv_mixers(gm, units, order)
     return sorted(units, key=lambda u: order[u.output])
+
+
+def _spatial(gm: fx.GraphModule, site: MlpSite, nodes: dict[str, fx.Node], order: dict[fx.Node, int]) -> bool:
+    """Whether an MLP's hidden units pass through a spatial (k x k, depthwise) conv: PVT-v2's MLP, or
+    CAFormer's SepConv token mixer (pointwise -> act -> depthwise 7x7 -> pointwise)."""
+    floor = min(order[nodes[f]] for f in site.fc1)
+    hidden = ancestors(nodes[site.fc2].args[0], _after(floor + 1, order))
+    return any(op_kind(n, gm) == "conv" and linear_info(n, gm) is None for n in hidden)
 
 
 def _conv_mixers(gm: fx.GraphModule, units: list[_Unit], order: dict[fx.Node, int]) -> list[_Unit]:
@@ -143,11 +152,14 @@ def _pair(units: list[_Unit], order: dict[fx.Node, int]) -> list[list[_Unit]]:
             groups.append([u, nxt, after])
             i += 3
             continue
-        # a token mixer (attention, a conv, or a residual MLP that an MLP follows: a converted conv1) and
-        # the MLP after it on the same stream
-        mixes = u.kind in ("attn", "mixer") or (u.kind == "mlp" and u.residual is not None and _patch_slice(u))
+        # a token mixer (attention, a conv, or a residual MLP that an MLP follows: a converted conv1, a
+        # separable conv) and the MLP after it on the same stream
+        mixes = u.kind in ("attn", "mixer") or (u.kind == "mlp" and u.residual is not None
+                                                 and (_patch_slice(u) or u.spatial))
         if mixes and nxt is not None and nxt.kind == "mlp" and nxt.residual is not None \
                 and u.end in ancestors(nxt.start, _after(order[u.end], order)):
+            if u.kind == "mlp" and u.spatial:  # its residual is the mixer's, not a removable MLP branch
+                u = replace(u, kind="mixer", residual=replace(u.residual, kind="mixer"))
             groups.append([u, nxt])
             i += 2
         else:

@@ -102,6 +102,8 @@ def assign_factors(gm: fx.GraphModule, blocks: Sequence[Block], attention: Seque
         info = linear_info(n, gm)
         if info is not None:
             weight_users.setdefault(info.weight, []).append(n.name)
+        elif op_kind(n, gm) == "conv" and n.op == "call_module":  # e.g. the patch embedding (embed rows)
+            weight_users.setdefault(f"{n.target}.weight", []).append(n.name)
     sites = {a.name: a for a in attention}
     parts: dict[str, list[tuple[int, tuple[str, ...]]]] = {}
     for g in groups:

@@ -37,6 +37,7 @@ def chosen_groups(g: VitGraph, spec: Spec) -> tuple[list[CoupledGroup], dict[str
     kinds = {"heads"} if width.heads else set()
     kinds |= {"mlp"} if width.mlp else set()
     kinds |= {"head_dim"} if width.head_dim else set()
+    kinds |= {"embed"} if width.embed else set()
     cut_values = {a.name for a in g.structure.attention if a.prunable.get("head_dim") is None}
     for group in g.structure.groups:
         if group.kind in kinds and group.units > 1 and (group.kind != "head_dim" or group.site in cut_values):
@@ -47,6 +48,8 @@ def chosen_groups(g: VitGraph, spec: Spec) -> tuple[list[CoupledGroup], dict[str
             skipped[a.name] = a.prunable.get("heads") or "heads are not separable here"
         elif width.head_dim and (a.name, "head_dim") not in have:
             skipped[a.name] = f"value dims: {a.prunable.get('head_dim') or 'not separable here'}"
+    if width.embed and ("embed", "embed") not in have:
+        skipped["embed"] = f"embedding channels: {g.structure.embed_reason or 'not separable here'}"
     for m in g.structure.mlps:
         if width.mlp and (m.name, "mlp") not in have:
             skipped[m.name] = m.prunable.get("mlp") or "hidden units are not separable here"
@@ -116,6 +119,8 @@ class WidthAxis(Axis):
             segments = self.graph.structure.attention_site(group.site).heads
             per_head = group.units // segments
             align = segments * (align if per_head % align == 0 and per_head >= 2 * align else 1)
+            min_units = align
+        elif group.kind == "embed":
             min_units = align
         return Site(group.name, group.kind, group.units, align, min_units, consumer, gate.channel_unit.clone(),
                     weights, segments)
