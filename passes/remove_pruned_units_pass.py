@@ -21,7 +21,7 @@ from torch import nn
 from vitgraph.passes.base import PassResult, VitPass, drop_root, ensure_no_calls, require_nodes
 from vitgraph.passes.insert_unit_gates_pass import branch_add
 from vitgraph.errors import PreconditionError
-from vitgraph.meta import GATES, Block, CoupledGroup, submodule_name
+from vitgraph.meta import GATES, Block, ConstRef, CoupledGroup, submodule_name
 
 
 class RemovePrunedUnitsPass(VitPass):
@@ -54,6 +54,9 @@ class RemovePrunedUnitsPass(VitPass):
                 self._remove_branch(gm, name)
                 counters["branches_removed"] += 1
         counters["gates_removed"] = _strip_gates(gm, kept)
+        for name in kept:  # sizes computed from a width that shrinks keep their dense meaning (before any rewrite)
+            frozen = [c for c in self.groups[name].constants if c.per_unit == 0 and c.node in live_nodes(gm)]
+            _set_constants(gm, frozen, 0, self.name)
         for name, units in kept.items():
             group = self.groups[name]
             removed = group.units - len(units)
@@ -141,9 +144,18 @@ def _sync_sizes(module: nn.Module) -> None:
 
 
 def rewrite_constants(gm: fx.GraphModule, group: CoupledGroup, removed: int, pass_name: str = "rewrite") -> None:
-    """Move every reshape/view constant of ``group`` by ``per_unit`` for each of ``removed`` units."""
-    nodes = require_nodes(gm, (c.node for c in group.constants), pass_name, "reshape")
-    for c in group.constants:
+    """Move every reshape/view constant of ``group`` by ``per_unit`` for each of ``removed`` units (the frozen
+    ones, ``per_unit`` 0, were set before any group moved its own)."""
+    _set_constants(gm, [c for c in group.constants if c.per_unit], removed, pass_name)
+
+
+def live_nodes(gm: fx.GraphModule) -> set[str]:
+    return {n.name for n in gm.graph.nodes}
+
+
+def _set_constants(gm: fx.GraphModule, constants: Sequence[ConstRef], removed: int, pass_name: str) -> None:
+    nodes = require_nodes(gm, (c.node for c in constants), pass_name, "reshape")
+    for c in constants:
         node = nodes[c.node]
         sizes = list(node.args[1:])  # args[0] is the tensor, for x.view(...) and torch.reshape(x, ...)
         value = c.value - removed * c.per_unit

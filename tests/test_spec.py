@@ -10,7 +10,7 @@ from vitgraph.spec import PRESETS, Spec
 def test_unknown_keys_are_named_with_the_allowed_ones():
     with pytest.raises(vg.SpecError, match=r"unknown key 'widht'.*allowed keys: preset, budget, width"):
         Spec.from_dict({"widht": {}})
-    with pytest.raises(vg.SpecError, match=r"'width.methd'.*under width: method, heads, head_dim, mlp, align"):
+    with pytest.raises(vg.SpecError, match=r"'width.methd'.*under width: method, heads, head_dim, mlp, embed, align, allocation"):
         Spec.from_dict({"width": {"methd": "magnitude"}})
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from vitgraph.analysis import index as ix
 from vitgraph.analysis.groups import _axis_code, _constants, _static_sources
 from vitgraph.analysis.ops import linear_info, op_kind
-from vitgraph.meta import Block, CoupledGroup, SliceRef, TokenInfo, shape_of
+from vitgraph.meta import VALUE, Block, ConstRef, CoupledGroup, SliceRef, TokenInfo, shape_of
 
 _COMBINE = {"add", "mul", "div", "sub", "function", "method"}  # ops where another tensor may join the stream
 
@@ -234,6 +234,43 @@ def _step(walk: _Walk, node: fx.Node, user: fx.Node) -> bool:
     return grew
 
 
+def _channel_reads(node: fx.Node, axis: int) -> list[fx.Node]:
+    """Nodes reading the size of ``node``'s channel axis: ``x.shape[axis]``, ``x.size(axis)``, ``B, N, C = x.shape``."""
+    rank = len(shape_of(node) or ())
+    want = {axis % rank, axis % rank - rank} if rank else set()
+    out = []
+    for u in node.users:
+        if u.op == "call_method" and u.target == "size" and len(u.args) > 1 and _index(u.args[1]) in want:
+            out.append(u)
+        elif u.op == "call_function" and u.target is getattr and u.args[1:2] == ("shape",):
+            out += [g for g in u.users if g.target is operator.getitem and _index(g.args[1]) in want]
+    return out
+
+
+def _index(a) -> int | None:
+    return a if isinstance(a, int) else None
+
+
+def _frozen_sizes(gm: fx.GraphModule, env: dict[fx.Node, torch.Tensor]) -> list[ConstRef]:
+    """Reshape sizes computed from the stream's width (timm-style ``C // heads``): they mean the *dense*
+    width, so narrowing freezes them to the values they had (``per_unit`` 0)."""
+    from vitgraph.analysis.groups import _RESHAPES, _size_args
+    stack = [r for n in env for r in _channel_reads(n, -1 if len(shape_of(n) or ()) != 4 else 1)]
+    derived: set[fx.Node] = set()
+    while stack:
+        n = stack.pop()
+        if n not in derived and VALUE in n.meta and isinstance(n.meta[VALUE], int):
+            derived.add(n)
+            stack.extend(n.users)
+    found = []
+    for node in gm.graph.nodes:
+        if (node.op == "call_method" and node.target in _RESHAPES) or node.target is torch.reshape:
+            for i, a in enumerate(_size_args(node)):
+                if isinstance(a, fx.Node) and a in derived:
+                    found.append(ConstRef(node.name, i, int(a.meta[VALUE]), 0, False))
+    return found
+
+
 def embed_group(gm: fx.GraphModule, info: TokenInfo, blocks: Sequence[Block], data: set[fx.Node]
                 ) -> CoupledGroup | str:
     """The residual stream's channels as one group, or why they cannot narrow together."""
@@ -263,7 +300,7 @@ def embed_group(gm: fx.GraphModule, info: TokenInfo, blocks: Sequence[Block], da
     except _Refused as e:
         return str(e)
     merged: dict[tuple[str, int], SliceRef] = {(s.target, s.axis): s for s in walk.slices}
-    consts = {(k.node, k.arg_index): k for k in _constants(gm, walk.env, c, 1)}
+    consts = {(k.node, k.arg_index): k for k in _frozen_sizes(gm, walk.env) + _constants(gm, walk.env, c, 1)}
     return CoupledGroup(name="embed", kind="embed", site="embed", block=None, units=c, unit_width=1,
                         slices=tuple(merged.values()), constants=tuple(consts.values()), norms=tuple(walk.norms))
 

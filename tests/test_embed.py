@@ -1,0 +1,104 @@
+"""Embedding channels (``width.embed``): the residual stream narrows through every block, exactly.
+
+Random decisions (the stream cut by half, with heads, value dims and MLP units pruned too) are
+written into the frozen masks: open == original, gated ``eval`` (LayerNorm statistics over the kept
+channels) == the narrowed graph, cost == the pricer's prediction == FlopCounterMode.
+"""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import vitgraph as vg
+from tests.test_groups import _graph
+from vitgraph.analysis.cost import flop_counter_flops
+from vitgraph.gated import instrument, materialize
+from vitgraph.spec import Spec
+
+EMBED = Spec.from_dict({"budget": {"flops": 0.5}, "width": {"method": "magnitude", "heads": True, "mlp": True,
+                                                            "head_dim": True, "embed": True, "align": 1}})
+
+
+def _decide(gated, seed: int) -> int:
+    """Random masks: half the stream's channels, other groups random (equal value dims per head)."""
+    gen = torch.Generator().manual_seed(seed)
+    method = gated.axes["width"].method
+    kept_embed = 0
+    for i, site in enumerate(method.sites):
+        if site.kind == "embed":
+            mask = torch.zeros(site.units, dtype=torch.bool)
+            mask[torch.randperm(site.units, generator=gen)[:site.units // 2]] = True
+            kept_embed = int(mask.sum())
+        elif site.kind == "head_dim":
+            per = site.units // site.segments
+            k = int(torch.randint(1, per + 1, (1,), generator=gen))
+            mask = torch.cat([torch.zeros(per).index_fill_(0, torch.randperm(per, generator=gen)[:k], 1)
+                              for _ in range(site.segments)]).bool()
+        else:
+            mask = torch.rand(site.units, generator=gen) < 0.6
+            mask[0] = True
+        getattr(method, f"frozen_{i}").copy_(mask)
+    method.is_frozen.fill_(True)
+    return kept_embed
+
+
+@pytest.mark.parametrize("key", ["handmade", "hugging_face", "deit", "beit", "relpos"])
+def test_open_equals_original_and_eval_equals_narrowed_graph(key):
+    g = _graph(key)
+    x = g.example_inputs[0]
+    gated = instrument(g, EMBED)
+    assert any(s.kind == "embed" for s in gated.axes["width"].method.sites), g.structure.embed_reason
+    with torch.no_grad():
+        dense = g.gm(x)
+        assert torch.equal(gated.set_mode("open")(x), dense), "gates open must be exactly the original graph"
+        kept = _decide(gated, seed=len(key))
+        masked = gated.set_mode("eval")(x)
+        compact = materialize(gated)
+        out = compact(x)
+    scale = dense.abs().max()
+    assert (masked - dense).abs().max() > 1e-3 * scale, "random decisions changed nothing (test cannot fail)"
+    assert (out - masked).abs().max() <= 1e-5 * scale, f"{key}: narrowed graph differs from the gated eval graph"
+    widths = {p.shape[-1] for n, p in compact.named_parameters() if n.endswith(("pos_embed", "cls_token"))}
+    assert not widths or widths == {kept} or key == "hugging_face"
+    assert "vg_gates" not in compact.code
+    cg = vg.trace(compact, g.example_inputs)
+    assert cg.structure.flops == pytest.approx(gated.cost()["flops"], rel=1e-9)
+    assert cg.structure.flops == pytest.approx(flop_counter_flops(compact, g.example_inputs, 2), rel=0.01)
+
+
+def test_masked_layernorm_uses_the_kept_channels_only():
+    g = _graph("deit")
+    gated = instrument(g, EMBED)
+    gate = gated.axes["width"].gates["embed"]
+    x = torch.randn(2, 5, gate.units)
+    w, b = torch.randn(gate.units), torch.randn(gate.units)
+    keep = torch.arange(gate.units) % 3 == 0
+    gate.mask = keep.float()
+    got = gate(x, eps=1e-6, weight=w, bias=b)[..., keep]
+    want = torch.nn.functional.layer_norm(x[..., keep], (int(keep.sum()),), w[keep], b[keep], 1e-6)
+    assert torch.allclose(got, want, atol=1e-5)
+    gate.mask = None
+    assert torch.equal(gate(x, eps=1e-6, weight=w, bias=b), torch.nn.functional.layer_norm(x, (gate.units,), w, b,
+                                                                                           1e-6))
+
+
+@pytest.mark.parametrize("key, reason", [("swin", "residual stream"), ("levit", "changes width"),
+                                         ("cait", "more than one branch"), ("dinov2_reg", "output")])
+def test_streams_that_cannot_narrow_are_refused_with_the_reason(key, reason):
+    assert reason in (_graph(key).structure.embed_reason or "")
+
+
+def test_one_shot_embed_lands_on_budget_with_parity_and_onnx(tmp_path):
+    onnx_target = pytest.importorskip("vitgraph.targets.onnx")
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2,
+                              num_heads=4, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    spec = Spec.from_dict({"budget": {"flops": 0.5}, "width": {"method": "magnitude", "embed": True}})
+    result = vg.compress(model, spec, example_inputs=(x,), data="none", progress=False, latency_targets=())
+    assert abs(result.report["budget"]["achieved"] - 0.5) <= 0.03
+    assert result.report["parity"]["max_abs_err"] <= 1e-4
+    assert result.compact.get_parameter("pos_embed").shape[-1] < 64
+    report = onnx_target.lower(result.compact, (x,), tmp_path / "embed.onnx", check_batches=(1, 3))
+    assert report.max_abs_err <= 1e-4
