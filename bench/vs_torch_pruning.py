@@ -5,9 +5,9 @@ TP follows its own timm ViT recipe (examples/transformers/prune_timm_vit.py): a 
 channel ratio), uniform per-layer ratios, the classifier ignored, then each timm ``Attention``'s
 ``num_heads``/``head_dim``/``attn_dim`` patched by hand. Its ratio is bisected until its FLOPs
 (``FlopCounterMode``, 2 x MACs) land on the target. vitgraph uses ``vg.compress`` (one-shot magnitude,
-heads + MLP). Both compact models are timed beside the dense one, interleaved, in eager PyTorch and ONNX
+heads, value dims, MLP units and embedding channels). Both compact models are timed beside the dense one, interleaved, in eager PyTorch and ONNX
 Runtime (spinning off); efficiency = speed-up / (dense FLOPs / compact FLOPs). On a small digits ViT both
-are fine-tuned with the same steps and distillation and their top-1 compared. The timed model keeps random
+are fine-tuned with the same steps and distillation and their top-1 compared over seeds (mean, min..max). The timed model keeps random
 weights (no network; timing does not depend on them). Needs ``pip install -e '.[bench]'``::
 
     python bench/vs_torch_pruning.py --flops 0.5 --batches 1,16 --json vs_tp.json
@@ -82,13 +82,17 @@ def tp_at_budget(model: nn.Module, x: torch.Tensor, target: float, round_to: int
     return best
 
 
+VG_WIDTH = {"heads": True, "mlp": True, "head_dim": True, "embed": True}  # heads, value dims, MLP units, the stream
+
+
 def vg_compress(model: nn.Module, x: torch.Tensor, target: float, data: str = "none", steps: int = 0,
-                batch_size: int = 64, method: str = "magnitude") -> tuple[nn.Module, dict[str, Any]]:
+                batch_size: int = 64, method: str = "magnitude", width: dict[str, Any] | None = None,
+                seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
     import vitgraph as vg
 
-    spec = {"budget": {"flops": target}, "width": {"method": method, "heads": True, "mlp": True}}
+    spec: dict[str, Any] = {"budget": {"flops": target}, "width": {"method": method, **(width or VG_WIDTH)}}
     if steps:
-        spec["train"] = {"steps": steps, "batch_size": batch_size}
+        spec["train"] = {"steps": steps, "batch_size": batch_size, "seed": seed}
     result = vg.compress(model, vg.Spec.from_dict(spec), example_inputs=(x[:1],), data=data, progress=False,
                          latency_targets=())  # this script times both sides itself
     return result.compact, result.report
@@ -149,45 +153,53 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{r['compact_ms']:>12.2f}{r['speedup']:>9.2f}x{r['efficiency']:>12.2f}")
 
 
-def digits(args: argparse.Namespace) -> dict[str, Any]:
-    """Train a small digits ViT dense, prune both ways to the budget, fine-tune both alike, compare top-1."""
+def digits_seed(args: argparse.Namespace, seed: int) -> dict[str, float]:
+    """One seed: train a small digits ViT dense, prune every way to the budget, fine-tune alike, top-1 of each."""
     from vitgraph.data import load_data
     from vitgraph.spec import Spec
     from vitgraph.train import evaluate, fit
 
     def cfg(steps: int, **extra: Any) -> Any:
-        return Spec.from_dict({"train": {"steps": steps, "batch_size": args.batch_size, **extra}}).train
+        return Spec.from_dict({"train": {"steps": steps, "batch_size": args.batch_size, "seed": seed, **extra}}).train
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     dense = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=4, in_chans=1, num_classes=10,
                               embed_dim=192, depth=6, num_heads=3)
     data = load_data("digits", (1, 32, 32), args.batch_size)
     fit(dense, data.train, cfg(args.dense_steps, lr=2e-3, warmup_steps=30), progress=False)  # vitgraph demo's recipe
     dense.eval()
     x = torch.randn(1, 1, 32, 32)
-    top1: dict[str, Any] = {"dense": evaluate(dense, data.val)}
+    top1 = {"dense": evaluate(dense, data.val)}
     tp_model, ratio, frac = tp_at_budget(dense, x, args.flops, args.tp_round_to)
     top1["tp_oneshot"] = evaluate(tp_model, data.val)
     fit(tp_model, data.train, cfg(args.steps), teacher=dense, progress=False)  # same loss, KD and schedule as vitgraph
-    top1["tp"], top1["tp_flops"], top1["tp_ratio"] = evaluate(tp_model, data.val), frac, ratio
-    if args.only != "tp":
-        oneshot, _ = vg_compress(dense, x, args.flops)
-        top1["vitgraph_oneshot"] = evaluate(oneshot, data.val)
-        compact, report = vg_compress(dense, x, args.flops, data="digits", steps=args.steps, batch_size=args.batch_size)
-        top1["vitgraph"], top1["vitgraph_flops"] = evaluate(compact, data.val), flops(compact, x) / flops(dense, x)
-        top1["vitgraph_report"] = report.get("compressed")
-        # learned masks within the same step budget: half searches (WDPruning), half fine-tunes
-        compact, _ = vg_compress(dense, x, args.flops, data="digits", steps=args.steps, batch_size=args.batch_size,
-                                 method="wdpruning")
-        top1["vitgraph_wdpruning"] = evaluate(compact, data.val)
-    print(f"\ndigits ViT ({args.dense_steps} dense steps from random init; {args.steps} fine-tune steps each, "
-          "KD from dense); top-1 on the held-out split")
-    for key in ("dense", "tp_oneshot", "tp", "vitgraph_oneshot", "vitgraph", "vitgraph_wdpruning"):
-        if key in top1:
-            print(f"  {key:<17} {top1[key]:.4f}")
-    print(f"  TP lands at {frac:.3f} FLOPs (ratio {ratio:.3f}); "
-          f"vitgraph at {top1.get('vitgraph_flops', float('nan')):.3f}")
+    top1["tp"], top1["tp_flops"] = evaluate(tp_model, data.val), frac
+    if args.only == "tp":
+        return top1
+    width = json.loads(args.vg_width)
+    runs = {"vitgraph_oneshot": ("magnitude", "none", 0), "vitgraph": ("magnitude", "digits", args.steps),
+            **{f"vitgraph_{m}": (m, "digits", args.steps) for m in args.learned.split(",") if m}}
+    for key, (method, data_name, steps) in runs.items():  # learned methods: half the steps search, half fine-tune
+        compact, _ = vg_compress(dense, x, args.flops, data=data_name, steps=steps, batch_size=args.batch_size,
+                                 method=method, width=width, seed=seed)
+        top1[key] = evaluate(compact, data.val)
+        top1[f"{key}_flops"] = flops(compact, x) / flops(dense, x)
     return top1
+
+
+def digits(args: argparse.Namespace) -> dict[str, Any]:
+    """Every seed of ``digits_seed``, then mean and spread (min..max) per column."""
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs = [digits_seed(args, seed) for seed in seeds]
+    print(f"\ndigits ViT ({args.dense_steps} dense steps from random init; {args.steps} fine-tune steps each, "
+          f"KD from dense; vitgraph width {args.vg_width}); top-1 on the held-out split over seeds {seeds}")
+    summary: dict[str, Any] = {"seeds": seeds, "runs": runs}
+    for key in runs[0]:
+        vals = [r[key] for r in runs]
+        mean = sum(vals) / len(vals)
+        summary[key] = {"mean": mean, "min": min(vals), "max": max(vals)}
+        print(f"  {key:<24} {mean:.4f}  ({min(vals):.4f} .. {max(vals):.4f})")
+    return summary
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=150, help="fine-tune steps after pruning (digits)")
     parser.add_argument("--dense-steps", type=int, default=300, help="dense training steps (digits)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds for the digits comparison")
+    parser.add_argument("--vg-width", default=json.dumps(VG_WIDTH), help="vitgraph's width keys (JSON)")
+    parser.add_argument("--learned", default="wdpruning,uvc", help="learned vitgraph methods to run (comma-separated)")
     parser.add_argument("--tp-round-to", type=int, default=1, help="TP channel rounding (its ViT recipe: 1)")
     parser.add_argument("--json", metavar="OUT", help="write every figure here")
     args = parser.parse_args(argv)

@@ -13,7 +13,8 @@ import torch
 
 import vitgraph as vg
 from vitgraph.analysis.cost import flop_counter_flops
-from vitgraph.axes.width_methods import Site, allocate, allocate_global, build_method, normalised
+from vitgraph.axes.allocation import Site, allocate, allocate_global, normalised
+from vitgraph.axes.width_methods import build_method
 
 HEAD_DIM, DIM, HIDDEN = 16, 64, 256
 
