@@ -30,6 +30,7 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import vitgraph as vg
 from vitgraph.targets import bench
 
 try:
@@ -88,8 +89,6 @@ VG_WIDTH = {"heads": True, "mlp": True, "head_dim": True, "embed": True}  # head
 def vg_compress(model: nn.Module, x: torch.Tensor, target: float, data: str = "none", steps: int = 0,
                 batch_size: int = 64, method: str = "magnitude", width: dict[str, Any] | None = None,
                 seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
-    import vitgraph as vg
-
     spec: dict[str, Any] = {"budget": {"flops": target}, "width": {"method": method, **(width or VG_WIDTH)}}
     if steps:
         spec["train"] = {"steps": steps, "batch_size": batch_size, "seed": seed}
@@ -234,8 +233,9 @@ def main(argv: list[str] | None = None) -> None:
         compact, report = vg_compress(model, x, args.flops)
         out["vitgraph_flops"] = flops(compact, x) / dense_flops
         b0 = report["blocks"][0]
+        embed = vg.trace(compact, (x,)).structure.tokens.embed_dim
         print(f"  vitgraph lands at {out['vitgraph_flops']:.3f} (report {report['budget']['achieved']:.3f}): embed "
-              f"{model.embed_dim}, heads {b0['attention']['heads']}x"
+              f"{embed}, heads {b0['attention']['heads']}x"
               f"{b0['attention']['head_dim']}, mlp {b0['mlp']['hidden']} (block 0)")
         models["vitgraph"] = compact
 

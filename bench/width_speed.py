@@ -2,13 +2,14 @@
 
 The model (default deit_small_patch16_224, random weights: timing does not depend on them) is compressed
 by ``vg.compress`` to ``--flops`` of its dense FLOPs, one-shot: ``--axis width`` prunes heads + MLP units
-by magnitude, ``--axis depth`` deletes whole blocks (the ones that change the residual stream least),
+by magnitude (``--embed``: the residual stream's channels too; ``--head-dim``: value dims), ``--axis depth`` deletes whole blocks (the ones that change the residual stream least),
 ``--axis both`` deletes blocks first and narrows the rest to close the gap. Then dense and compact run side by side in eager PyTorch, torch.compile and ONNX Runtime (spinning off),
 all runners of one batch size interleaved; medians. Per target and batch it prints the speed-up and the
 *efficiency* = speed-up / (dense FLOPs / compact FLOPs): 1.0 means latency fell as much as FLOPs did::
 
     python bench/width_speed.py --flops 0.5 --batches 1,16 --json width_speed.json
     python bench/width_speed.py --targets eager,onnx --repeats 10     # skip the torch.compile build
+    python bench/width_speed.py --embed --targets onnx --batches 1,16   # heads + MLP + embedding channels
     python bench/width_speed.py --axis depth --flops 0.75              # 3 of deit_small's 12 blocks deleted
 """
 from __future__ import annotations
@@ -39,10 +40,11 @@ def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def compress(model: nn.Module, x: torch.Tensor, target: float, align: int | None,
-             axis: str = "width") -> tuple[nn.Module, dict[str, Any]]:
+def compress(model: nn.Module, x: torch.Tensor, target: float, align: int | None, axis: str = "width",
+             embed: bool = False, head_dim: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     on = axis in ("width", "both")
-    width: dict[str, Any] = {"method": "magnitude", "heads": on, "mlp": on}
+    width: dict[str, Any] = {"method": "magnitude", "heads": on, "mlp": on, "embed": on and embed,
+                             "head_dim": on and head_dim}
     if align is not None:
         width["align"] = align
     spec = vg.Spec.from_dict({"budget": {"flops": target}, "width": width,
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--flops", type=float, default=0.5, help="target fraction of dense FLOPs")
     parser.add_argument("--align", type=int, default=None, help="width.align in the spec (default: the spec's)")
     parser.add_argument("--axis", choices=("width", "depth", "both"), default="width", help="what to cut")
+    parser.add_argument("--embed", action="store_true", help="width.embed: narrow the residual stream too")
+    parser.add_argument("--head-dim", action="store_true", help="width.head_dim: value dims inside heads too")
     bench.add_timing_args(parser)
     args = parser.parse_args(argv)
     batches, targets = bench.timing_args(args)
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model = timm.create_model(args.model).eval()
     x = torch.randn(1, *model.pretrained_cfg["input_size"])
-    compact, report = compress(model, x, args.flops, args.align, args.axis)
+    compact, report = compress(model, x, args.flops, args.align, args.axis, args.embed, args.head_dim)
     dense = trace_module(model, (x,))  # both sides fx graphs: the comparison is the width, not the front end
     fl = {"dense": flops(dense, x), "compact": flops(compact, x)}
     pa = {"dense": params(dense), "compact": params(compact)}

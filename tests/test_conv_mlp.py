@@ -186,7 +186,7 @@ def test_plain_vit_is_unaffected():
     assert [m.hidden for m in g.structure.mlps] == [256, 256]
     assert all(linear_info(nodes[m.fc2], g.gm).channel_axis == -1 for m in g.structure.mlps)
     assert linear_info(nodes[g.structure.tokens.embed], g.gm) is None  # the 8x8 patch conv
-    assert {gr.name.rsplit(".", 1)[1] for gr in g.structure.groups} == {"heads", "v_dims", "mlp"}
+    assert {gr.name.rsplit(".", 1)[-1] for gr in g.structure.groups} == {"heads", "v_dims", "mlp", "embed"}
 
 
 def test_efficientformer_l1_lands_on_half_its_flops():
