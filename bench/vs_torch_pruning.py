@@ -5,7 +5,7 @@ TP follows its own timm ViT recipe (examples/transformers/prune_timm_vit.py): a 
 channel ratio), uniform per-layer ratios, the classifier ignored, then each timm ``Attention``'s
 ``num_heads``/``head_dim``/``attn_dim`` patched by hand. Its ratio is bisected until its FLOPs
 (``FlopCounterMode``, 2 x MACs) land on the target. vitgraph uses ``vg.compress`` (one-shot magnitude,
-heads, value dims, MLP units and embedding channels). Both compact models are timed beside the dense one, interleaved, in eager PyTorch and ONNX
+heads, value dims, MLP units and embedding channels, allocated across layers). Both compact models are timed beside the dense one, interleaved, in eager PyTorch and ONNX
 Runtime (spinning off); efficiency = speed-up / (dense FLOPs / compact FLOPs). On a small digits ViT both
 are fine-tuned with the same steps and distillation and their top-1 compared over seeds (mean, min..max). The timed model keeps random
 weights (no network; timing does not depend on them). Needs ``pip install -e '.[bench]'``::
@@ -28,9 +28,9 @@ import timm
 import torch
 from timm.models.vision_transformer import Attention
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import vitgraph as vg
+from vitgraph.analysis.cost import flop_counter_flops
 from vitgraph.targets import bench
 
 try:
@@ -41,10 +41,8 @@ except ImportError:
 
 
 def flops(model: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs per image (2 x multiply-adds), as vitgraph's cost model counts them."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x[:1])
-    return counter.get_total_flops()
+    """FLOPs per image (2 x multiply-adds) by ``FlopCounterMode`` on the math SDPA kernel (the fused one counts 0)."""
+    return flop_counter_flops(model, (x[:1],), 1)
 
 
 def tp_prune(model: nn.Module, x: torch.Tensor, ratio: float, *, heads: bool = True, round_to: int = 1) -> nn.Module:
@@ -83,7 +81,8 @@ def tp_at_budget(model: nn.Module, x: torch.Tensor, target: float, round_to: int
     return best
 
 
-VG_WIDTH = {"heads": True, "mlp": True, "head_dim": True, "embed": True}  # heads, value dims, MLP units, the stream
+# heads, value dims, MLP units and the stream, ranked across layers (examples/specs/width_full.yaml)
+VG_WIDTH = {"heads": True, "mlp": True, "head_dim": True, "embed": True, "allocation": "global"}
 
 
 def vg_compress(model: nn.Module, x: torch.Tensor, target: float, data: str = "none", steps: int = 0,

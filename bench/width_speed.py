@@ -22,18 +22,16 @@ from typing import Any
 import timm
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import vitgraph as vg
 from vitgraph.frontend import trace_module
+from vitgraph.analysis.cost import flop_counter_flops
 from vitgraph.targets import bench
 
 
 def flops(model: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs per image (2 x multiply-adds), as vitgraph's cost model counts them."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x[:1])
-    return counter.get_total_flops()
+    """FLOPs per image (2 x multiply-adds) by ``FlopCounterMode`` on the math SDPA kernel (the fused one counts 0)."""
+    return flop_counter_flops(model, (x[:1],), 1)
 
 
 def params(model: nn.Module) -> int:

@@ -43,7 +43,7 @@ def _decide(gated, seed: int) -> int:
     return kept_embed
 
 
-@pytest.mark.parametrize("key", ["handmade", "hugging_face", "deit", "beit", "relpos"])
+@pytest.mark.parametrize("key", ["handmade", "hugging_face", "deit", "beit", "relpos", "map_regs"])
 def test_open_equals_original_and_eval_equals_narrowed_graph(key):
     g = _graph(key)
     x = g.example_inputs[0]

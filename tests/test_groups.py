@@ -33,6 +33,10 @@ TINY = {
     "relpos": ("vit_relpos_small_patch16_224", dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2),
                32),
     "dinov2_reg": ("vit_small_patch14_reg4_dinov2", dict(img_size=28, embed_dim=64, depth=2, num_heads=2), 28),
+    # q/k norms, layer-scale, register tokens, no class token, an attention-pool (latent query) head
+    "map_regs": ("vit_base_patch16_224", dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
+                                              qk_norm=True, init_values=1.0, reg_tokens=2, class_token=False,
+                                              global_pool="map"), 32),
 }
 
 

@@ -54,7 +54,7 @@ def _explicit_deit():
 
 
 @pytest.mark.parametrize("key", ["handmade", "hugging_face", "deit", "explicit", "swin_shifted", "dinov2_reg",
-                                 "relpos"])
+                                 "relpos", "map_regs"])
 def test_open_equals_original_and_eval_equals_split_graph(key):
     g = _explicit_deit() if key == "explicit" else _graph(key)
     x = g.example_inputs[0]
