@@ -11,8 +11,8 @@ import timm
 import torch
 
 import vitgraph as vg
+from tests.checks import round_trip
 from tests.test_groups import _graph
-from vitgraph.analysis.cost import flop_counter_flops
 from vitgraph.gated import instrument, materialize
 from vitgraph.spec import Spec
 
@@ -57,26 +57,13 @@ def _explicit_deit():
                                  "relpos", "map_regs"])
 def test_open_equals_original_and_eval_equals_split_graph(key):
     g = _explicit_deit() if key == "explicit" else _graph(key)
-    x = g.example_inputs[0]
     gated = instrument(g, VALUES)
     sites = [s for s in gated.axes["width"].method.sites if s.kind == "head_dim"]
     assert sites, f"{key}: no value-dim group was gated"
-    with torch.no_grad():
-        dense = g.gm(x)
-        assert torch.equal(gated.set_mode("open")(x), dense), "gates open must be exactly the original graph"
-        _random_decisions(gated, seed=len(key))
-        masked = gated.set_mode("eval")(x)
-        compact = materialize(gated)
-        out = compact(x)
-    scale = dense.abs().max()
-    assert (masked - dense).abs().max() > 1e-3 * scale, "random decisions changed nothing (test cannot fail)"
-    assert (out - masked).abs().max() <= 1e-5 * scale, f"{key}: compact graph differs from the gated eval graph"
+    compact = round_trip(g, gated, lambda: _random_decisions(gated, seed=len(key)), key)
     cuts = [m for n, m in compact.named_modules() if n.endswith(".v_cut")]
     assert len(cuts) == len(sites), "every gated attention computes v with its own projection"
-    assert any(c.out_features % 1 == 0 and c.out_features < c.in_features for c in cuts)
-    cg = vg.trace(compact, g.example_inputs)
-    assert cg.structure.flops == pytest.approx(gated.cost()["flops"], rel=1e-9)
-    assert cg.structure.flops == pytest.approx(flop_counter_flops(compact, g.example_inputs, 2), rel=0.01)
+    assert any(c.out_features < c.in_features for c in cuts)
 
 
 def test_fused_qkv_is_split_and_each_head_keeps_its_own_channels():
