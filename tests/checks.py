@@ -35,3 +35,10 @@ def round_trip(g: vg.VitGraph, gated, decide: Callable[[], object], key: str) ->
     assert cg.structure.flops == pytest.approx(gated.cost()["flops"], rel=1e-9)
     assert cg.structure.flops == pytest.approx(flop_counter_flops(compact, g.example_inputs, 2), rel=0.01)
     return compact
+
+
+def value_dim_mask(site, k: int, gen: torch.Generator) -> torch.Tensor:
+    """A value-dim group's mask: ``k`` random channels in every head, each head its own."""
+    per = site.units // site.segments
+    return torch.cat([torch.zeros(per).index_fill_(0, torch.randperm(per, generator=gen)[:k], 1)
+                      for _ in range(site.segments)]).bool()

@@ -11,7 +11,7 @@ import timm
 import torch
 
 import vitgraph as vg
-from tests.checks import round_trip
+from tests.checks import round_trip, value_dim_mask
 from tests.test_groups import _graph
 from vitgraph.gated import instrument
 from vitgraph.spec import Spec
@@ -31,10 +31,8 @@ def _decide(gated, seed: int) -> int:
             mask[torch.randperm(site.units, generator=gen)[:site.units // 2]] = True
             kept_embed = int(mask.sum())
         elif site.kind == "head_dim":
-            per = site.units // site.segments
-            k = int(torch.randint(1, per + 1, (1,), generator=gen))
-            mask = torch.cat([torch.zeros(per).index_fill_(0, torch.randperm(per, generator=gen)[:k], 1)
-                              for _ in range(site.segments)]).bool()
+            k = int(torch.randint(1, site.units // site.segments + 1, (1,), generator=gen))
+            mask = value_dim_mask(site, k, gen)
         else:
             mask = torch.rand(site.units, generator=gen) < 0.6
             mask[0] = True

@@ -11,7 +11,7 @@ import timm
 import torch
 
 import vitgraph as vg
-from tests.checks import round_trip
+from tests.checks import round_trip, value_dim_mask
 from tests.test_groups import _graph
 from vitgraph.gated import instrument, materialize
 from vitgraph.spec import Spec
@@ -28,11 +28,9 @@ def _random_decisions(gated, seed: int) -> dict[str, int]:
     kept = {}
     for i, site in enumerate(method.sites):
         if site.kind == "head_dim":
-            per = site.units // site.segments
-            k = 1 if first else int(torch.randint(1, per, (1,), generator=gen))
+            k = 1 if first else int(torch.randint(1, site.units // site.segments, (1,), generator=gen))
             first = False
-            mask = torch.cat([torch.zeros(per).index_fill_(0, torch.randperm(per, generator=gen)[:k], 1)
-                              for _ in range(site.segments)]).bool()
+            mask = value_dim_mask(site, k, gen)
         else:
             mask = torch.rand(site.units, generator=gen) < 0.6
             mask[0] = True
