@@ -4,11 +4,13 @@ TP follows its own timm ViT recipe (examples/transformers/prune_timm_vit.py): a 
 ``MetaPruner``) with group L2 magnitude importance, whole heads removed (``prune_num_heads``, head ratio =
 channel ratio), uniform per-layer ratios, the classifier ignored, then each timm ``Attention``'s
 ``num_heads``/``head_dim``/``attn_dim`` patched by hand. Its ratio is bisected until its FLOPs
-(``FlopCounterMode``, 2 x MACs) land on the target. vitgraph uses ``vg.compress`` (one-shot magnitude,
-heads, value dims, MLP units and embedding channels, allocated across layers). Both compact models are timed beside the dense one, interleaved, in eager PyTorch and ONNX
-Runtime (spinning off); efficiency = speed-up / (dense FLOPs / compact FLOPs). On a small digits ViT both
-are fine-tuned with the same steps and distillation and their top-1 compared over seeds (mean, min..max). The timed model keeps random
-weights (no network; timing does not depend on them). Needs ``pip install -e '.[bench]'``::
+(``FlopCounterMode`` on the math SDPA kernel, 2 x MACs) land on the target. vitgraph uses ``vg.compress``
+(one-shot magnitude: heads, value dims, MLP units and embedding channels, allocated across layers). Both
+compact models are timed beside the dense one, interleaved, in eager PyTorch and ONNX Runtime (spinning
+off); efficiency = speed-up / (dense FLOPs / compact FLOPs). On a small digits ViT both are fine-tuned with
+the same steps and distillation and their top-1 compared over seeds (mean, min..max); the learned vitgraph
+methods spend half their steps searching. The timed model keeps random weights (no network; timing does
+not depend on them). Needs ``pip install -e '.[bench]'``::
 
     python bench/vs_torch_pruning.py --flops 0.5 --batches 1,16 --json vs_tp.json
     python bench/vs_torch_pruning.py --only tp --skip-digits     # TP alone (no vitgraph pipeline)

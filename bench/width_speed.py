@@ -2,10 +2,12 @@
 
 The model (default deit_small_patch16_224, random weights: timing does not depend on them) is compressed
 by ``vg.compress`` to ``--flops`` of its dense FLOPs, one-shot: ``--axis width`` prunes heads + MLP units
-by magnitude (``--embed``: the residual stream's channels too; ``--head-dim``: value dims), ``--axis depth`` deletes whole blocks (the ones that change the residual stream least),
-``--axis both`` deletes blocks first and narrows the rest to close the gap. Then dense and compact run side by side in eager PyTorch, torch.compile and ONNX Runtime (spinning off),
-all runners of one batch size interleaved; medians. Per target and batch it prints the speed-up and the
-*efficiency* = speed-up / (dense FLOPs / compact FLOPs): 1.0 means latency fell as much as FLOPs did::
+by magnitude (``--embed``: the residual stream's channels too; ``--head-dim``: value dims), ``--axis
+depth`` deletes whole blocks (the ones that change the residual stream least), ``--axis both`` deletes
+blocks first and narrows the rest to close the gap. Then dense and compact run side by side in eager
+PyTorch, torch.compile and ONNX Runtime (spinning off), all runners of one batch size interleaved;
+medians. Per target and batch it prints the speed-up and the *efficiency* = speed-up / (dense FLOPs /
+compact FLOPs): 1.0 means latency fell as much as FLOPs did::
 
     python bench/width_speed.py --flops 0.5 --batches 1,16 --json width_speed.json
     python bench/width_speed.py --targets eager,onnx --repeats 10     # skip the torch.compile build
@@ -24,8 +26,8 @@ import torch
 from torch import nn
 
 import vitgraph as vg
-from vitgraph.frontend import trace_module
 from vitgraph.analysis.cost import flop_counter_flops
+from vitgraph.frontend import trace_module
 from vitgraph.targets import bench
 
 
