@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from vitgraph.cli import main
 
@@ -79,3 +80,41 @@ def test_bench_json(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert {(r["batch"], r["target"]) for r in rows} == {(1, "eager"), (1, "onnx"), (2, "eager"), (2, "onnx")}
     assert all(r["median_ms"] > 0 for r in rows)
+
+
+def _hostile_files(tmp: Path) -> dict[str, str]:
+    """Files a user can hand the CLI by mistake: each must end in exit 2 with the fix named."""
+    (tmp / "binary.yaml").write_bytes(b"\xff\xfe\x00\x81 not text")
+    (tmp / "ok.yaml").write_text("budget: {flops: 0.5}\n")
+    (tmp / "truncated.pth").write_bytes(b"PK\x03\x04" + bytes(range(256)) * 2)
+    torch.save([1, 2, 3], tmp / "list.pth")
+    (tmp / "raises.py").write_text("def build():\n    raise RuntimeError('no weights here')\n")
+    (tmp / "broken_import.py").write_text("import not_a_module_anywhere\n\ndef build():\n    pass\n")
+    (tmp / "a_file").write_text("")
+    return {k: str(tmp / k) for k in ("binary.yaml", "ok.yaml", "truncated.pth", "list.pth", "raises.py",
+                                      "broken_import.py", "a_file")}
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("spec_not_text", "not UTF-8 text"),
+    ("corrupt_checkpoint", "could not be read"),
+    ("checkpoint_not_a_state_dict", "holds a list"),
+    ("builder_raises", "no weights here"),
+    ("model_file_import_fails", "not_a_module_anywhere"),
+    ("out_is_a_file", "is a file"),
+])
+def test_hostile_files_exit_2_naming_the_fix(case, needle, tmp_path, capsys):
+    f = _hostile_files(tmp_path)
+    argv = {
+        "spec_not_text": ["compile", *TINY, "--spec", f["binary.yaml"], "--data", "none",
+                          "--out", str(tmp_path / "o")],
+        "corrupt_checkpoint": ["inspect", *TINY, "--checkpoint", f["truncated.pth"]],
+        "checkpoint_not_a_state_dict": ["inspect", *TINY, "--checkpoint", f["list.pth"]],
+        "builder_raises": ["inspect", f"{f['raises.py']}:build", "--input-size", "3,32,32"],
+        "model_file_import_fails": ["inspect", f"{f['broken_import.py']}:build", "--input-size", "3,32,32"],
+        "out_is_a_file": ["compile", *TINY, "--spec", f["ok.yaml"], "--data", "none", "--out", f["a_file"]],
+    }[case]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()

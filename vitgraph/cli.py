@@ -123,6 +123,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from vitgraph.spec import Spec
 
     spec = Spec.load(args.spec)
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # checked before the work, not after it
+        raise VitgraphError(f"--out {args.out} is a file; compile writes a folder of artifacts there. "
+                            "Name a new or existing folder instead.")
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
     if overrides:
         spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, **overrides))

@@ -55,6 +55,11 @@ def parse_size(text: str | None) -> tuple[int, ...] | None:
     return size
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 def _from_reference(ref: str, kwargs: dict[str, Any]) -> nn.Module:
     target, func = ref.rsplit(":", 1)
     if target.endswith(".py"):
@@ -63,7 +68,11 @@ def _from_reference(ref: str, kwargs: dict[str, Any]) -> nn.Module:
             raise ModelNotFoundError(f"model file {target} does not exist (MODEL is file.py:function)")
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # the user's file: name it and its error, not our stack
+            raise VitgraphError(f"importing the model file {target} failed: {_first_line(exc)}. "
+                                f"Fix {target} (run `python {target}` to see the full error).") from exc
     else:
         try:
             module = importlib.import_module(target)
@@ -74,7 +83,11 @@ def _from_reference(ref: str, kwargs: dict[str, Any]) -> nn.Module:
         names = [n for n in dir(module) if not n.startswith("_")]
         close = difflib.get_close_matches(func, names, n=3)
         raise ModelNotFoundError(f"{target} has no function {func!r}" + (f"; did you mean {close}?" if close else ""))
-    model = fn(**kwargs)
+    try:
+        model = fn(**kwargs)
+    except Exception as exc:  # the user's builder: name it and its error, not our stack
+        raise VitgraphError(f"building the model with {ref} raised {_first_line(exc)}. "
+                            f"Fix {func} in {target}, or the --model-kwargs passed to it.") from exc
     if not isinstance(model, nn.Module):
         raise VitgraphError(f"{ref} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -105,11 +118,19 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     file = Path(path)
     if not file.is_file():
         raise VitgraphError(f"checkpoint {path} does not exist")
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(file))
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(file))
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, corrupt, not a checkpoint, or pickled objects beyond plain tensors
+        raise VitgraphError(f"checkpoint {path} could not be read ({_first_line(exc)}). Pass a state dict "
+                            "saved with torch.save(model.state_dict(), PATH) or a .safetensors file; a file cut "
+                            "short by an interrupted download or copy needs fetching again.") from exc
+    if not isinstance(state, dict):
+        raise VitgraphError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict; save it with "
+                            "torch.save(model.state_dict(), PATH)")
     for key in ("model", "state_dict", "model_ema", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

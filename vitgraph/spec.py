@@ -172,7 +172,10 @@ class Spec:
             raise SpecError(f"spec file {path} does not exist; write one (see README, 'The spec') or use a preset: "
                             f"{{preset: wdpruning}}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise SpecError(f"spec file {path} is not UTF-8 text (a binary or otherwise encoded file?); "
+                            "a spec is a YAML file, e.g. examples/specs/wdpruning.yaml") from None
         except yaml.YAMLError as e:
             raise SpecError(f"spec file {path} is not valid YAML: {e}") from None
         return cls.from_dict(data, source=str(path))
