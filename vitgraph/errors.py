@@ -29,6 +29,12 @@ def user_frame(exc: BaseException) -> str | None:
     return None
 
 
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of an exception raised in code we do not own, for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 class VitgraphError(Exception):
     """Base class: bad input or a check that failed. The CLI exits with code 2 on these."""
 

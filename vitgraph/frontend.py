@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from vitgraph.errors import InputSizeError, TraceError, user_frame
+from vitgraph.errors import InputSizeError, TraceError, first_line, user_frame
 
 __all__ = ["trace_module", "timm_leaves", "VitTracer", "check_exact"]
 
@@ -220,7 +220,7 @@ def trace_module(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], *,
     first_exc, first_tracer = errors[0]
     where = tracer.failed_module or first_tracer.failed_module or "<root>"
     raise TraceError(
-        f"torch.fx could not trace {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+        f"torch.fx could not trace {name}: {first_line(exc)} "
         f"inside module {where}, at {user_frame(exc) or '<unknown>'}. "
         f"Fix: make that module a leaf so it is kept as one call, e.g. "
         f"vg.trace(model, x, leaf_modules=[TheModuleClass]) or timm.layers.register_notrace_module(TheModuleClass); "

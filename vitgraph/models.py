@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitgraph.errors import ModelNotFoundError, VitgraphError
+from vitgraph.errors import ModelNotFoundError, VitgraphError, first_line
 
 
 def parse_kwargs(text: str | None) -> dict[str, Any]:
@@ -55,11 +55,6 @@ def parse_size(text: str | None) -> tuple[int, ...] | None:
     return size
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def _from_reference(ref: str, kwargs: dict[str, Any]) -> nn.Module:
     target, func = ref.rsplit(":", 1)
     if target.endswith(".py"):
@@ -71,7 +66,7 @@ def _from_reference(ref: str, kwargs: dict[str, Any]) -> nn.Module:
         try:
             spec.loader.exec_module(module)
         except Exception as exc:  # the user's file: name it and its error, not our stack
-            raise VitgraphError(f"importing the model file {target} failed: {_first_line(exc)}. "
+            raise VitgraphError(f"importing the model file {target} failed: {first_line(exc)}. "
                                 f"Fix {target} (run `python {target}` to see the full error).") from exc
     else:
         try:
@@ -86,7 +81,7 @@ def _from_reference(ref: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         model = fn(**kwargs)
     except Exception as exc:  # the user's builder: name it and its error, not our stack
-        raise VitgraphError(f"building the model with {ref} raised {_first_line(exc)}. "
+        raise VitgraphError(f"building the model with {ref} raised {first_line(exc)}. "
                             f"Fix {func} in {target}, or the --model-kwargs passed to it.") from exc
     if not isinstance(model, nn.Module):
         raise VitgraphError(f"{ref} returned {type(model).__name__}, not a torch.nn.Module")
@@ -107,8 +102,8 @@ def _from_timm(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module
         raise VitgraphError(f"timm could not build {name} with --model-kwargs {kwargs}: {exc}") from exc
     except (OSError, RuntimeError, ValueError) as exc:
         if pretrained:
-            raise VitgraphError(f"could not load pretrained weights for {name} ({exc.__class__.__name__}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else ''}). Without network access, "
+            raise VitgraphError(f"could not load pretrained weights for {name} ({first_line(exc)}). "
+                                "Without network access, "
                                 "pass the weights file with --checkpoint PATH instead.") from exc
         raise
 
@@ -125,14 +120,14 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, corrupt, not a checkpoint, or pickled objects beyond plain tensors
-        raise VitgraphError(f"checkpoint {path} could not be read ({_first_line(exc)}). Pass a state dict "
+        raise VitgraphError(f"checkpoint {path} could not be read ({first_line(exc)}). Pass a state dict "
                             "saved with torch.save(model.state_dict(), PATH) or a .safetensors file; a file cut "
                             "short by an interrupted download or copy needs fetching again.") from exc
     if not isinstance(state, dict):
         raise VitgraphError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict; save it with "
                             "torch.save(model.state_dict(), PATH)")
     for key in ("model", "state_dict", "model_ema", "module"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+        if key in state and isinstance(state[key], dict):
             state = state[key]
             break
     state = {k.removeprefix("module."): v for k, v in state.items()}
