@@ -7,7 +7,7 @@ fraction, ``block.<i>``, ``tokens.<i>``) and the *set factors* whose node sets h
 ``branch.<i>.<kind>`` (the nodes only that residual branch computes; an axis that deletes the
 branch sets it to 0) and whatever sets the axes declare (``cut.<e>``: what an exit after block e
 removes). Values may be tensors, so a budget loss differentiates through it. Axes' ``cost_terms``
-add what the dense graph does not have. With hard decisions it equals the compact graph's cost
+add what the dense graph does not have (a latency table also prices their ``op_terms``). With hard decisions it equals the compact graph's cost
 exactly (tests/test_depth.py, tests/test_width.py).
 
 The cost function is a table, ``(factor names, cost)`` rows (``flops_table``: the dense graph's
@@ -57,13 +57,16 @@ class Pricer:
     """Prices the axes' decisions on the dense graph ``g``, as a fraction of its cost."""
 
     def __init__(self, g: VitGraph, axes: Sequence[Axis],
-                 table: Callable[[VitGraph, Mapping[str, frozenset[str]]], Table] = flops_table) -> None:
+                 table: Callable[[VitGraph, Mapping[str, frozenset[str]]], Table] = flops_table,
+                 terms: Mapping[str, float] | None = None) -> None:
         self.axes = list(axes)
         sets = branch_sets(g.gm, g.structure.blocks)
         for axis in self.axes:
             sets.update(axis.set_factors())
         self.terms = table(g, sets)
         self.dense = sum(cost for _, cost in self.terms)
+        # the axes' hooks adding what the dense graph lacks, and the table's units per unit of each
+        self.terms_of = {"cost_terms": 1.0} if terms is None else dict(terms)
 
     def per_axis(self, mode: str = "eval", override: Mapping[str, Factors] | None = None) -> dict[str, Factors]:
         """Every axis's factors in ``mode``, or ``override[axis name]`` where given."""
@@ -88,10 +91,26 @@ class Pricer:
                 if v is not None:
                     term = term * v
             total = total + term
-        for axis in self.axes:
-            for extra in axis.cost_terms(own[axis.name]).values():
-                total = total + extra
+        for hook, scale in self.terms_of.items():
+            for axis in self.axes:
+                for extra in getattr(axis, hook)(own[axis.name]).values():
+                    total = total + extra * scale
         return total / self.dense
+
+
+class BothPricer:
+    """Two budgets that must both hold, as one cost in the units of the first: ``max(a, b * ta / tb)`` is at
+    most ``ta`` exactly when ``a <= ta`` and ``b <= tb`` (latency and FLOPs given together)."""
+
+    def __init__(self, first: Pricer, first_target: float, second: Pricer, second_target: float) -> None:
+        self.first, self.second = first, second
+        self.scale = first_target / second_target
+        self.axes = first.axes
+
+    def __call__(self, mode: str = "eval", override: Mapping[str, Factors] | None = None) -> Decision:
+        a, b = self.first(mode, override), self.second(mode, override) * self.scale
+        return torch.maximum(torch.as_tensor(a), torch.as_tensor(b)) if isinstance(a, Tensor) or isinstance(
+            b, Tensor) else max(a, b)
 
 
 class Budget(nn.Module):

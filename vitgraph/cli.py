@@ -146,8 +146,10 @@ def _compile_summary(report: dict[str, Any]) -> str:
     def top1(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.2f}%"
 
-    lines = [f"{report['model']}: {report['method']} -> {report['budget']['achieved']:.3f} of the dense FLOPs "
-             f"(target {report['budget']['target']}), parity {report['parity']['max_abs_err']:.1e}",
+    budget = report["budget"]
+    target = f"target {budget['flops']}" if budget.get("flops") is not None else "no FLOPs target"
+    lines = [f"{report['model']}: {report['method']} -> {budget['achieved']:.3f} of the dense FLOPs "
+             f"({target}), parity {report['parity']['max_abs_err']:.1e}",
              f"  FLOPs  {d['flops'] / 1e9:8.3f} G -> {c['flops'] / 1e9:8.3f} G",
              f"  params {d['params'] / 1e6:8.2f} M -> {c['params'] / 1e6:8.2f} M",
              f"  top-1  {top1(d['top1']):>8} -> {top1(c['top1']):>8}"]
@@ -157,10 +159,39 @@ def _compile_summary(report: dict[str, Any]) -> str:
         gone = depth["removed_blocks"] + depth["skipped_branches"]
         lines.append(f"  blocks {blocks['dense']:8d}   -> {blocks['compressed']:8d}     removed: {', '.join(gone)}"
                      + (f"; cut after block {depth['exit']}" if depth.get("exit") else ""))
+    lat = budget.get("latency")
+    if lat:
+        verdict = "within" if lat["within"] else "OUTSIDE"
+        lines.append(f"  latency {lat['runtime']} batch {lat['batch']}: measured {lat['measured']:.3f} of dense "
+                     f"({lat['dense_ms']:.2f} -> {lat['compressed_ms']:.2f} ms), predicted {lat['predicted']:.3f}, "
+                     f"{verdict} the target {lat['target']} +- {lat['tolerance']}"
+                     + (f" after {len(lat['rounds'])} measured rounds" if lat["adjusted"] else ""))
     for t, v in report["latency_ms"].items():
         lines.append(f"  {t} batch {v['batch']}: {v['dense']:.2f} ms -> {v['compressed']:.2f} ms "
                      f"({v['dense'] / v['compressed']:.2f}x)")
     return "\n".join(lines)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from vitgraph.profile import cache_path, profile
+
+    if args.batch_size < 1 or args.samples < 3 or args.repeats < 1:
+        raise VitgraphError(f"profile needs --batch-size >= 1, --samples >= 3 and --repeats >= 1; got "
+                            f"{args.batch_size}, {args.samples}, {args.repeats}")
+    if args.out and Path(args.out).is_dir():
+        raise VitgraphError(f"--out {args.out} is a folder; name the table's JSON file, e.g. {args.out}/table.json")
+    g = _load(args, args.model)
+    table = profile(g, args.target, args.batch_size, samples=args.samples, repeats=args.repeats,
+                    progress=not args.quiet)
+    path = table.save(args.out or cache_path(g, args.target, args.batch_size))
+    errors = sorted(table.errors())
+    print(f"{g.name} on {args.target}, batch {args.batch_size}: dense {table.dense_ms:.2f} ms; "
+          f"{len(table.samples) - 1} compact configurations fitted with median error "
+          f"{100 * errors[len(errors) // 2]:.1f} % (max {100 * errors[-1]:.1f} %)")
+    for s in table.samples:
+        print(f"  {s['label']:32s} measured {s['ratio']:.3f} of dense")
+    print(f"wrote {path}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -213,6 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(s)
     s.set_defaults(func=cmd_compile)
 
+    s = sub.add_parser("profile", help="measure a latency table of a model's compact configurations (budget.latency)")
+    s.add_argument("model")
+    s.add_argument("--target", choices=("onnx", "eager", "compile"), default="onnx")
+    s.add_argument("--batch-size", dest="batch_size", type=int, default=1, help="batch size to measure at")
+    s.add_argument("--out", help="table file (default: the cache budget.latency reads)")
+    s.add_argument("--samples", type=int, default=12, help="compact configurations measured (default 12)")
+    s.add_argument("--repeats", type=int, default=10, help="interleaved rounds per measurement")
+    s.add_argument("--quiet", action="store_true")
+    _model_args(s)
+    s.set_defaults(func=cmd_profile)
+
     s = sub.add_parser("demo", help="the end-to-end example job")
     s.add_argument("--out", default="vitgraph-demo")
     s.set_defaults(func=cmd_demo)
@@ -224,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     # `bench --batch 1,16` (the documented form) means batch sizes; elsewhere --batch is the example batch
     if argv[:1] == ["bench"] or (len(argv) > 1 and argv[0] == "--debug" and argv[1] == "bench"):
         argv = ["--batch-sizes" if a == "--batch" else a for a in argv]
+    elif "profile" in argv[:2]:  # `profile --batch N` (the documented form) is the measured batch size
+        argv = ["--batch-size" if a == "--batch" else a for a in argv]
     args = build_parser().parse_args(argv)
     if not args.debug:
         warnings.filterwarnings("ignore")

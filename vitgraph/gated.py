@@ -20,9 +20,10 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from vitgraph.axes import Axis, AxisContext, build_axes
-from vitgraph.budget import Budget, Pricer
+from vitgraph.budget import BothPricer, Budget, Pricer
 from vitgraph.errors import SpecError
 from vitgraph.graph import VitGraph
+from vitgraph.latency import LatencyTable
 from vitgraph.passes.manager import PassManager
 from vitgraph.spec import Spec
 
@@ -32,14 +33,17 @@ MODES = ("open", "train", "eval")
 class GatedModel(nn.Module):
     """A traced ViT with the gates of its axes, the axes' methods, and the budget over all of them."""
 
-    def __init__(self, gm: fx.GraphModule, graph: VitGraph, spec: Spec, axes: Sequence[Axis]) -> None:
+    def __init__(self, gm: fx.GraphModule, graph: VitGraph, spec: Spec, axes: Sequence[Axis],
+                 latency: LatencyTable | None = None) -> None:
         super().__init__()
         self.gm = gm
         self.graph = graph
         self.spec = spec
         self.axes = nn.ModuleDict({a.name: a for a in axes})
-        self.pricer = Pricer(graph, axes)
-        self.budget = Budget.for_axes(spec.budget.flops, axes)
+        self.flops_pricer = Pricer(graph, axes)
+        self.pricer = _budget_pricer(graph, list(axes), spec, self.flops_pricer, latency)  # the budget's units
+        self.latency = latency
+        self.budget = Budget.for_axes(spec.budget.fraction, axes)
         self.aux_names = tuple(name for a in axes for name in a.aux_outputs)
         self.learned: float | None = None  # the cost of the learned decisions, before freeze projected them
         self.mode = "train"
@@ -163,7 +167,9 @@ class GatedModel(nn.Module):
 
     @torch.no_grad()
     def status(self) -> dict[str, float]:
-        out = {"flops": float(self.pricer("eval"))}
+        out = {"flops": float(self.flops_pricer("eval"))}
+        if self.latency is not None:
+            out["latency"] = float(self.pricer("eval"))
         for axis in self.axes.values():
             out.update(axis.status(self.pricer))
         return out
@@ -190,7 +196,7 @@ class GatedModel(nn.Module):
 
     def cost(self) -> dict[str, float]:
         """FLOPs per image under the ``eval`` decisions, and their fraction of the dense model."""
-        fraction = float(self.pricer("eval"))
+        fraction = float(self.flops_pricer("eval"))
         return {"flops": fraction * self.graph.structure.flops, "fraction": fraction}
 
     def report(self) -> dict[str, Any]:
@@ -199,17 +205,22 @@ class GatedModel(nn.Module):
 
 
 def instrument(g: VitGraph, spec: Spec, *, calibration: Iterable[tuple[Tensor, Tensor]] | None = None,
-               val_data: Any = None, axes: Sequence[type[Axis]] = ()) -> GatedModel:
+               val_data: Any = None, axes: Sequence[type[Axis]] = (), latency: LatencyTable | None = None
+               ) -> GatedModel:
     """Insert the gates of every axis the spec asks for (and of ``axes``, axes of your own) into a copy
     of ``g``'s graph. ``calibration``: batches for gradient-based scores; ``val_data``: (image, label)
-    pairs for decisions taken on validation data at freeze (which exit to cut at)."""
+    pairs for decisions taken on validation data at freeze (which exit to cut at); ``latency``: the
+    measured table ``budget.latency`` prices with (``vitgraph.profile.table_for``)."""
+    if spec.budget.latency is not None and latency is None:
+        raise SpecError("budget.latency needs a measured latency table: pass latency=vitgraph.profile.table_for(g, "
+                        "spec.budget) (vg.compress does), or use budget.flops")
     ctx = AxisContext(g, spec, calibration, val_data)
     built = build_axes(ctx, axes)
     manager = PassManager(g.example_inputs)
     gm = manager.run(copy.deepcopy(g.gm), [p for a in built for p in a.instrument_passes()])
     for axis in built:
         axis.setup(gm)
-    gated = GatedModel(gm, g, spec, built)
+    gated = GatedModel(gm, g, spec, built, latency)
     _check_budget(g, spec, gated)
     if all(a.one_shot for a in built):
         gated.freeze()  # nothing to learn: the one-shot decisions are final now
@@ -220,12 +231,23 @@ def _check_budget(g: VitGraph, spec: Spec, gated: GatedModel) -> None:
     """Refuse a budget the allowed decisions cannot reach, before any training."""
     budget = spec.budget
     floor = float(gated.pricer("floor"))
-    if budget.flops < floor - budget.tolerance:
-        raise SpecError(f"budget.flops {budget.flops} is impossible for {g.name} with this spec: pruning every "
-                        f"allowed unit still leaves {floor:.3f} of the dense FLOPs; raise the budget or enable more "
-                        f"axes")
+    if budget.fraction < floor - budget.slack:
+        raise SpecError(f"{budget.key} {budget.fraction} is impossible for {g.name} with this spec: pruning every "
+                        f"allowed unit still leaves {floor:.3f} of the dense {budget.metric}; raise the budget or "
+                        f"enable more axes")
     for axis in gated.axes.values():
         axis.check_budget(gated.pricer)
+
+
+def _budget_pricer(g: VitGraph, axes: list[Axis], spec: Spec, flops: Pricer, latency: LatencyTable | None
+                   ) -> Pricer | BothPricer:
+    """What the budget constrains: FLOPs, the latency table's prediction, or both (latency's units)."""
+    b = spec.budget
+    if b.latency is None or latency is None:
+        return flops
+    latency.check(g, b.target, b.batch, source=b.table or "the cached latency table")
+    timed = latency.pricer(g, axes)
+    return timed if b.flops is None else BothPricer(timed, b.latency, flops, b.flops)
 
 
 def materialize(gated: GatedModel) -> fx.GraphModule:

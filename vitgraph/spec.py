@@ -23,18 +23,58 @@ WIDTH_METHODS = ("magnitude", "taylor", "wdpruning", "uvc", "spvit")
 TOKEN_METHODS = ("spvit", "attention")
 ONE_SHOT = ("magnitude", "taylor")
 WIDTH_ALLOCATIONS = ("uniform", "global")
+LATENCY_TARGETS = ("onnx", "eager", "compile")
 
 
 @dataclass(frozen=True)
 class Budget:
-    flops: float = 0.5           # target fraction of the dense model's FLOPs
+    flops: float | None = 0.5    # target fraction of the dense model's FLOPs (None: latency only)
     tolerance: float = 0.03      # the compact model lands within +- this fraction of the dense FLOPs
+    latency: float | None = None  # target fraction of the dense model's measured latency on `target`
+    target: str = "onnx"         # where latency is measured: onnx | eager | compile
+    batch: int = 1               # the batch size latency is measured at
+    latency_tolerance: float = 0.05  # the measured latency ratio lands within +- this
+    table: str | None = None     # a `vitgraph profile` table (JSON); None: the cached one, or profile now
+    rounds: int = 2              # measured-feedback rounds when the measurement misses (one-shot specs)
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.flops <= 1.0:
+        if self.flops is None and self.latency is None:
+            raise SpecError("budget needs flops or latency (a fraction of the dense model's FLOPs or latency)")
+        if self.flops is not None and not 0.0 < self.flops <= 1.0:
             raise SpecError(f"budget.flops must be a fraction of the dense FLOPs in (0, 1], got {self.flops}")
         if not 0.0 < self.tolerance < 0.5:
             raise SpecError(f"budget.tolerance must be in (0, 0.5), got {self.tolerance}")
+        if self.latency is not None and not 0.0 < self.latency <= 1.0:
+            raise SpecError(f"budget.latency must be a fraction of the dense model's latency in (0, 1], "
+                            f"got {self.latency}")
+        if not 0.0 < self.latency_tolerance < 0.5:
+            raise SpecError(f"budget.latency_tolerance must be in (0, 0.5), got {self.latency_tolerance}")
+        if self.target not in LATENCY_TARGETS:
+            raise SpecError(f"budget.target {self.target!r} is not one of {', '.join(LATENCY_TARGETS)}")
+        if self.batch < 1:
+            raise SpecError(f"budget.batch must be a positive integer, got {self.batch}")
+        if not 0 <= self.rounds <= 5:
+            raise SpecError(f"budget.rounds (measured-feedback rounds) must be in 0..5, got {self.rounds}")
+
+    @property
+    def metric(self) -> str:
+        """What the axes' decisions are priced in: ``latency`` when budget.latency is set, else ``flops``."""
+        return "flops" if self.latency is None else "latency"
+
+    @property
+    def fraction(self) -> float:
+        """The target the axes project their decisions onto, as a fraction of the dense model's cost."""
+        return float(self.latency if self.latency is not None else self.flops)  # type: ignore[arg-type]
+
+    @property
+    def slack(self) -> float:
+        """The tolerance of ``fraction``."""
+        return self.latency_tolerance if self.latency is not None else self.tolerance
+
+    @property
+    def key(self) -> str:
+        """The spec key of ``fraction``, for messages."""
+        return f"budget.{self.metric}"
 
 
 @dataclass(frozen=True)
@@ -185,11 +225,15 @@ class Spec:
         if not isinstance(data, dict):
             raise SpecError(f"{source}: a spec is a mapping of keys (budget, width, ...), got {type(data).__name__}")
         data = dict(data)
+        budget = data.get("budget")
+        latency_only = isinstance(budget, dict) and budget.get("latency") is not None and "flops" not in budget
         preset = data.get("preset")
         if preset is not None:
             if preset not in PRESETS:
                 raise SpecError(f"{source}: unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
             data = _merge(PRESETS[preset], data)
+        if latency_only:  # a latency budget alone does not also hold the model to a preset's FLOPs
+            data["budget"] = {**data["budget"], "flops": None}
         spec = _build(cls, data, source, "")
         if spec.tokens.on and "width" not in data:  # a spec that names only tokens compresses only tokens
             spec = dataclasses.replace(spec, width=Width(heads=False, mlp=False))

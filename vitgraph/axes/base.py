@@ -153,6 +153,10 @@ class Axis(Learner):
     def factors(self, mode: str) -> Factors:
         return {}
 
+    def op_terms(self, factors: Factors) -> dict[str, Decision]:
+        """Runtime ops of nodes the dense graph lacks, by name, under ``factors`` (priced by a latency table)."""
+        return {}
+
     def cost_terms(self, factors: Factors) -> dict[str, Decision]:
         """FLOPs per image of nodes the dense graph lacks, by name, under this axis's ``factors``."""
         return {}

@@ -150,7 +150,7 @@ class DepthAxis(Axis):
         later = any(not a.frozen for a in pricer.axes if a is not self)  # they close the remaining gap
         margins = self.margins() if self.influence is None else self.influence
         budget = self.spec.budget
-        keep = project(margins, cost_at, budget.flops, budget.tolerance, width=later, fill=self.influence is not None)
+        keep = project(margins, cost_at, budget.fraction, budget.slack, width=later, fill=self.influence is not None)
         self.projection = {"learned": int((margins <= 0).sum()), "final": int((~keep).sum())}
         self.frozen_keep.copy_(keep)
         self.is_frozen.fill_(True)
@@ -177,15 +177,15 @@ class DepthAxis(Axis):
         full = float(pricer("full", {self.name: self.as_factors(torch.ones(n))}))
         costs = [full - float(pricer("full", {self.name: self.as_factors(1.0 - torch.eye(n)[i])})) for i in range(n)]
         near = reachable_fractions(costs, full)
-        if any(abs(f - budget.flops) <= budget.tolerance for f in near):
+        if any(abs(f - budget.fraction) <= budget.slack for f in near):
             return
-        below = max((f for f in near if f <= budget.flops), default=min(near))
-        above = min((f for f in near if f >= budget.flops), default=max(near))
+        below = max((f for f in near if f <= budget.fraction), default=min(near))
+        above = min((f for f in near if f >= budget.fraction), default=max(near))
         hint = "" if spec.depth.per_branch else "set depth.per_branch: true (finer steps), "
-        raise SpecError(f"budget.flops {budget.flops} is out of reach of depth alone for {self.graph.name}: skipping "
+        raise SpecError(f"{budget.key} {budget.fraction} is out of reach of depth alone for {self.graph.name}: skipping "
                         f"whole {'branches' if spec.depth.per_branch else 'blocks'} gives {below:.3f} or {above:.3f} "
-                        f"of the dense FLOPs, not within +-{budget.tolerance}; {hint}enable width pruning (width.heads "
-                        f"/ width.mlp) to close the gap, or set budget.flops near one of those")
+                        f"of the dense {budget.metric}, not within +-{budget.slack}; {hint}enable width pruning (width.heads "
+                        f"/ width.mlp) to close the gap, or set {budget.key} near one of those")
 
     # -- results ---------------------------------------------------------------------------------
     def decisions(self) -> dict[str, bool]:

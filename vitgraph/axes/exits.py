@@ -98,7 +98,7 @@ class ExitsAxis(Axis):
         budget = self.spec.budget
 
         def reachable(e: int) -> bool:  # the cut model, nothing else removed, still reaches down to the budget
-            return float(pricer("full", {self.name: {cut_factor(e): 0.0}})) >= budget.flops - budget.tolerance
+            return float(pricer("full", {self.name: {cut_factor(e): 0.0}})) >= budget.fraction - budget.slack
 
         chosen = choose_exit(self.exits, [self.top1[f"exit{e}"] for e in self.exits], self.top1["final"],
                              self.spec.depth.exit_tolerance, reachable)

@@ -9,7 +9,7 @@ Two methods (methods.md §3), both placed before the blocks of ``tokens.stages``
   keep-ratio loss and token distillation (``vitgraph.axes.token_methods``); at freeze K_s is fixed.
 
 K_s = round(rho_s x patches), rho_s from ``tokens.keep`` or, when empty, rho_s = base^s with base
-bisected on the pricer so that the model lands on ``budget.flops`` (scorer costs included).
+bisected on the pricer so that the model lands on its budget, FLOPs or latency (scorer costs included).
 Instrument: ``InsertTokenSelectorsPass``; materialize: ``PackTokensPass`` (``static``: top-K,
 fixed shapes; ``dynamic``: per-image gather, batch 1). Factors: ``tokens.<i>``, the fraction of the
 dense token count entering block i; cost terms: the scorers.
@@ -164,7 +164,7 @@ class TokenAxis(Axis):
 
     def _from_budget(self, pricer: Pricer) -> list[int]:
         """rho_s = base^s, base bisected so that the priced cost lands nearest the budget."""
-        target, n = self.spec.budget.flops, len(self.stages)
+        target, n = self.spec.budget.fraction, len(self.stages)
 
         def at(base: float) -> tuple[float, list[int]]:
             k = self.counts([base ** (s + 1) for s in range(n)])
@@ -229,6 +229,13 @@ class TokenAxis(Axis):
                 src, n = s.source, self.prefix + candidates + before
                 out[s.name] += 2.0 * src.heads * src.head_dim * n * (self.prefix if self.prefix else n)
         return out
+
+    OPS_PER_STAGE = 16  # (measured) the runtime ops one static packing stage adds: scores, top-K, gathers, package
+
+    def op_terms(self, factors: Factors) -> dict[str, Any]:
+        """Each packing stage that drops tokens adds its packaging ops (the latency model's ``ops``)."""
+        return {s.name: float(self.OPS_PER_STAGE) for i, s in enumerate(self.stages)
+                if f"tokens.stage.{i}" in factors and factors[f"tokens.stage.{i}"][2]}
 
     # -- results ---------------------------------------------------------------------------------
     @property

@@ -72,7 +72,7 @@ class WidthAxis(Axis):
         self.gates: dict[str, UnitGate] = {}
         self.branch: dict[str, str] = {}  # group -> the set factor of the residual branch it can delete
         # no units until setup() finds the gates in the instrumented graph and builds the spec's method there
-        self.method: WidthMethod = build_method("magnitude", [], ctx.spec.budget.flops, lambda p: None, {})
+        self.method: WidthMethod = build_method("magnitude", [], ctx.spec.budget.fraction, lambda p: None, {})
 
     @classmethod
     def from_spec(cls, ctx: AxisContext) -> WidthAxis | None:
@@ -105,7 +105,7 @@ class WidthAxis(Axis):
                                 "or --data imagefolder:PATH, or use method magnitude with --data none")
             aux = isinstance(next(n for n in gm.graph.nodes if n.op == "output").args[0], tuple)
             importance = taylor_importance(gm, self.gates, self.calibration, final_only=aux) if self.sites else {}
-        self.method = build_method(spec.width.method, self.sites, spec.budget.flops, gm.get_parameter, importance,
+        self.method = build_method(spec.width.method, self.sites, spec.budget.fraction, gm.get_parameter, importance,
                                    allocation=spec.width.allocation)
 
     def _site(self, group: CoupledGroup) -> Site:
