@@ -65,35 +65,41 @@ def sample_specs(g: VitGraph, n: int, seed: int = 0) -> list[dict[str, Any]]:
     depth = any(b.skippable for b in g.structure.blocks) and len(g.structure.blocks) > 2
     out = []
     for i in range(n):
+        # alternate the families that combine: widths with blocks, widths with tokens (tokens take no
+        # head or block decisions: their scores read every head of the attention before them)
+        tokens = bool(stages) and i % 3 == 2
         spec: dict[str, Any] = {"budget": {"flops": round(rng.uniform(0.35, 0.95), 3), "tolerance": 0.05}}
-        width = {"method": "magnitude", "heads": "heads" in kinds and rng.random() < 0.8,
+        width = {"method": "magnitude", "heads": "heads" in kinds and not tokens and rng.random() < 0.8,
                  "mlp": "mlp" in kinds and rng.random() < 0.8, "embed": "embed" in kinds and rng.random() < 0.4,
-                 "head_dim": "head_dim" in kinds and rng.random() < 0.3,
+                 "head_dim": "head_dim" in kinds and not tokens and rng.random() < 0.3,
                  "allocation": rng.choice(["uniform", "global"])}
         use_width = any(width[k] for k in ("heads", "mlp", "embed", "head_dim"))
         spec["width"] = width if use_width else {"heads": False, "mlp": False}
-        if depth and (i % 3 == 1 or not use_width):
+        if depth and not tokens and (i % 3 == 1 or not use_width):
             spec["depth"] = {"skip_blocks": True, "per_branch": rng.random() < 0.5}
-        if stages and i % 2 == 0:
+        if tokens:
             base = rng.uniform(0.5, 0.95)
             spec["tokens"] = {"method": "attention", "stages": list(stages),
                               "keep": [round(base ** (s + 1), 3) for s in range(len(stages))]}
+            if not use_width:
+                spec["budget"]["flops"] = 1.0  # the keep ratios decide alone
         out.append(spec)
     return out
 
 
-def profile(g: VitGraph, target: str, batch: int, *, samples: int = SAMPLES, repeats: int = REPEATS,
-            seed: int = 0, progress: bool = True) -> LatencyTable:
-    """Measure ``g`` under random compact configurations on ``target`` at ``batch`` and fit its table."""
+def measure_specs(g: VitGraph, specs: list[dict[str, Any]], target: str, batch: int, want: int,
+                  repeats: int = REPEATS, progress: bool = True) -> tuple[list[dict[str, Any]], float]:
+    """Compile ``specs`` one-shot in turn (skipping those some axis cannot reach) until ``want`` compact models
+    are timed interleaved with the dense one. Returns their ``{"label", "spec", "features", "ratio"}`` rows
+    and the dense model's median milliseconds."""
     from vitgraph.gated import instrument, materialize
 
     dense = _runner(g.gm, g, target, batch)
-    rows: list[dict[str, Any]] = [{"label": "dense", "features": features(g, []), "ratio": 1.0}]
+    rows: list[dict[str, Any]] = []
     dense_ms: list[float] = []
-    specs = sample_specs(g, samples * 2, seed)
-    task = _progress(progress, f"profiling {g.name} on {target}, batch {batch}", samples)
+    task = _progress(progress, f"profiling {g.name} on {target}, batch {batch}", want)
     for raw in specs:
-        if len(rows) > samples:
+        if len(rows) >= want:
             break
         try:
             gated = instrument(g, Spec.from_dict(raw))
@@ -105,12 +111,19 @@ def profile(g: VitGraph, target: str, batch: int, *, samples: int = SAMPLES, rep
         dense_ms.append(d_ms)
         rows.append({"label": _label(raw), "spec": raw, "features": features(g, list(gated.axes.values())),
                      "ratio": ratio})
-        task(len(rows) - 1)
-    if len(rows) < 4:
-        raise SpecError(f"profile: only {len(rows) - 1} random compact configurations of {g.name} compiled; a "
+        task(len(rows))
+    return rows, (sorted(dense_ms)[len(dense_ms) // 2] if dense_ms else float("nan"))
+
+
+def profile(g: VitGraph, target: str, batch: int, *, samples: int = SAMPLES, repeats: int = REPEATS,
+            seed: int = 0, progress: bool = True) -> LatencyTable:
+    """Measure ``g`` under random compact configurations on ``target`` at ``batch`` and fit its table."""
+    rows, ms = measure_specs(g, sample_specs(g, samples * 2, seed), target, batch, samples, repeats, progress)
+    if len(rows) < 3:
+        raise SpecError(f"profile: only {len(rows)} random compact configurations of {g.name} compiled; a "
                         f"latency table needs at least 3 (does the model have prunable heads, MLPs or blocks? see "
                         f"'vitgraph inspect')")
-    ms = sorted(dense_ms)[len(dense_ms) // 2]
+    rows.insert(0, {"label": "dense", "features": features(g, []), "ratio": 1.0})
     return LatencyTable(model=g.name, input_size=list(g.input_size), target=target, batch=batch,
                         threads=torch.get_num_threads(), machine=machine(), dense_flops=g.structure.flops,
                         dense_ms=ms, coef=LatencyTable.fit_coef(rows, ms), samples=rows)
