@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(s)
     s.set_defaults(func=cmd_profile)
 
+    from vitgraph.sweep import register as register_sweep
+    register_sweep(sub)
+
     s = sub.add_parser("demo", help="the end-to-end example job")
     s.add_argument("--out", default="vitgraph-demo")
     s.set_defaults(func=cmd_demo)

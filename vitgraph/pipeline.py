@@ -73,30 +73,18 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
              progress: bool = True, latency_targets: tuple[str, ...] = ("eager",)) -> Result:
     """Compress ``model`` as ``spec`` says. ``data``: "none", "digits", "imagefolder:PATH" or a ``Data``."""
     from vitgraph.data import Data, load_data
-    from vitgraph.models import default_input_size
     from vitgraph.train import evaluate, fit
 
     t0 = time.perf_counter()
     spec = _as_spec(spec)
-    if example_inputs is None and not isinstance(model, VitGraph):
-        size = default_input_size(model)
-        if size is None:
-            raise SpecError("compress needs example_inputs: this model does not say which input size it expects")
-        torch.manual_seed(0)
-        example_inputs = (torch.randn(2, *size),)
-    g = model if isinstance(model, VitGraph) else trace(model, example_inputs, name=name)
+    g = _graph(model, example_inputs, name)
     size = tuple(g.input_size)
     dataset = data if isinstance(data, Data) else load_data(str(data), size, spec.train.batch_size,
                                                              seed=spec.train.seed)
     calibration = None
     if spec.width.method == "taylor" and dataset.train is not None:
         calibration = dataset.loader("train", shuffle=True, seed=spec.train.seed)
-    if spec.depth.exits and spec.train.steps == 0:
-        raise SpecError("depth.exits adds fresh exit classifiers, which need training: set train.steps > 0 and "
-                        "pass --data digits or --data imagefolder:PATH")
-    if spec.depth.exits and spec.depth.exit is None and dataset.val is None:
-        raise SpecError("depth.exits with no depth.exit chooses the exit by validation top-1, and there is no "
-                        "validation data: pass --data, or name the exit to cut at with depth.exit")
+    _check_exits(spec, dataset)
     latency = None
     if spec.budget.latency is not None:
         from vitgraph.profile import table_for
@@ -121,8 +109,7 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
         def build(aimed: Spec) -> tuple[GatedModel, fx.GraphModule]:
             again = instrument(g, aimed, calibration=calibration, val_data=dataset.val, latency=latency)
             again.freeze()
-            again.eval()
-            return again, materialize(again)
+            return again.eval(), materialize(again)
         gated, compact, measured = land(g, spec, build, gated, compact, progress)
     compressed = trace(compact, gated.example_inputs(), name=f"{g.name} (compressed)")
     parity = _parity(gated, compact, g.example_inputs, gated.serving_batch)
@@ -157,6 +144,29 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
     if out_dir is not None and _rank() == 0:  # under torchrun every rank holds the same result
         result.save(out_dir)
     return result
+
+
+def _graph(model: nn.Module | VitGraph, example_inputs: Any, name: str | None) -> VitGraph:
+    from vitgraph.models import default_input_size
+
+    if isinstance(model, VitGraph):
+        return model
+    if example_inputs is None:
+        size = default_input_size(model)
+        if size is None:
+            raise SpecError("compress needs example_inputs: this model does not say which input size it expects")
+        torch.manual_seed(0)
+        example_inputs = (torch.randn(2, *size),)
+    return trace(model, example_inputs, name=name)
+
+
+def _check_exits(spec: Spec, dataset: Any) -> None:
+    if spec.depth.exits and spec.train.steps == 0:
+        raise SpecError("depth.exits adds fresh exit classifiers, which need training: set train.steps > 0 and "
+                        "pass --data digits or --data imagefolder:PATH")
+    if spec.depth.exits and spec.depth.exit is None and dataset.val is None:
+        raise SpecError("depth.exits with no depth.exit chooses the exit by validation top-1, and there is no "
+                        "validation data: pass --data, or name the exit to cut at with depth.exit")
 
 
 def _achieved(g: VitGraph, gated: GatedModel, compressed: VitGraph, spec: Spec) -> float:
