@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from vitgraph.errors import PostconditionError, PreconditionError
-from vitgraph.meta import ROLE, SHAPE, Role
+from vitgraph.meta import CARRIES, ROLE, SHAPE, Role
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,17 @@ def reroute(gm: fx.GraphModule, stream: fx.Node, target: str, args: tuple[fx.Nod
         call = gm.graph.call_module(target, args)
     stream.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
     call.meta[SHAPE] = stream.meta.get(SHAPE)
+    call.meta[CARRIES] = stream.name
     return call
+
+
+def carrier(stream: fx.Node) -> fx.Node:
+    """The node that carries ``stream`` now: the last of the calls earlier instrument passes rerouted it
+    through (a token selector, a block gate), or ``stream`` itself."""
+    node = stream
+    while (nxt := next((u for u in node.users if u.meta.get(CARRIES) == stream.name), None)) is not None:
+        node = nxt
+    return node
 
 
 def drop_root(gm: fx.GraphModule, root: str) -> None:

@@ -28,7 +28,7 @@ import torch.fx as fx
 from vitgraph.errors import PreconditionError
 from vitgraph.gates import BlockGate
 from vitgraph.meta import BLOCK_GATES, SHAPE, DepthUnit
-from vitgraph.passes.base import PassResult, VitPass, require_nodes, require_roles, reroute
+from vitgraph.passes.base import PassResult, VitPass, carrier, require_nodes, require_roles, reroute
 
 
 class InsertBlockGatesPass(VitPass):
@@ -49,15 +49,14 @@ class InsertBlockGatesPass(VitPass):
             return PassResult(gm, modified=False)
         gm.add_module(BLOCK_GATES, torch.nn.Module())
         nodes = {n.name: n for n in gm.graph.nodes}
-        carried: dict[str, fx.Node] = {}  # a gated block's output: the node that now carries its stream
         for unit in self.units:
             gate = BlockGate(unit.name, unit.kind)
             gm.add_submodule(unit.gate, gate)
             self.gates[unit.name] = gate
             start, end = nodes[unit.start], nodes[unit.end]
             if unit.kind == "block":
-                start = carried.get(unit.start, start)  # skipping blocks 10 and 11 leaves block 9's output
-                carried[unit.end] = reroute(gm, end, unit.gate, (start, end))
+                # what the block reads now: block 9's gate when 9 and 10 are both gated, a token selector before it
+                reroute(gm, end, unit.gate, (carrier(start), end))
             else:
                 operand = next(a for a in end.args if isinstance(a, fx.Node) and a is not start)
                 with gm.graph.inserting_before(end):

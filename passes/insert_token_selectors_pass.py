@@ -35,7 +35,7 @@ from torch import nn
 
 from vitgraph.analysis.tokens import MaskSite, ScoreSource
 from vitgraph.errors import PreconditionError
-from vitgraph.meta import SHAPE, TOKENS, submodule_name
+from vitgraph.meta import CARRIES, SHAPE, TOKENS, submodule_name
 from vitgraph.passes.base import PassResult, VitPass, require_nodes, reroute
 from vitgraph.token_gates import FinalTokens, KeyMask, LearnedTokenSelector, TokenSelector
 
@@ -96,6 +96,7 @@ class InsertTokenSelectorsPass(VitPass):
                 x = gm.graph.call_function(operator.getitem, (call, 0))
             call.replace_all_uses_with(x, delete_user_cb=lambda u: u not in (x, flags))
             x.meta[SHAPE] = stream.meta.get(SHAPE)
+            x.meta[CARRIES] = stream.name
             alive[s.index] = flags
         for m in self.masks:
             self._mask(gm, nodes[m.core], m, alive[m.stage])

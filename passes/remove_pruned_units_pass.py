@@ -4,12 +4,15 @@ For each coupled group with pruned units: every slice (qkv rows and biases, per-
 norms, fc1 rows, the proj / fc2 input columns) keeps only the kept units' indices, and every
 reshape/view constant of the group moves by ``per_unit`` for each removed unit. A group with no
 unit left loses its whole residual branch: the add becomes its skip input. Then dead nodes and
-unused modules go, so the compact graph holds no trace of the gates.
+unused modules go, so the compact graph holds no trace of the gates. Slices and constants inside
+blocks an earlier rewrite deleted (a stream group spans every block; depth may remove some) are
+left alone: the graph no longer uses them.
 
 Invariant (tests/test_width.py): the gated graph in ``eval`` mode equals the result.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Mapping, Sequence
 
@@ -63,11 +66,23 @@ class RemovePrunedUnitsPass(VitPass):
             counters["units_removed"] += removed
             if removed == 0 or not units:
                 continue
+            group = self._live_view(gm, group)
             slice_group(gm, group, units)
             rewrite_constants(gm, group, removed, self.name)
         drop_root(gm, GATES)
         modified = counters["gates_removed"] > 0 or counters["units_removed"] > 0
         return PassResult(gm, modified=modified, counters=counters)
+
+    def _live_view(self, gm: fx.GraphModule, group: CoupledGroup) -> CoupledGroup:
+        """``group`` without the slices and constants of blocks that are no longer in the graph."""
+        nodes = live_nodes(gm)
+        gone = {n for b in self.blocks.values() if b.output not in nodes for n in b.nodes}
+        if not gone:
+            return group
+        used = {str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+        slices = tuple(s for s in group.slices if _in_use(s.target, used))
+        constants = tuple(c for c in group.constants if c.node in nodes or c.node not in gone)
+        return dataclasses.replace(group, slices=slices, constants=constants)
 
     def _remove_branch(self, gm: fx.GraphModule, name: str) -> None:
         """The group keeps no unit: its residual add becomes the add's other operand (the stream, which
@@ -91,6 +106,11 @@ class RemovePrunedUnitsPass(VitPass):
     def ensures(self, gm: fx.GraphModule) -> None:
         super().ensures(gm)
         ensure_no_calls(gm, GATES, self.name, "gate")
+
+
+def _in_use(target: str, used: set[str]) -> bool:
+    """Whether a live attribute read or module call reaches parameter ``target``."""
+    return any(target == t or target.startswith(t + ".") for t in used)
 
 
 def _is_add(node: fx.Node) -> bool:

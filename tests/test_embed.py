@@ -87,3 +87,18 @@ def test_one_shot_embed_lands_on_budget_with_parity_and_onnx(tmp_path):
     assert result.compact.get_parameter("pos_embed").shape[-1] < 64
     report = onnx_target.lower(result.compact, (x,), tmp_path / "embed.onnx", check_batches=(1, 3))
     assert report.max_abs_err <= 1e-4
+
+
+def test_embed_with_depth_removal_slices_only_the_blocks_that_remain():
+    """The stream group spans every block; depth deletes some first. The narrowing must leave the deleted
+    blocks' slices and constants alone and still equal the gated model."""
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=6, num_classes=10).eval()
+    spec = {"budget": {"flops": 0.5}, "depth": {"skip_blocks": True},
+            "width": {"method": "magnitude", "heads": True, "mlp": True, "embed": True, "align": 1}}
+    result = vg.compress(model, spec, data="none", progress=False)
+    assert result.report["depth"]["removed_blocks"], "the test needs depth to remove a block"
+    width = result.compact.get_parameter("cls_token").shape[-1]
+    assert width < 192, "the test needs the stream narrowed"
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(result.gated(x), result.compact(x), atol=1e-4)

@@ -149,6 +149,33 @@ def test_refusals_name_the_block_and_the_reason():
         instrument(g, Spec.from_dict({"width": {"heads": True}, "tokens": {"method": "attention", "stages": [1]}}))
     with pytest.raises(SpecError, match="one per stage"):
         Spec.from_dict({"tokens": {"stages": [1, 2], "keep": [0.5]}})
+    with pytest.raises(SpecError, match="tokens.method spvit with depth.skip_blocks is not implemented"):
+        instrument(g, Spec.from_dict({"width": {"heads": False}, "depth": {"skip_blocks": True},
+                                      "tokens": {"method": "spvit", "stages": [1]}}))
+
+
+def test_tokens_with_depth_keep_the_score_sources_and_remove_stage_blocks():
+    """Depth skips blocks around the selectors: a skipped stage block leaves its selector in front of the next
+    block; the blocks whose attention scores a stage stay. eval == compact, priced == compact FLOPs."""
+    torch.manual_seed(0)
+    m = timm.create_model("deit_tiny_patch16_224", **{**SMALL, "depth": 8}).eval()
+    spec = Spec.from_dict({"budget": {"flops": 0.3}, "depth": {"skip_blocks": True},
+                           "width": {"method": "magnitude", "heads": False, "mlp": True, "embed": True, "align": 4},
+                           "tokens": {"method": "attention", "keep": [0.8, 0.6, 0.4]}})
+    result = vg.compress(vg.trace(m, torch.randn(2, 1, 32, 32)), spec, data="none", progress=False,
+                         latency_targets=())
+    report = result.report
+    removed = {int(b.split(".")[-1]) for b in report["depth"]["removed_blocks"]}
+    stages = set(report["tokens"]["stages"])
+    assert removed & stages, "the test needs a removed stage block"
+    assert not removed & {s - 1 for s in stages}, "a score source was removed"
+    assert set(report["depth"]["projection"]["kept_for_other_axes"]) == {f"blocks.{s - 1}" for s in stages}
+    assert abs(report["budget"]["achieved"] - 0.3) <= 0.03 and report["parity"]["max_abs_err"] <= 1e-4
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(result.gated(x), result.compact(x), atol=1e-4)
+    assert report["compressed"]["flops"] == pytest.approx(result.gated.cost()["flops"], rel=1e-6)  # float32 gates
+    assert flop_counter_flops(result.compact, (x,), 3) == report["compressed"]["flops"]
 
 
 def test_tokens_and_widths_share_one_budget():

@@ -77,7 +77,8 @@ class Pricer:
 
     def __call__(self, mode: str = "eval", override: Mapping[str, Factors] | None = None) -> Decision:
         """Fraction of the dense FLOPs left under the decisions of ``mode``. Two axes scaling the same factor
-        multiply (a branch deleted by either is deleted); each axis's cost terms follow its own factors."""
+        multiply (a branch deleted by either is deleted); each axis's cost terms follow its own factors (and
+        read the others': the width of the stream a token package sums over)."""
         own = self.per_axis(mode, override)
         kept: Factors = {}
         for factors in own.values():
@@ -92,8 +93,8 @@ class Pricer:
                     term = term * v
             total = total + term
         for hook, scale in self.terms_of.items():
-            for axis in self.axes:
-                for extra in getattr(axis, hook)(own[axis.name]).values():
+            for axis in self.axes:  # its own factors, and the others' (a package's width is the stream's)
+                for extra in getattr(axis, hook)({**kept, **own[axis.name]}).values():
                     total = total + extra * scale
         return total / self.dense
 

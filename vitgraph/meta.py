@@ -15,6 +15,7 @@ VALUE = "vg.value"    # the python value of a non-tensor node (sizes, ints, tupl
 DTYPE = "vg.dtype"    # torch.dtype of a tensor node
 ROLE = "vg.role"      # Role: what the node is in the recognised structure
 COST = "vg.cost"      # NodeCost: FLOPs and parameter count of the node
+CARRIES = "vg.carries"  # str: on a call an instrument pass put into a stream, the stream node it passes on
 LEAF_FLOPS = "vg.leaf_flops"  # FLOPs FlopCounterMode measured inside an opaque leaf call (whole batch)
 
 # -- graph-wide names the instrument passes give their submodules ----------------------------------

@@ -65,8 +65,8 @@ def sample_specs(g: VitGraph, n: int, seed: int = 0) -> list[dict[str, Any]]:
     depth = any(b.skippable for b in g.structure.blocks) and len(g.structure.blocks) > 2
     out = []
     for i in range(n):
-        # alternate the families that combine: widths with blocks, widths with tokens (tokens take no
-        # head or block decisions: their scores read every head of the attention before them)
+        # alternate the families that combine: widths with blocks, widths with tokens (and blocks, every other
+        # time); tokens take no head decisions: their scores read every head of the attention before them
         tokens = bool(stages) and i % 3 == 2
         spec: dict[str, Any] = {"budget": {"flops": round(rng.uniform(0.35, 0.95), 3), "tolerance": 0.05}}
         width = {"method": "magnitude", "heads": "heads" in kinds and not tokens and rng.random() < 0.8,
@@ -75,13 +75,13 @@ def sample_specs(g: VitGraph, n: int, seed: int = 0) -> list[dict[str, Any]]:
                  "allocation": rng.choice(["uniform", "global"])}
         use_width = any(width[k] for k in ("heads", "mlp", "embed", "head_dim"))
         spec["width"] = width if use_width else {"heads": False, "mlp": False}
-        if depth and not tokens and (i % 3 == 1 or not use_width):
+        if depth and (i % 3 == 1 or (tokens and i % 2 == 0) or not use_width):
             spec["depth"] = {"skip_blocks": True, "per_branch": rng.random() < 0.5}
         if tokens:
             base = rng.uniform(0.5, 0.95)
             spec["tokens"] = {"method": "attention", "stages": list(stages),
                               "keep": [round(base ** (s + 1), 3) for s in range(len(stages))]}
-            if not use_width:
+            if not use_width and "depth" not in spec:
                 spec["budget"]["flops"] = 1.0  # the keep ratios decide alone
         out.append(spec)
     return out

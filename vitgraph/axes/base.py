@@ -158,7 +158,8 @@ class Axis(Learner):
         return {}
 
     def cost_terms(self, factors: Factors) -> dict[str, Decision]:
-        """FLOPs per image of nodes the dense graph lacks, by name, under this axis's ``factors``."""
+        """FLOPs per image of nodes the dense graph lacks, by name, under ``factors`` (this axis's, over every
+        axis's: a width group's kept fraction scales what this axis adds on its channels)."""
         return {}
 
     # -- results ---------------------------------------------------------------------------------
@@ -175,6 +176,10 @@ class Axis(Learner):
     def serving_batch(self) -> int | None:
         """The one batch size this axis's compact graph runs at (per-image token counts: 1), None: any."""
         return None
+
+    def needed_blocks(self) -> dict[int, str]:
+        """Blocks this axis's decisions read (index -> why), which an axis removing blocks must keep."""
+        return {}
 
     def removed_blocks(self) -> set[int]:
         """Indices of the blocks the compact graph will not have because of this axis."""

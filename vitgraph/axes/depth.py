@@ -148,12 +148,21 @@ class DepthAxis(Axis):
             return float(pricer(modes[widths], {self.name: self.as_factors(keep.float())}))
 
         later = any(not a.frozen for a in pricer.axes if a is not self)  # they close the remaining gap
-        margins = self.margins() if self.influence is None else self.influence
+        margins = (self.margins() if self.influence is None else self.influence).clone()
+        pinned = self.pinned(pricer.axes)
+        margins[[i for i, u in enumerate(self.units) if u.block in pinned]] = float("inf")  # skipped last: never
         budget = self.spec.budget
-        keep = project(margins, cost_at, budget.fraction, budget.slack, width=later, fill=self.influence is not None)
+        keep = project(margins, cost_at, budget.fraction, budget.slack, width=later, fill=self.influence is not None,
+                       most=len(self.units) - sum(u.block in pinned for u in self.units))
         self.projection = {"learned": int((margins <= 0).sum()), "final": int((~keep).sum())}
+        self.projection.update({"kept_for_other_axes": {f"{self.graph.structure.blocks[b].name}": why
+                                                        for b, why in sorted(pinned.items())}} if pinned else {})
         self.frozen_keep.copy_(keep)
         self.is_frozen.fill_(True)
+
+    def pinned(self, axes: Sequence[Axis]) -> dict[int, str]:
+        """Blocks other axes read (a token selector's score source): never skipped."""
+        return {b: why for a in axes if a is not self for b, why in a.needed_blocks().items()}
 
     # -- pricing ---------------------------------------------------------------------------------
     def as_factors(self, keep: Tensor) -> Factors:
@@ -214,7 +223,7 @@ class DepthAxis(Axis):
 
 
 def project(margins: Tensor, cost_at: Callable[[Tensor, str], float], target: float, tolerance: float, *,
-            width: bool, fill: bool) -> Tensor:
+            width: bool, fill: bool, most: int | None = None) -> Tensor:
     """Keep decisions near the learned ones (skip iff margin <= 0) from which the budget is reachable.
 
     Units are skipped in ascending margin, so every candidate is a prefix of that order, and the
@@ -225,12 +234,13 @@ def project(margins: Tensor, cost_at: Callable[[Tensor, str], float], target: fl
     cost with the learned widths is nearest the target wins: the smallest move from what was learned
     that the width projection can finish. ``fill`` (one-shot depth) skips as many units as allow it.
     Depth alone lands within the tolerance, as near the learned ``k`` as possible, else as near the target.
+    At most ``most`` units are skipped (the rest are needed by other axes).
     """
-    n = margins.numel()
+    n = margins.numel() if most is None else most   # candidates skip 0..n units
     order = torch.sort(margins, stable=True).indices
 
     def keep_prefix(k: int) -> Tensor:
-        keep = torch.ones(n, dtype=torch.bool)
+        keep = torch.ones(margins.numel(), dtype=torch.bool)
         keep[order[:k]] = False
         return keep
 

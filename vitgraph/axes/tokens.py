@@ -215,7 +215,8 @@ class TokenAxis(Axis):
         """Each packing stage: its scorer (one row of logits per prefix query, all rows without a prefix;
         or the learned scorer's linears over the content tokens) and the package's weighted sum."""
         out = {}
-        width = self.graph.structure.tokens.embed_dim
+        stream = next((g.name for g in self.graph.structure.groups if g.kind == "embed"), None)
+        width = self.graph.structure.tokens.embed_dim * (factors.get(stream, 1.0) if stream else 1.0)
         for i, (s, sel) in enumerate(zip(self.stages, self.selectors)):
             if f"tokens.stage.{i}" not in factors:
                 continue
@@ -249,6 +250,10 @@ class TokenAxis(Axis):
     def serving_batch(self) -> int | None:
         return 1 if self.dynamic else None
 
+    def needed_blocks(self) -> dict[int, str]:
+        return {s.source.block: f"its attention scores the tokens before {s.name}" for s in self.stages
+                if s.source is not None}
+
     def materialize_passes(self) -> list[VitPass]:
         k = self.kept.tolist()
         kept = {s.name: ((k[i - 1] if i else self.patches), k[i]) if k[i] >= 0 else None
@@ -272,7 +277,9 @@ def _refuse_combinations(ctx: AxisContext) -> None:
     t, spec = ctx.spec.tokens, ctx.spec
     for key, asked, alone in (                              ("tokens.mode dynamic with tokens.method attention (top-K by design)",
                                t.mode == "dynamic" and t.method == "attention", "static"),
-                              ("tokens with depth.skip_blocks", spec.depth.skip_blocks, ""),
+                              # learned selectors chain keep flags and key masks through every later block
+                              ("tokens.method spvit with depth.skip_blocks",
+                               t.method == "spvit" and spec.depth.skip_blocks, ""),
                               # the scores average over the heads; pruned heads would change them
                               ("tokens with width.heads", spec.width.heads and spec.width.enabled,
                                "false (MLP units combine)"),
