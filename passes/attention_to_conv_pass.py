@@ -34,6 +34,18 @@ def _fold(weight: torch.Tensor, bias: torch.Tensor, bn: nn.BatchNorm2d) -> tuple
     return weight * scale.reshape(shape), (bias - bn.running_mean) * scale + bn.bias
 
 
+def _shortcut(add: fx.Node, gate: fx.Node) -> fx.Node:
+    """The operand of the residual ``add`` that does not come from the branch of ``gate`` (the stream as it is
+    now: an earlier rewrite may have replaced the node the analysis named, e.g. a deleted block's output)."""
+    branch, todo = set(), [gate]
+    while todo:
+        n = todo.pop()
+        if n is not add and n not in branch:
+            branch.add(n)
+            todo.extend(n.users)
+    return next(a for a in add.args if isinstance(a, fx.Node) and a not in branch)
+
+
 class AttentionToConvPass(VitPass):
     """After: no ``vg_conv`` modules; each site computes its decision."""
 
@@ -55,7 +67,7 @@ class AttentionToConvPass(VitPass):
                 node.replace_all_uses_with(node.args[1])
             elif choice == "skip":
                 add = nodes[site.add]
-                add.replace_all_uses_with(nodes[site.shortcut])
+                add.replace_all_uses_with(_shortcut(add, node))
                 gm.graph.erase_node(add)
                 node.replace_all_uses_with(node.args[1])
             else:

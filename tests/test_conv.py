@@ -111,6 +111,8 @@ def test_refusals_and_search_moves_toward_the_budget():
     g = _model("deit")
     with pytest.raises(SpecError, match="with width.heads is not implemented"):
         instrument(g, Spec.from_dict({"attention": {"to_conv": True}, "width": {"heads": True}}))
+    with pytest.raises(SpecError, match="with width.embed is not implemented"):
+        instrument(g, Spec.from_dict({"attention": {"to_conv": True}, "width": {"heads": False, "embed": True}}))
     gated = instrument(g, Spec.from_dict({"preset": "spvit_conv"}))
     gated.train()
     out = gated(g.example_inputs[0])
@@ -188,8 +190,10 @@ def test_conv_tokens_and_mlp_widths_share_one_budget():
                            "tokens": {"method": "attention", "stages": [2], "keep": [0.5]},
                            "train": {"steps": 0}})
     gated = instrument(g, spec)
-    assert [s.block for s in gated.axes["conv"].sites] == [0, 1] and "blocks.2.attn" in gated.axes["conv"].refused
-    gated.axes["conv"].choice.copy_(torch.tensor([2, 3]))  # block 0 conv3, block 1 msa
+    refused = gated.axes["conv"].refused
+    assert [s.block for s in gated.axes["conv"].sites] == [0]  # block 1's attention scores the stage
+    assert "scores that stage" in refused["blocks.1.attn"] and "blocks.2.attn" in refused
+    gated.axes["conv"].choice.copy_(torch.tensor([2]))  # block 0 conv3
     gated.freeze()
     assert abs(gated.cost()["fraction"] - 0.5) <= 0.03
     gated.eval()
@@ -200,3 +204,29 @@ def test_conv_tokens_and_mlp_widths_share_one_budget():
     cg = vg.trace(compact, g.example_inputs)
     assert cg.structure.flops == pytest.approx(gated.cost()["flops"], rel=1e-9)
     assert [block_dict(b)["attention"]["kind"] for b in cg.structure.blocks][:2] == ["conv3", "msa"]
+
+
+@pytest.mark.parametrize("per_branch", [False, True])
+def test_conv_choices_in_blocks_depth_removes_price_and_materialize_exactly(per_branch):
+    """Depth deletes blocks (or attention branches) whose attention chose a convolution: the conv's cost goes
+    with them, the conv pass leaves them alone; eval == compact, priced == compact == FlopCounterMode."""
+    from vitgraph.analysis.cost import flop_counter_flops
+
+    g = _model("deit")
+    gated = instrument(g, _spec(depth={"skip_blocks": True, "per_branch": per_branch}, train={"steps": 10}))
+    _randomise(gated)
+    gated.axes["conv"].choice.copy_(torch.tensor([2, 1, 3, 0]))  # conv3, conv1, msa, skip
+    depth = gated.axes["depth"]
+    keep = [u.block not in (0, 2) or (per_branch and u.kind == "mlp") for u in depth.units]
+    depth.frozen_keep.copy_(torch.tensor(keep))
+    depth.is_frozen.fill_(True)
+    gated.eval()
+    gated.set_mode("eval")
+    compact = materialize(gated)
+    x = torch.randn(3, *g.example_inputs[0].shape[1:])
+    with torch.no_grad():
+        want = gated(x)
+        assert (compact(x) - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max()))
+    cg = vg.trace(compact, g.example_inputs)
+    assert cg.structure.flops == pytest.approx(gated.cost()["flops"], rel=1e-6)
+    assert flop_counter_flops(compact, (x,), 3) == cg.structure.flops

@@ -127,6 +127,9 @@ def test_axis_sets_narrow_the_spec():
     assert depth.depth.skip_blocks and not depth.width.enabled and not depth.tokens.on
     tokens = axis_spec(base, "tokens", 0.7)
     assert tokens.tokens.on and tokens.tokens.method == "attention" and tokens.tokens.stages == (1,)
+    assert tokens.tokens.keep == ()  # alone, the budget sets the ratios
+    with_tokens = Spec.from_dict({"width": {"heads": False}, "tokens": {"method": "attention", "keep": [0.5]}})
+    assert axis_spec(with_tokens, "width", 0.7).width.heads  # off only for the selectors
     assert not tokens.width.enabled and not tokens.depth.skip_blocks
     assert axis_spec(base, "all", 0.7) == Spec.from_dict({**base.to_dict(), "budget": {"flops": 0.7}})
     no_width = Spec.from_dict({"depth": {"skip_blocks": True}, "width": {"heads": False, "mlp": False}})

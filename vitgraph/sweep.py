@@ -91,9 +91,8 @@ def axis_spec(base: Any, axes: str, budget: float) -> Any:
     if axes == "conv" and base.train.steps == 0:
         raise SpecError("axis set conv: attention.to_conv chooses between attention and convolutions by "
                         "training; set train.steps > 0 (or pass --steps N) and --data digits or imagefolder:PATH")
-    if axes == "width":
-        if not base.width.enabled:
-            d["width"].update(method="magnitude", heads=True, mlp=True)
+    if axes == "width":  # widths alone: heads too (a spec with tokens leaves them off only for the selectors)
+        d["width"].update(heads=True, mlp=True, **({} if base.width.enabled else {"method": "magnitude"}))
     elif axes == "conv":
         d["width"].update(PRESETS["spvit_conv"]["width"], head_dim=False, embed=False)
     else:
@@ -101,6 +100,8 @@ def axis_spec(base: Any, axes: str, budget: float) -> Any:
     d["depth"].update(skip_blocks=axes == "depth", exits=[], exit=None)
     d["attention"]["to_conv"] = axes == "conv"
     d["tokens"]["enabled"] = axes == "tokens"
+    if axes == "tokens":  # alone, the budget sets the ratios
+        d["tokens"]["keep"] = []
     if axes == "tokens" and base.train.steps == 0:
         d["tokens"]["method"] = "attention"
     return Spec.from_dict(d, source=f"sweep {axes}")

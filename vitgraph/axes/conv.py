@@ -18,6 +18,8 @@ import torch.fx as fx
 from torch import nn
 
 from vitgraph.analysis.conv import ConvSite, conv_sites
+from vitgraph.analysis.depth import branch_factor
+from vitgraph.analysis.tokens import default_stages
 from vitgraph.axes.base import Axis, AxisContext, Factors, Pricer, Run
 from vitgraph.conv_gates import CHOICES, AttentionConv
 from vitgraph.errors import SpecError
@@ -48,16 +50,19 @@ class ConvAxis(Axis):
         if not spec.attention.to_conv:
             return None
         for key, asked in (("width.heads", spec.width.heads and spec.width.enabled),
-                           ("depth.skip_blocks", spec.depth.skip_blocks), ("depth.exits", bool(spec.depth.exits))):
+                           ("width.embed", spec.width.embed and spec.width.enabled),
+                           ("depth.exits", bool(spec.depth.exits))):
             if asked:
                 raise SpecError(f"attention.to_conv with {key} is not implemented; set {key} off (the conv axis "
                                 f"already chooses per site between attention, two convolutions and skip)")
         sites, refused = conv_sites(g)
-        first = min(spec.tokens.stages or (len(g.structure.blocks),)) if spec.tokens.on else None
+        stages = (spec.tokens.stages or default_stages(g.structure.blocks)) if spec.tokens.on else ()
+        first = min(stages) if stages else None
         if first is not None:  # token pruning breaks the grid: only blocks before the first stage convert
-            refused.update({s.name: f"it comes after the first token stage (block {first})" for s in sites
-                            if s.block >= first})
-            sites = [s for s in sites if s.block < first]
+            last = first - 1 if spec.tokens.method == "attention" else first  # (its attention scores the stage)
+            refused.update({s.name: f"it comes after the first token stage (block {first}) or its attention "
+                                    f"scores that stage" for s in sites if s.block >= last})
+            sites = [s for s in sites if s.block < last]
         if not sites:
             why = "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:3])
             raise SpecError(f"attention.to_conv: no attention of {g.name} can become a convolution ({why}); "
@@ -129,13 +134,15 @@ class ConvAxis(Axis):
         return self.as_factors([tuple(float(CHOICES.index(c) > i) for i in range(3)) for c in chosen])
 
     def cost_terms(self, factors: Factors) -> dict[str, Any]:
+        """The convolutions of each converted site, kept only as far as its block and branch are."""
         out = {}
         for s in self.sites:
             if f"conv.{s.block}" not in factors:
                 continue
             k1, k3, km = factors[f"conv.{s.block}"]
             scd = s.patches * s.channels * s.dim
-            out[s.name] = k3 * (1 - km) * 20.0 * scd + k1 * (1 - k3) * 4.0 * scd
+            kept = factors.get(f"block.{s.block}", 1.0) * factors.get(branch_factor(s.block, "attn"), 1.0)
+            out[s.name] = (k3 * (1 - km) * 20.0 * scd + k1 * (1 - k3) * 4.0 * scd) * kept
         return out
 
     # -- results -------------------------------------------------------------------------------------
