@@ -12,15 +12,16 @@ from vitgraph.data import Data, load_data
 from vitgraph.spec import Train
 from vitgraph.train import fit
 
-INPUT = (1, 32, 32)
 
 
-def trained_digits_vit(dense_steps: int, depth: int = 4) -> tuple[torch.nn.Module, Data, tuple[torch.Tensor]]:
-    """(the trained model in eval mode, the digits data, example inputs); ``depth`` blocks."""
+def trained_digits_vit(dense_steps: int, depth: int = 4, size: int = 32
+                       ) -> tuple[torch.nn.Module, Data, tuple[torch.Tensor]]:
+    """(the trained model in eval mode, the digits data, example inputs); ``depth`` blocks, ``size`` px."""
     torch.manual_seed(0)
-    data = load_data("digits", INPUT, 64, seed=0)
-    model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=4, in_chans=1, num_classes=10,
+    shape = (1, size, size)
+    data = load_data("digits", shape, 64, seed=0)
+    model = timm.create_model("deit_tiny_patch16_224", img_size=size, patch_size=4, in_chans=1, num_classes=10,
                               embed_dim=128, depth=depth, num_heads=4)
     fit(model, data.train, Train(steps=dense_steps, batch_size=64, lr=2e-3, warmup_steps=30, seed=0),
         progress=False)
-    return model.eval(), data, (torch.randn(2, *INPUT),)
+    return model.eval(), data, (torch.randn(2, *shape),)

@@ -1,6 +1,6 @@
 """The digits proxy's Pareto front: ``vitgraph sweep`` over width, depth, tokens and all four methods at once.
 
-The model is the accuracy benches' digits ViT (deit_tiny layout, 32 px, patch 4: 64 patches, embed 128,
+The model is the demo's digits ViT (deit_tiny layout, ``--size`` 16 px, patch 4: 16 patches, embed 128,
 4 heads) with ``--depth`` blocks, trained dense on scikit-learn's digits as the demo trains its own and
 saved as a state dict. Then ``vitgraph sweep`` compresses it at every budget for every axis set, from
 ``examples/specs/all.yaml`` (conv + MLP widths + blocks + tokens) with ``--steps`` steps of search and
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="0.3:0.9:0.15")
     parser.add_argument("--axes", default="width,depth,tokens,all")
     parser.add_argument("--depth", type=int, default=8, help="blocks of the digits ViT")
+    parser.add_argument("--size", type=int, default=16, help="image size (px; patches of 4 px)")
     parser.add_argument("--dense-steps", type=int, default=600)
     parser.add_argument("--steps", type=int, default=100, help="search + fine-tuning steps per point")
     parser.add_argument("--spec", default=str(SPEC))
@@ -40,10 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = out / f"dense_depth{args.depth}.pt"
-    kwargs = f"img_size=32,patch_size=4,in_chans=1,num_classes=10,embed_dim=128,depth={args.depth},num_heads=4"
+    checkpoint = out / f"dense_depth{args.depth}_{args.size}px.pt"
+    kwargs = (f"img_size={args.size},patch_size=4,in_chans=1,num_classes=10,embed_dim=128,depth={args.depth},"
+              f"num_heads=4")
     if not checkpoint.exists():
-        model, _, _ = trained_digits_vit(args.dense_steps, depth=args.depth)
+        model, _, _ = trained_digits_vit(args.dense_steps, depth=args.depth, size=args.size)
         torch.save(model.state_dict(), checkpoint)
         print(f"dense model trained in {time.perf_counter() - t0:.0f} s -> {checkpoint}", flush=True)
     code = vitgraph_main(["sweep", "deit_tiny_patch16_224", "--model-kwargs", kwargs, "--checkpoint", str(checkpoint),

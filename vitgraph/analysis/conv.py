@@ -31,7 +31,6 @@ class ConvSite:
     u: str                       # the normalised block input the attention reads
     proj: str                    # the output projection node (the branch output the conv replaces)
     add: str                     # the residual add (``skip`` replaces it by its shortcut)
-    shortcut: str
     v_weight: str
     v_bias: str | None
     v_rows: tuple[tuple[int, ...], ...]     # per head: its value rows
@@ -76,7 +75,7 @@ def conv_sites(g: VitGraph) -> tuple[list[ConvSite], dict[str, str]]:
         proj = linear_info(nodes[a.proj], gm)
         v = nodes[a.v]
         res = removable_residual(b, "attn")
-        sites.append(ConvSite(a.name, b.index, v.args[0].name, a.proj, res.add, res.skip, rows.target,
+        sites.append(ConvSite(a.name, b.index, v.args[0].name, a.proj, res.add, rows.target,
                               bias.target if bias is not None else None, v_rows, cols.target,
                               proj.bias if proj.bias not in (None, "<computed>") else None, o_cols, a.heads, per,
                               info.embed_dim, info.prefix_tokens, info.grid, branches[f"branch.{b.index}.attn"]))
