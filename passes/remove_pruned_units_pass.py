@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -57,32 +57,38 @@ class RemovePrunedUnitsPass(VitPass):
                 self._remove_branch(gm, name)
                 counters["branches_removed"] += 1
         counters["gates_removed"] = _strip_gates(gm, kept)
+        present = live_nodes(gm)  # (rewriting constants below changes no node)
         for name in kept:  # sizes computed from a width that shrinks keep their dense meaning (before any rewrite)
-            frozen = [c for c in self.groups[name].constants if c.per_unit == 0 and c.node in live_nodes(gm)]
+            frozen = [c for c in self.groups[name].constants if c.per_unit == 0 and c.node in present]
             _set_constants(gm, frozen, 0, self.name)
+        live = self._live_view(gm)
         for name, units in kept.items():
             group = self.groups[name]
             removed = group.units - len(units)
             counters["units_removed"] += removed
             if removed == 0 or not units:
                 continue
-            group = self._live_view(gm, group)
+            group = live(group)
             slice_group(gm, group, units)
             rewrite_constants(gm, group, removed, self.name)
         drop_root(gm, GATES)
         modified = counters["gates_removed"] > 0 or counters["units_removed"] > 0
         return PassResult(gm, modified=modified, counters=counters)
 
-    def _live_view(self, gm: fx.GraphModule, group: CoupledGroup) -> CoupledGroup:
-        """``group`` without the slices and constants of blocks that are no longer in the graph."""
+    def _live_view(self, gm: fx.GraphModule) -> Callable[[CoupledGroup], CoupledGroup]:
+        """A group without the slices and constants of blocks that are no longer in the graph (the graph's
+        nodes are read once: slicing and moving constants change no node)."""
         nodes = live_nodes(gm)
         gone = {n for b in self.blocks.values() if b.output not in nodes for n in b.nodes}
-        if not gone:
-            return group
         used = {str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
-        slices = tuple(s for s in group.slices if _in_use(s.target, used))
-        constants = tuple(c for c in group.constants if c.node in nodes or c.node not in gone)
-        return dataclasses.replace(group, slices=slices, constants=constants)
+
+        def view(group: CoupledGroup) -> CoupledGroup:
+            if not gone:
+                return group
+            slices = tuple(s for s in group.slices if _in_use(s.target, used))
+            constants = tuple(c for c in group.constants if c.node in nodes or c.node not in gone)
+            return dataclasses.replace(group, slices=slices, constants=constants)
+        return view
 
     def _remove_branch(self, gm: fx.GraphModule, name: str) -> None:
         """The group keeps no unit: its residual add becomes the add's other operand (the stream, which

@@ -155,7 +155,7 @@ class DepthAxis(Axis):
         keep = project(margins, cost_at, budget.fraction, budget.slack, width=later, fill=self.influence is not None,
                        most=len(self.units) - sum(u.block in pinned for u in self.units))
         self.projection = {"learned": int((margins <= 0).sum()), "final": int((~keep).sum())}
-        self.projection.update({"kept_for_other_axes": {f"{self.graph.structure.blocks[b].name}": why
+        self.projection.update({"kept_for_other_axes": {self.graph.structure.blocks[b].name: why
                                                         for b, why in sorted(pinned.items())}} if pinned else {})
         self.frozen_keep.copy_(keep)
         self.is_frozen.fill_(True)

@@ -51,6 +51,8 @@ class TokenAxis(Axis):
         self.prefix, self.tokens = info.prefix_tokens, info.tokens
         self.patches = info.tokens - info.prefix_tokens
         self.pool_mean = info.pooling == "avg"
+        # the coupled group of the stream's channels (width.embed), whose kept fraction sizes each package
+        self.stream = next((g.name for g in ctx.graph.structure.groups if g.kind == "embed"), None)
         self.learned = ctx.spec.tokens.method == "spvit"
         self.dynamic = ctx.spec.tokens.mode == "dynamic"
         self.register_buffer("kept", torch.full((len(stages),), -1, dtype=torch.long))  # K_s; -1: not frozen yet
@@ -215,8 +217,7 @@ class TokenAxis(Axis):
         """Each packing stage: its scorer (one row of logits per prefix query, all rows without a prefix;
         or the learned scorer's linears over the content tokens) and the package's weighted sum."""
         out = {}
-        stream = next((g.name for g in self.graph.structure.groups if g.kind == "embed"), None)
-        width = self.graph.structure.tokens.embed_dim * (factors.get(stream, 1.0) if stream else 1.0)
+        width = self.graph.structure.tokens.embed_dim * (factors.get(self.stream, 1.0) if self.stream else 1.0)
         for i, (s, sel) in enumerate(zip(self.stages, self.selectors)):
             if f"tokens.stage.{i}" not in factors:
                 continue
