@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vitgraph import __version__
-from vitgraph.errors import VitgraphError
+from vitgraph.errors import InputSizeError, SpecError, VitgraphError, first_line
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +33,9 @@ def _load(args: argparse.Namespace, ref: str) -> Any:
                        model_kwargs=parse_kwargs(args.model_kwargs))
     size = parse_size(args.input_size) or default_input_size(model)
     if size is None:
-        raise VitgraphError(f"cannot tell which input size {ref} expects; pass --input-size C,H,W")
+        raise InputSizeError(f"cannot tell which input size {ref} expects (it has no timm patch_embed.img_size, "
+                             "pretrained_cfg or Hugging Face config to read it from); pass --input-size C,H,W, "
+                             "e.g. --input-size 3,224,224")
     torch.manual_seed(0)
     fixed = getattr(model, "serving_batch", None)  # a compact graph that serves one batch size only
     x = torch.randn(fixed if isinstance(fixed, int) else max(1, args.batch), *size)
@@ -119,18 +121,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from vitgraph.data import check_source
+    from vitgraph.frontend import require_vit
     from vitgraph.pipeline import compress
     from vitgraph.spec import Spec
 
     spec = Spec.load(args.spec)
+    check_source(args.data)  # a bad --data fails here, before the model is built and traced
     if Path(args.out).exists() and not Path(args.out).is_dir():  # checked before the work, not after it
         raise VitgraphError(f"--out {args.out} is a file; compile writes a folder of artifacts there. "
                             "Name a new or existing folder instead.")
+    if (args.steps is not None and args.steps < 0) or (args.batch_size is not None and args.batch_size < 1):
+        raise SpecError(f"--steps must be >= 0 and --batch-size >= 1 (they override train.steps and "
+                        f"train.batch_size), got --steps {args.steps} --batch-size {args.batch_size}")
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
     if overrides:
         spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, **overrides))
     targets = _targets(args.targets)
     g = _load(args, args.model)
+    require_vit(g)
     result = compress(g, spec, data=args.data, out_dir=args.out, resume=args.resume, progress=not args.quiet,
                       latency_targets=targets)
     if not result.files:  # a non-zero torchrun rank: rank 0 reports and writes
@@ -282,10 +291,21 @@ def main(argv: list[str] | None = None) -> int:
     except VitgraphError as exc:
         if args.debug:
             raise
-        print(f"vitgraph {args.command}: error: {exc}", file=sys.stderr)
+        print(f"vitgraph {args.command}: error: {_paragraph(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - last resort: bad input raises VitgraphError where it is read
+        if args.debug:
+            raise
+        print(f"vitgraph {args.command}: internal error in {args.command}: {_paragraph(first_line(exc))}; this is "
+              "a vitgraph bug, rerun with --debug for the traceback and report it", file=sys.stderr)
+        return 1
+
+
+def _paragraph(text: str) -> str:
+    """A message on one line: the CLI's errors are one paragraph, whatever a wrapped library said."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from vitgraph.errors import DataError
+from vitgraph.errors import DataError, first_line
 
 SOURCES = ("digits", "imagefolder:PATH", "none")
 _LAYOUT = "PATH/<class>/<image> (or PATH/train/<class>/<image> with PATH/val/<class>/<image>)"
@@ -70,9 +70,20 @@ def load_data(source: str, input_size: tuple[int, int, int], batch_size: int, *,
     if source == "digits":
         train, val = _digits((c, h, w), seed)
         return Data(train, val, 10, source, batch_size, num_workers)
+    check_source(source)
+    train, val, classes = _imagefolder(source.split(":", 1)[1], (c, h, w), seed)
+    return Data(train, val, classes, source, batch_size, num_workers)
+
+
+def check_source(source: str) -> None:
+    """DataError unless ``source`` names a data source that exists; cheap, so callers check before the work."""
+    if source in ("none", "digits"):
+        return
     if source.startswith("imagefolder:") and source != "imagefolder:":
-        train, val, classes = _imagefolder(source.split(":", 1)[1], (c, h, w), seed)
-        return Data(train, val, classes, source, batch_size, num_workers)
+        root = Path(source.split(":", 1)[1]).expanduser()
+        if not root.is_dir():
+            raise DataError(f"{source}: {root} is not a directory; expected images laid out as {_LAYOUT}")
+        return
     raise DataError(f"unknown data source {source!r}; accepted: {', '.join(SOURCES)} "
                     f"(imagefolder expects {_LAYOUT})")
 
@@ -141,6 +152,11 @@ def _imagefolder(path: str, size: tuple[int, int, int], seed: int) -> tuple[Data
     train_set = _folder(train_root, train_tf, None, path)
     class_to_idx = train_set.reader.class_to_idx
     if val_root is not None:
+        extra = sorted(d.name for d in val_root.iterdir() if d.is_dir() and d.name not in class_to_idx)
+        if extra:  # timm would drop their images silently, and an all-unknown val split reads as "no images"
+            raise DataError(f"imagefolder:{path}: {val_root} has classes the training folder lacks: "
+                            f"{', '.join(extra[:5])}{'...' if len(extra) > 5 else ''}; add their training images "
+                            f"under {train_root}/<class>/ or remove them from {val_root.name}/")
         return train_set, _folder(val_root, val_tf, class_to_idx, path), len(class_to_idx)
     labels = [target for _, target in train_set.reader.samples]
     train_idx, val_idx = stratified_split(labels, 0.1, seed)
@@ -160,6 +176,35 @@ def _transforms(size: tuple[int, int, int]) -> tuple[object, object]:
     return transforms.Compose([train, adapt]), transforms.Compose([val, adapt])
 
 
+class ImageFiles(Dataset):
+    """The images a timm folder reader found, decoded as RGB and transformed. A file that cannot be decoded is a
+    DataError naming it: timm's own dataset would log it and hand the next image in its place."""
+
+    def __init__(self, reader: object, transform: object, source: str) -> None:
+        self.reader = reader
+        self.transform = transform
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.reader.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        file, target = self.reader.samples[index]
+        return self.transform(read_image(file, self.source)), int(target)
+
+
+def read_image(file: str | Path, source: str = "imagefolder") -> object:
+    """``file`` decoded as an RGB PIL image; DataError naming the file when it is not a readable image."""
+    from PIL import Image
+
+    try:
+        with Image.open(file) as image:
+            return image.convert("RGB")  # decodes the pixels, so a truncated file fails here, not later
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"{source}: cannot read the image {file} ({first_line(e)}); remove or replace that file "
+                        "(it is truncated, corrupt or not an image)") from None
+
+
 def _folder(root: Path, transform: object, class_to_idx: dict[str, int] | None, path: str) -> Dataset:
     from timm.data import create_dataset
 
@@ -171,5 +216,7 @@ def _folder(root: Path, transform: object, class_to_idx: dict[str, int] | None, 
     if "" in dataset.reader.class_to_idx:
         raise DataError(f"imagefolder:{path}: images lie directly in {root}; put each class in its own folder: "
                         f"{_LAYOUT}")
-    dataset.transform = transform
-    return dataset
+    if not dataset.reader.samples:
+        raise DataError(f"imagefolder:{path}: no images under {root}; expected {_LAYOUT}")
+    read_image(dataset.reader.samples[0][0], f"imagefolder:{path}")  # fail now on a folder of non-images
+    return ImageFiles(dataset.reader, transform, f"imagefolder:{path}")

@@ -43,6 +43,14 @@ class ModelNotFoundError(VitgraphError):
     """A model name or ``path:function`` reference that cannot be resolved."""
 
 
+class ModelError(VitgraphError):
+    """A model that resolves but cannot be used: its builder raises, returns no nn.Module, or it is no ViT."""
+
+
+class CheckpointError(ModelError):
+    """A ``--checkpoint`` (or a compiled model's file) that is missing, unreadable, or does not fit the model."""
+
+
 class TraceError(VitgraphError):
     """torch.fx could not trace the model; the message names the op, the module and the fix."""
 

@@ -22,9 +22,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from vitgraph.errors import InputSizeError, TraceError, first_line, user_frame
+from vitgraph.errors import InputSizeError, ModelError, TraceError, first_line, user_frame
 
-__all__ = ["trace_module", "timm_leaves", "VitTracer", "check_exact"]
+__all__ = ["trace_module", "timm_leaves", "VitTracer", "check_exact", "require_vit"]
 
 
 def timm_leaves() -> tuple[list[type], list[Callable]]:
@@ -274,3 +274,17 @@ def check_exact(traced_out: Any, reference: Any, name: str, atol: float = 1e-5) 
     return err
 
 
+
+
+def require_vit(g: Any) -> None:
+    """ModelError unless the traced graph (a VitGraph) holds self-attention: the compression axes prune heads,
+    tokens and attention blocks, and a CNN has none of them."""
+    s = g.structure
+    if s.attention:
+        return
+    mixers = sorted({b.mixer for b in s.blocks if b.mixer})
+    found = f"{len(s.blocks)} residual blocks of {', '.join(mixers)}" if mixers else f"{len(s.blocks)} blocks"
+    raise ModelError(f"{g.name} is not a Vision Transformer: its graph has no self-attention (found {found}), so "
+                     "vitgraph has no heads, tokens or attention blocks to compress. Pass a ViT, e.g. the timm name "
+                     "deit_small_patch16_224 or file.py:function returning one; `vitgraph inspect` shows what "
+                     "vitgraph recognises in a model.")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitgraph.errors import ModelNotFoundError, VitgraphError, first_line
+from vitgraph.errors import CheckpointError, ModelError, ModelNotFoundError, VitgraphError, first_line
 
 
 def parse_kwargs(text: str | None) -> dict[str, Any]:
@@ -66,7 +66,7 @@ def _from_reference(ref: str, kwargs: dict[str, Any]) -> nn.Module:
         try:
             spec.loader.exec_module(module)
         except Exception as exc:  # the user's file: name it and its error, not our stack
-            raise VitgraphError(f"importing the model file {target} failed: {first_line(exc)}. "
+            raise ModelError(f"importing the model file {target} failed: {first_line(exc)}. "
                                 f"Fix {target} (run `python {target}` to see the full error).") from exc
     else:
         try:
@@ -81,10 +81,11 @@ def _from_reference(ref: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         model = fn(**kwargs)
     except Exception as exc:  # the user's builder: name it and its error, not our stack
-        raise VitgraphError(f"building the model with {ref} raised {first_line(exc)}. "
+        raise ModelError(f"building the model with {ref} raised {first_line(exc)}. "
                             f"Fix {func} in {target}, or the --model-kwargs passed to it.") from exc
     if not isinstance(model, nn.Module):
-        raise VitgraphError(f"{ref} returned {type(model).__name__}, not a torch.nn.Module")
+        raise ModelError(f"{ref} returned {type(model).__name__}, not a torch.nn.Module; make {func} in {target} "
+                         "return the model (an nn.Module instance), e.g. `return MyViT(**kwargs)`")
     return model
 
 
@@ -99,20 +100,54 @@ def _from_timm(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as exc:
-        raise VitgraphError(f"timm could not build {name} with --model-kwargs {kwargs}: {exc}") from exc
-    except (OSError, RuntimeError, ValueError) as exc:
+        raise ModelError(f"timm could not build {name} with --model-kwargs {kwargs}: {first_line(exc)}; "
+                         "drop or rename that keyword (see the model's constructor in timm)") from exc
+    except (OSError, RuntimeError, ValueError, AssertionError) as exc:
         if pretrained:
-            raise VitgraphError(f"could not load pretrained weights for {name} ({first_line(exc)}). "
-                                "Without network access, "
-                                "pass the weights file with --checkpoint PATH instead.") from exc
-        raise
+            raise ModelError(f"could not load pretrained weights for {name} ({first_line(exc)}). "
+                             "Without network access, "
+                             "pass the weights file with --checkpoint PATH instead.") from exc
+        if not kwargs:
+            raise
+        # timm checks its arguments with asserts and ValueErrors (e.g. embed_dim divisible by num_heads)
+        raise ModelError(f"timm could not build {name} with --model-kwargs {kwargs}: {first_line(exc)}; "
+                         "change those --model-kwargs") from exc
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
     """Load a state dict (raw, or under 'model'/'state_dict'/'module') into ``model``, strictly."""
+    state = _read_state(path)
+    for key in ("model", "state_dict", "model_ema", "module"):
+        if key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    state = {str(k).removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}. Build the model with the same "
+            "--model-kwargs as the checkpoint.")
+    shapes = [f"{k} {tuple(v.shape)} (the model's: {tuple(own[k].shape)})" for k, v in state.items()
+              if not isinstance(v, torch.Tensor) or v.shape != own[k].shape]
+    if shapes:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model: {len(shapes)} tensors differ in shape, e.g. "
+            f"{'; '.join(shapes[:3])}. Build the model with the --model-kwargs the checkpoint was trained with "
+            "(embed_dim, depth, num_heads, img_size, num_classes, ...).")
+    model.load_state_dict(state, strict=True)
+
+
+def _read_state(path: str) -> dict[str, Any]:
+    """The dict a checkpoint file holds; CheckpointError naming the file when it is not one."""
     file = Path(path)
+    if file.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; pass the weights file in it (a .pth, .pt, .bin or "
+                              ".safetensors state dict)")
     if not file.is_file():
-        raise VitgraphError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path passed to --checkpoint")
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -120,24 +155,13 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, corrupt, not a checkpoint, or pickled objects beyond plain tensors
-        raise VitgraphError(f"checkpoint {path} could not be read ({first_line(exc)}). Pass a state dict "
-                            "saved with torch.save(model.state_dict(), PATH) or a .safetensors file; a file cut "
-                            "short by an interrupted download or copy needs fetching again.") from exc
+        raise CheckpointError(f"checkpoint {path} could not be read ({first_line(exc)}). Pass a state dict "
+                              "saved with torch.save(model.state_dict(), PATH) or a .safetensors file; a file cut "
+                              "short by an interrupted download or copy needs fetching again.") from exc
     if not isinstance(state, dict):
-        raise VitgraphError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict; save it with "
-                            "torch.save(model.state_dict(), PATH)")
-    for key in ("model", "state_dict", "model_ema", "module"):
-        if key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise VitgraphError(
-            f"checkpoint {path} does not fit the model: missing {result.missing_keys[:5]}"
-            f"{'...' if len(result.missing_keys) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
-            f"{'...' if len(result.unexpected_keys) > 5 else ''}. Build the model with the same "
-            "--model-kwargs as the checkpoint.")
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict; save it with "
+                              "torch.save(model.state_dict(), PATH)")
+    return state
 
 
 def load_model(ref: str, *, pretrained: bool = False, checkpoint: str | None = None,
@@ -160,14 +184,28 @@ def load_compiled(ref: str) -> nn.Module:
     path = Path(ref)
     folder = path if path.is_dir() else path.parent
     if not (folder / "compact.pt").is_file():
-        raise VitgraphError(f"{ref} is a path but not a folder written by `vitgraph compile` (no compact.pt in "
-                            f"{folder}); for a .pt2 use torch.export.load(path).module()")
-    model = torch.load(folder / "compact.pt", map_location="cpu", weights_only=False)
+        raise ModelNotFoundError(f"{ref} is a path but not a folder written by `vitgraph compile` (no compact.pt "
+                                 f"in {folder}); for a .pt2 use torch.export.load(path).module()")
+    try:
+        model = torch.load(folder / "compact.pt", map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated or corrupt: unpickling raises whatever the bytes lead it to
+        raise CheckpointError(f"{folder / 'compact.pt'} could not be read ({first_line(exc)}); it is not a whole "
+                              f"`vitgraph compile` output: run the compile again into {folder}") from exc
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"{folder / 'compact.pt'} holds a {type(model).__name__}, not a compiled model; "
+                              f"run `vitgraph compile` again into {folder}")
     report = folder / "report.json"
     if report.is_file():
         import json
-        info = json.loads(report.read_text())
-        model.vg_input_size = tuple(info.get("input_size") or ()) or None
+        try:
+            info = json.loads(report.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{report} is not JSON ({first_line(exc)}); it is not a whole `vitgraph "
+                                  f"compile` output: run the compile again into {folder}, or delete {report} and "
+                                  "pass --input-size C,H,W") from exc
+        info = info if isinstance(info, dict) else {}
+        size = info.get("input_size")
+        model.vg_input_size = tuple(size) if isinstance(size, list) and size else None
         model.vg_name = f"{info.get('model', folder.name)} (compressed)"
     return model
 

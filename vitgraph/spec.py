@@ -208,16 +208,24 @@ class Spec:
     @classmethod
     def load(cls, path: str | Path) -> Spec:
         path = Path(path)
+        example = ("a spec is a YAML mapping such as `budget: {flops: 0.5}` or `preset: wdpruning` "
+                   "(see README, 'The spec')")
+        if path.is_dir():
+            raise SpecError(f"spec file {path} is a folder; name the YAML file inside it ({example})")
         if not path.is_file():
-            raise SpecError(f"spec file {path} does not exist; write one (see README, 'The spec') or use a preset: "
-                            f"{{preset: wdpruning}}")
+            raise SpecError(f"spec file {path} does not exist; write one ({example})")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError:
             raise SpecError(f"spec file {path} is not UTF-8 text (a binary or otherwise encoded file?); "
                             "a spec is a YAML file, e.g. examples/specs/wdpruning.yaml") from None
         except yaml.YAMLError as e:
-            raise SpecError(f"spec file {path} is not valid YAML: {e}") from None
+            raise SpecError(f"spec file {path} is not valid YAML: {_yaml_problem(e)}; fix that line") from None
+        except OSError as e:  # unreadable: permissions, a device, a broken mount
+            raise SpecError(f"spec file {path} cannot be read ({e.strerror or e}); check the path and its "
+                            "permissions") from None
+        if data is None:  # an empty file, or comments only: almost always the wrong file, not "all defaults"
+            raise SpecError(f"spec file {path} is empty; {example}")
         return cls.from_dict(data, source=str(path))
 
     @classmethod
@@ -229,7 +237,7 @@ class Spec:
         latency_only = isinstance(budget, dict) and budget.get("latency") is not None and "flops" not in budget
         preset = data.get("preset")
         if preset is not None:
-            if preset not in PRESETS:
+            if not isinstance(preset, str) or preset not in PRESETS:
                 raise SpecError(f"{source}: unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
             data = _merge(PRESETS[preset], data)
         if latency_only:  # a latency budget alone does not also hold the model to a preset's FLOPs
@@ -294,6 +302,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "width": {"method": "spvit", "heads": False, "mlp": True, "align": 1},
                    "train": {"steps": 300, "lr": 1.0e-4, "search": 0.5}},
 }
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML parser error on one line: ``line 2, column 6: expected ',' or '}', but got ':'``."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem).split())
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
