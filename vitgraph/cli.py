@@ -123,20 +123,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     from vitgraph.data import check_source
     from vitgraph.frontend import require_vit
+    from vitgraph.outdir import Output
     from vitgraph.pipeline import compress
     from vitgraph.spec import Spec
 
     spec = Spec.load(args.spec)
     check_source(args.data)  # a bad --data fails here, before the model is built and traced
-    if Path(args.out).exists() and not Path(args.out).is_dir():  # checked before the work, not after it
-        raise VitgraphError(f"--out {args.out} is a file; compile writes a folder of artifacts there. "
-                            "Name a new or existing folder instead.")
     if (args.steps is not None and args.steps < 0) or (args.batch_size is not None and args.batch_size < 1):
         raise SpecError(f"--steps must be >= 0 and --batch-size >= 1 (they override train.steps and "
                         f"train.batch_size), got --steps {args.steps} --batch-size {args.batch_size}")
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
     if overrides:
         spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, **overrides))
+    Output.at(args.out).check(resume=args.resume, spec=spec)  # path and checkpoint errors before the work
     targets = _targets(args.targets)
     g = _load(args, args.model)
     require_vit(g)
@@ -247,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default="none", help="digits | imagefolder:PATH | none (one-shot, default)")
     s.add_argument("--steps", type=int, help="override train.steps")
     s.add_argument("--batch-size", type=int, help="override train.batch_size")
-    s.add_argument("--resume", action="store_true", help="continue the training run checkpointed in OUT/train")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the run checkpointed in OUT.partial/train (killed) or OUT/train")
     s.add_argument("--targets", default="eager", help="latency measured for the report: eager,compile,onnx")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     _model_args(s)

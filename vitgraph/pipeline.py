@@ -5,6 +5,9 @@
     result.report           # the report.json contract
     result.save("out/")     # model.pt2, compact.pt, spec.yaml, report.json, report.md, kept.png
 
+With ``out_dir`` the run builds ``out_dir.partial`` (training checkpoints in its ``train/``) and renames it to
+``out_dir`` only when every artifact is written (see ``vitgraph.outdir``); ``resume=True`` continues a killed run.
+
 Every result is checked: the compact graph must equal the gated graph in ``eval`` mode (the
 decisions it bakes in) and land within ``budget.tolerance`` of ``budget.flops``.
 """
@@ -25,6 +28,7 @@ from vitgraph.errors import ParityError, SpecError
 from vitgraph.frontend import max_abs_diff
 from vitgraph.gated import GatedModel, instrument, materialize
 from vitgraph.graph import VitGraph, block_dict, trace
+from vitgraph.outdir import Output, identity
 from vitgraph.spec import Spec
 
 PARITY_ATOL = 1e-4   # gated eval vs compact, fp32, relative to the output's scale
@@ -44,11 +48,20 @@ class Result:
     files: dict[str, str] = field(default_factory=dict)
 
     def save(self, out_dir: str | Path, *, pt2: bool = True) -> dict[str, str]:
-        """Write the artifacts of ``vitgraph compile`` into ``out_dir``."""
+        """Write the artifacts of ``vitgraph compile`` beside ``out_dir``, then rename them into place."""
+        output = Output.at(out_dir)
+        output.check(resume=False)
+        staged = output.stage()
+        self.write(staged, pt2=pt2)
+        output.commit(staged)
+        self.files = {k: str(output.final / Path(v).name) for k, v in self.files.items()}
+        return self.files
+
+    def write(self, folder: Path, *, pt2: bool = True) -> dict[str, str]:
+        """The artifacts, straight into ``folder`` (``save`` and ``compress`` make it their staging folder)."""
         from vitgraph.report import write_markdown
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = Path(folder)
         files = {}
         if pt2:
             from vitgraph.targets import export as export_target
@@ -61,9 +74,9 @@ class Result:
         files["compact.pt"] = str(out / "compact.pt")
         self.spec.save(out / "spec.yaml")
         files["spec.yaml"] = str(out / "spec.yaml")
-        (out / "report.json").write_text(json.dumps(self.report, indent=2))
-        files["report.json"] = str(out / "report.json")
         files.update(write_markdown(self.report, out))
+        (out / "report.json").write_text(json.dumps(self.report, indent=2))  # last: the run's "done"
+        files["report.json"] = str(out / "report.json")
         self.files = files
         return files
 
@@ -77,6 +90,11 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
 
     t0 = time.perf_counter()
     spec = _as_spec(spec)
+    output = Output.at(out_dir) if out_dir is not None else None
+    if output is not None:  # path and checkpoint errors before the trace and the training, not after
+        output.check(resume=resume, spec=spec)
+    elif resume:
+        raise SpecError("resume=True needs out_dir, the --out of the run to continue")
     g = _graph(model, example_inputs, name)
     size = tuple(g.input_size)
     dataset = data if isinstance(data, Data) else load_data(str(data), size, spec.train.batch_size,
@@ -85,6 +103,10 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
     if spec.width.method == "taylor" and dataset.train is not None:
         calibration = dataset.loader("train", shuffle=True, seed=spec.train.seed)
     _check_exits(spec, dataset)
+    source = None
+    if output is not None:  # DIR.partial, and the checkpoint to resume from (its model and spec checked)
+        trains = spec.train.steps > 0
+        source = output.begin(resume=resume, identity=identity(g.name, g.gm, size, spec) if trains else None)
     latency = None
     if spec.budget.latency is not None:
         from vitgraph.profile import table_for
@@ -95,7 +117,7 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
     if spec.train.steps > 0:
         teacher = g.gm
         fitted = fit(gated, dataset.train, spec.train, teacher=teacher, val_data=dataset.val,
-                     out_dir=Path(out_dir) / "train" if out_dir is not None else None, resume=resume,
+                     out_dir=output.train if output is not None else None, resume=source or False,
                      progress=progress)
     if not gated.frozen:  # learned with no steps: project the untrained (or one-shot) decisions
         gated.freeze()
@@ -141,8 +163,12 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
         report["latency_ms"] = _latency(g.gm, compact, g.example_inputs, latency_targets)
     report["seconds"] = time.perf_counter() - t0
     result = Result(compact, g, compressed, gated, spec, report, fitted)
-    if out_dir is not None and _rank() == 0:  # under torchrun every rank holds the same result
-        result.save(out_dir)
+    if output is not None and _rank() == 0:  # under torchrun every rank holds the same result
+        result.write(output.work)
+        output.commit()  # DIR appears (or is replaced) only now, complete
+        result.files = {k: str(output.final / Path(v).name) for k, v in result.files.items()}
+        if fitted is not None and fitted.history is not None:
+            result.fit = replace(fitted, history=output.final / "train" / Path(fitted.history).name)
     return result
 
 

@@ -16,7 +16,6 @@ process (as in timm), and each rank takes its slice of the same permutation.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import sys
@@ -35,8 +34,8 @@ from vitgraph.errors import SpecError, VitgraphError
 from vitgraph.spec import Distill, Train
 from vitgraph.train_groups import (GROUPS, GroupConfig, Plan, _optimizer, group_configs, kind,  # noqa: F401 - API
                                    lr_at, param_groups)
-from vitgraph.train_state import (FORMAT, _batches, _Batches, _load, _restore_model, _rng_state, _save,
-                                  _set_rng_state, _World)
+from vitgraph.train_state import (FORMAT, _batches, _Batches, _changed_settings, _load, _Metrics, _restore_model,
+                                  _rng_state, _save, _set_rng_state, _Window, _World)
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -162,24 +161,6 @@ def _wrap(model: nn.Module, world: _World, device: torch.device) -> nn.Module:
 
 # -- logging -----------------------------------------------------------------------------------------------
 
-class _Metrics:
-    """metrics.jsonl on rank 0; a resumed run first drops lines past its checkpoint (they will be redone)."""
-
-    def __init__(self, path: Path | None, start: int, resume: bool) -> None:
-        self.path = path
-        if path is None:
-            return
-        kept = []
-        if resume and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
-        path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 class _Bar:
     def __init__(self, enabled: bool, total: int, start: int) -> None:
         self.progress = None
@@ -220,6 +201,7 @@ class _Run:
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
         self.frozen = False
         self.lrs: dict[str, float] = {}
+        self.window = _Window()
 
     def switch(self) -> None:
         """The search ends: the model fixes its decisions, arch and dual stop training."""
@@ -276,18 +258,21 @@ class _Run:
         return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
 
     def state(self, step: int, loss: float | None, order: _Batches) -> dict[str, Any] | None:
-        """The checkpoint (on rank 0; None elsewhere). Collective under DDP: it gathers every rank's RNGs."""
-        rngs: list[Any] = [None] * self.world.size
+        """The checkpoint (on rank 0; None elsewhere). Collective under DDP: it gathers every rank's RNGs and
+        unlogged loss window (so the first log line after a resume averages the same steps)."""
+        mine = {"rng": _rng_state(), "window": self.window.state()}
+        ranks: list[Any] = [None] * self.world.size
         if self.world.distributed:
-            torch.distributed.all_gather_object(rngs, _rng_state())
+            torch.distributed.all_gather_object(ranks, mine)
         else:
-            rngs = [_rng_state()]
+            ranks = [mine]
         if self.world.rank != 0:
             return None
         return {"format": FORMAT, "step": step, "frozen": self.frozen, "loss": loss,
                 "model": self.model.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                "grads": [p.grad for p in self.params], "rng": rngs, "data": order.fingerprint(),
+                "grads": [p.grad for p in self.params], "rng": [r["rng"] for r in ranks],
+                "window": [r["window"] for r in ranks], "data": order.fingerprint(),
                 "train": dataclasses.asdict(self.cfg)}
 
     def restore(self, state: dict[str, Any], path: Path) -> None:
@@ -302,40 +287,20 @@ class _Run:
             self.scaler.load_state_dict(state["scaler"])
         for p, g in zip(self.params, state["grads"]):
             p.grad = None if g is None else g.to(self.device)
+        if "window" in state:  # absent from checkpoints written before it was kept
+            self.window.load(state["window"][self.world.rank], self.device)
         _set_rng_state(state["rng"][self.world.rank])  # last: freeze() above may draw random numbers
 
 
-class _Window:
-    """Loss terms and images since the last log line, averaged over steps (and ranks)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.steps, self.images, self.t = 0, 0, time.perf_counter()
-
-    def add(self, terms: dict[str, torch.Tensor], images: int) -> None:
-        for name, value in terms.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value.double()
-        self.steps, self.images = self.steps + 1, self.images + images
-
-    def flush(self, world: _World) -> tuple[dict[str, float], float]:
-        names = sorted(self.sums)
-        values = torch.stack([self.sums[k] for k in names]) / max(self.steps, 1)
-        if world.distributed:
-            torch.distributed.all_reduce(values)
-            values /= world.size
-        seconds = time.perf_counter() - self.t
-        rate = self.images / seconds if seconds > 0 else 0.0
-        self.__init__()
-        return dict(zip(names, values.tolist())), rate
-
-
 def fit(model: nn.Module, train_data: Dataset | DataLoader | None, cfg: Train, *, teacher: nn.Module | None = None,
-        val_data: Dataset | DataLoader | None = None, out_dir: str | Path | None = None, resume: bool = False,
-        progress: bool = True, evaluate_every: int = 0, num_workers: int | None = None) -> FitResult:
+        val_data: Dataset | DataLoader | None = None, out_dir: str | Path | None = None,
+        resume: bool | str | Path = False, progress: bool = True, evaluate_every: int = 0,
+        num_workers: int | None = None) -> FitResult:
     """Train ``model`` for ``cfg.steps`` steps (see the module docstring); returns what happened.
 
     ``train_data`` yields ``(image, label)``; a DataLoader is accepted for its dataset (and workers) — the
-    batch order is always fit's own. ``out_dir`` receives checkpoint.pt and metrics.jsonl (rank 0 writes).
+    batch order is always fit's own. ``out_dir`` receives checkpoint.pt and metrics.jsonl (rank 0 writes);
+    ``resume`` is True to continue from ``out_dir``'s checkpoint.pt, or the path of the checkpoint to continue.
     A fresh run seeds torch, numpy and ``random`` with ``train.seed + rank``; a resumed one restores them.
     """
     t_begin = time.perf_counter()
@@ -362,7 +327,8 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader | None, cfg: Train, *
 
     run = _Run(model, cfg, world, device)
     order = _Batches(train_data, cfg.batch_size, cfg.seed, world) if cfg.steps > 0 else None
-    start, last_loss = _begin(run, order, ckpt, resume)
+    source = ckpt if isinstance(resume, bool) else Path(resume)
+    start, last_loss = _begin(run, order, source, bool(resume))
 
     def checkpoint(step: int) -> None:
         state = run.state(step, last_loss, order) if ckpt is not None else None
@@ -372,7 +338,7 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader | None, cfg: Train, *
     metrics = _Metrics(out / METRICS if out is not None and world.rank == 0 else None, start, resume)
     log_every = cfg.log_every if cfg.log_every > 0 else max(cfg.steps, 1)
     bar = _Bar(progress and world.rank == 0 and sys.stderr.isatty(), cfg.steps, start)
-    window, images, top1 = _Window(), 0, None
+    window, images, top1 = run.window, 0, None
     model.train()
     net = _wrap(model, world, device)
     t_loop = time.perf_counter()
@@ -421,6 +387,11 @@ def _begin(run: _Run, order: _Batches | None, ckpt: Path | None, resume: bool) -
         raise VitgraphError(f"cannot resume: {ckpt} was written for data/batching {state['data']}, this run has "
                             f"{order.fingerprint()}; use the same data, train.batch_size, train.seed and "
                             f"number of processes")
+    differ = _changed_settings(state.get("train"), cfg)
+    if differ:
+        raise VitgraphError(f"cannot resume: {ckpt} was written with other train settings ({'; '.join(differ)}); "
+                            f"resume with that run's settings (only train.steps, checkpoint_every and log_every "
+                            f"may change), or start fresh in another out_dir")
     if state["step"] > cfg.steps:
         raise VitgraphError(f"cannot resume: {ckpt} is at step {state['step']}, past train.steps={cfg.steps}; "
                             f"raise train.steps or start fresh in another out_dir")

@@ -1,13 +1,18 @@
 """The state a training run resumes from: the order of its batches and its checkpoints.
 
 Batches are a seeded permutation per epoch, indexed by the step (each rank takes its slice), with a
-per-sample seed for random augmentation; checkpoints hold every other piece of state and are written
-atomically. Together they make ``fit(..., resume=True)`` bit-for-bit equal to an uninterrupted run.
+per-sample seed for random augmentation; checkpoints hold every other piece of state (down to the loss
+window not yet logged) and are written atomically. Together they make ``fit(..., resume=True)`` bit-for-bit
+equal to an uninterrupted run, parameters and metrics.jsonl alike.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import os
 import random
+import time
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -17,7 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from vitgraph.errors import SpecError, VitgraphError
+from vitgraph.errors import SpecError, VitgraphError, first_line
+from vitgraph.spec import Train
 
 FORMAT = 1
 
@@ -163,7 +169,8 @@ def _load(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing here
-        raise VitgraphError(f"cannot resume: {path} is not a readable vitgraph checkpoint ({e})") from None
+        raise VitgraphError(f"cannot resume: {path} is not a readable vitgraph checkpoint ({first_line(e)}); it "
+                            f"is truncated or damaged: delete it and start without resume") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise VitgraphError(f"cannot resume: {path} is not a vitgraph checkpoint of format {FORMAT}")
     return state
@@ -189,3 +196,71 @@ def _restore_model(model: nn.Module, saved: dict[str, torch.Tensor], frozen: boo
     model.load_state_dict(saved)
 
 
+def _changed_settings(saved: dict[str, Any] | None, cfg: Train) -> list[str]:
+    """``train.KEY: saved there, cfg here`` for each setting that changes the steps already taken."""
+    if not isinstance(saved, dict):
+        return []
+    ours = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    saved = json.loads(json.dumps(saved))
+    free = ("steps", "checkpoint_every", "log_every")
+    return [f"train.{k}: {saved.get(k)!r} there, {ours[k]!r} here" for k in ours if k not in free and
+            saved.get(k) != ours[k]]
+
+
+# -- logging -----------------------------------------------------------------------------------------------
+
+class _Metrics:
+    """metrics.jsonl on rank 0; a resumed run first drops lines past its checkpoint (they will be redone)."""
+
+    def __init__(self, path: Path | None, start: int, resume: bool) -> None:
+        self.path = path
+        if path is None:
+            return
+        kept = []
+        if resume and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if _step(line) <= start]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _step(line: str) -> float:
+    """A metrics line's step; a line the kill cut short counts as past every checkpoint (it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+class _Window:
+    """Loss terms and images since the last log line, averaged over steps (and ranks)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.images, self.t = 0, 0, time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor], images: int) -> None:
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.double()
+        self.steps, self.images = self.steps + 1, self.images + images
+
+    def state(self) -> dict[str, Any]:
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "steps": self.steps, "images": self.images}
+
+    def load(self, state: dict[str, Any], device: torch.device) -> None:
+        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self.steps, self.images = state["steps"], state["images"]
+
+    def flush(self, world: _World) -> tuple[dict[str, float], float]:
+        names = sorted(self.sums)
+        values = torch.stack([self.sums[k] for k in names]) / max(self.steps, 1)
+        if world.distributed:
+            torch.distributed.all_reduce(values)
+            values /= world.size
+        seconds = time.perf_counter() - self.t
+        rate = self.images / seconds if seconds > 0 else 0.0
+        self.__init__()
+        return dict(zip(names, values.tolist())), rate
