@@ -7,7 +7,9 @@
 Invariant: a ``DIR/report.json`` belongs to a finished run. A killed run leaves ``DIR.partial`` (and any
 earlier ``DIR`` untouched); ``--resume`` continues from ``DIR.partial/train/checkpoint.pt``, or from the
 ``DIR/train`` of a finished run, copied into ``DIR.partial`` first so that ``DIR`` stays whole until the new
-one is. Path problems are found by :meth:`Output.check` before any tracing or training.
+one is. An earlier ``DIR`` holding only compile's artifacts is replaced whole; one with other files (or
+the working folder) keeps them, and the artifacts move in with report.json last. Path problems are found by
+:meth:`Output.check` before any tracing or training.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ class OutputError(VitgraphError):
 
 @dataclass(frozen=True)
 class Output:
+    """``final`` is the absolute ``--out``; ``work`` the ``DIR.partial`` beside it; ``train`` the checkpoints."""
+
     final: Path
 
     @classmethod
@@ -127,11 +131,12 @@ class Output:
         folder, final = folder or self.work, self.final
         if not final.exists():
             os.rename(folder, final)
-        elif not final.is_symlink() and all(p.name in ARTIFACTS or p.suffix == ".png" for p in final.iterdir()):
+        elif self._replaceable():
             aside = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.rename(final, aside)
             os.rename(folder, final)
-            shutil.rmtree(aside, ignore_errors=True)
+            for old in final.parent.glob(f".{final.name}.old-*"):  # this one, and any a kill left between renames
+                shutil.rmtree(old, ignore_errors=True)
         else:
             (final / "report.json").unlink(missing_ok=True)  # until the last move, no report.json claims DIR
             for entry in sorted(folder.iterdir(), key=lambda p: p.name == "report.json"):
@@ -140,6 +145,17 @@ class Output:
                     shutil.rmtree(target)
                 shutil.move(str(entry), str(target))
             folder.rmdir()
+
+    def _replaceable(self) -> bool:
+        """``DIR`` holds only what compile writes, and is no link and not the working folder (or above it)."""
+        final = self.final
+        try:
+            here = Path.cwd()
+        except OSError:
+            here = None
+        if final.is_symlink() or (here is not None and (here == final or final in here.parents)):
+            return False
+        return all(p.name in ARTIFACTS or p.suffix == ".png" for p in final.iterdir())
 
     def stage(self) -> Path:
         """A fresh private folder beside ``DIR`` for :meth:`commit` (``Result.save`` outside ``compress``)."""
