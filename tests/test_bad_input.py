@@ -25,6 +25,39 @@ def not_a_module():
 
 def cnn():
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
+class Unfinished(nn.Module):
+    def forward(self, x):
+        raise NotImplementedError("forward is not written yet")
+
+
+class TwoInputs(nn.Module):
+    def forward(self, x, mask):
+        return x * mask
+
+
+class ValueBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(32, 10)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.lin(x)
+        return -self.lin(x)
+
+
+def unfinished():
+    return Unfinished()
+
+
+def two_inputs():
+    return TwoInputs()
+
+
+def value_branch():
+    return ValueBranch()
 '''
 
 
@@ -52,6 +85,9 @@ def user_file(tmp_path: Path) -> str:
     ("raises", ("raises", "ValueError", "depth must be positive")),
     ("not_a_module", ("not_a_module", "int", "nn.Module")),
     ("missing", ("missing",)),
+    ("unfinished", ("unfinished", "NotImplementedError", "mymodels.py")),   # its forward raises
+    ("two_inputs", ("two_inputs", "mask", "forward")),                      # its forward takes two inputs
+    ("value_branch", ("value_branch", "x.sum() > 0", "leaf")),              # branches on tensor values
 ])
 def test_user_function(func, needles, user_file, capsys):
     _bad(["inspect", f"{user_file}:{func}", "--input-size", "3,32,32"], capsys, *needles)
@@ -98,14 +134,14 @@ def test_cnn_is_refused_by_compile(user_file, tmp_path, capsys):
     spec = tmp_path / "spec.yaml"
     spec.write_text("budget: {flops: 0.5}\n")
     _bad(["compile", f"{user_file}:cnn", "--input-size", "3,32,32", "--spec", str(spec), "--out",
-          str(tmp_path / "out")], capsys, "cnn")
+          str(tmp_path / "out")], capsys, "cnn", "not a Vision Transformer")
 
 
 def test_timm_cnn_is_refused_by_compile(tmp_path, capsys):
     spec = tmp_path / "spec.yaml"
     spec.write_text("budget: {flops: 0.5}\n")
     _bad(["compile", "resnet18", "--input-size", "3,32,32", "--spec", str(spec), "--out",
-          str(tmp_path / "out")], capsys, "resnet18")
+          str(tmp_path / "out")], capsys, "resnet18", "not a Vision Transformer", "self-attention")
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -260,6 +296,8 @@ SPEC_CASES = [
     # budgets the enabled axes cannot reach
     ("budget: {flops: 0.5}\nwidth: {heads: false, mlp: false}", "compresses nothing"),
     ("budget: {flops: 0.05}\nwidth: {heads: false, mlp: true}", "budget.flops"),
+    ("budget: {flops: 0.05}\nwidth: {heads: false, mlp: false}\ndepth: {skip_blocks: true}\ntrain: {steps: 2}",
+     "budget.flops"),
 ]
 
 
@@ -347,6 +385,18 @@ def test_mixed_image_sizes_and_modes_are_not_bad_input(tmp_path):
 
 # -- other commands -------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("argv, needle", [
+    (["--budgets", "0.9:0.5:0.1"], "--budgets"),
+    (["--budgets", "half"], "--budgets"),
+    (["--axes", "width,colour"], "colour"),
+])
+def test_bad_sweep_arguments(argv, needle, tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("budget: {flops: 0.5}\n")
+    base = ["sweep", *TINY, "--spec", str(spec), "--out", str(tmp_path / "out"), "--budgets", "0.5:0.9:0.1"]
+    _bad([*base, *argv], capsys, needle)
+
+
 def test_bench_unknown_target(capsys):
     _bad(["bench", *TINY, "--targets", "eager,tensorrt"], capsys, "tensorrt")
 
@@ -356,5 +406,21 @@ def test_profile_too_few_samples(capsys):
 
 
 def test_debug_shows_the_traceback(user_file):
-    with pytest.raises(Exception):
+    from vitgraph.errors import ModelError
+    with pytest.raises(ModelError, match="depth must be positive"):
         main(["--debug", "inspect", f"{user_file}:raises", "--input-size", "3,32,32"])
+
+
+def test_a_vitgraph_bug_is_an_internal_error_not_bad_input(monkeypatch, capsys):
+    """An exception no loader turned into bad input exits 1 (not 2), in one paragraph that says how to report it."""
+    import vitgraph.cli as cli
+
+    def broken(args):
+        raise KeyError("blocks.7")
+    monkeypatch.setattr(cli, "cmd_inspect", broken)
+    assert main(["inspect", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().count("\n") == 0
+    assert "internal error in inspect: KeyError" in err and "--debug" in err
+    with pytest.raises(KeyError):
+        main(["--debug", "inspect", *TINY])

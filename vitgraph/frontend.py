@@ -248,17 +248,28 @@ def max_abs_diff(a: Any, b: Any) -> float:
 
 def run_eager(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], name: str,
               expected: str | None = None) -> Any:
-    """Run the model once; turn a shape error into an InputSizeError that says what the model expects."""
+    """Run the model once; turn a shape error into an InputSizeError that says what the model expects, and any
+    other error of the model's own forward into a ModelError naming the line that raised."""
+    got = "x".join(str(s) for s in example_inputs[0].shape[1:]) if example_inputs else "()"
     try:
         with torch.no_grad():
             return model(*example_inputs)
+    except NotImplementedError as exc:  # a RuntimeError, but no shape's fault
+        raise _forward_error(name, got, exc) from exc
     except (RuntimeError, AssertionError, ValueError, IndexError) as exc:
-        got = "x".join(str(s) for s in example_inputs[0].shape[1:]) if example_inputs else "()"
         hint = f"it expects {expected}" if expected else "check the channels and image size it was built for"
         raise InputSizeError(
             f"{name} cannot run on an input of size {got} (batch excluded): {str(exc).splitlines()[0].rstrip('.')}. "
             f"{hint.capitalize()}; pass that size (CLI: --input-size C,H,W)."
         ) from exc
+    except Exception as exc:  # noqa: BLE001 - the user's forward: a TypeError (its signature), KeyError, ...
+        raise _forward_error(name, got, exc) from exc
+
+
+def _forward_error(name: str, got: str, exc: BaseException) -> ModelError:
+    return ModelError(f"{name} raised {first_line(exc)} at {user_frame(exc) or 'its forward'} when run on an "
+                      f"example batch of images of size {got}. vitgraph calls forward(images) with one N x C x H x "
+                      "W tensor: fix the model's forward, or wrap the model so that it takes one.")
 
 
 def check_exact(traced_out: Any, reference: Any, name: str, atol: float = 1e-5) -> float:
