@@ -46,9 +46,13 @@ class Timing:
 
 
 def measure(runners: dict[str, Callable[[], Any]], *, warmup: int = 3, repeats: int = 20,
-            min_time: float | None = None) -> dict[str, Timing]:
+            min_time: float | None = None, max_time: float | None = None) -> dict[str, Timing]:
     """Time zero-argument ``runners`` interleaved; ``repeats`` rounds at least, and at least
-    ``min_time`` seconds in all when given. Warm-up rounds (also interleaved) are not timed."""
+    ``min_time`` seconds in all when given. Warm-up rounds (also interleaved) are not timed.
+
+    ``max_time`` bounds a slow model (a 1024-px encoder takes seconds a run): once a round has been
+    timed three times and ``max_time`` seconds have passed, timing stops, and warm-up stops after one
+    round when that round alone took a tenth of ``max_time``."""
     if not runners:
         raise LoweringError("bench: measure() needs at least one runner.")
     if repeats < 1 or warmup < 0:
@@ -60,7 +64,10 @@ def measure(runners: dict[str, Callable[[], Any]], *, warmup: int = 3, repeats: 
     while True:
         timed = rnd >= warmup
         done = len(samples[names[0]])
-        if timed and done >= repeats and (min_time is None or time.perf_counter() - start >= min_time):
+        spent = time.perf_counter() - start
+        if timed and done >= repeats and (min_time is None or spent >= min_time):
+            break
+        if timed and max_time is not None and done >= 3 and spent >= max_time:
             break
         shift = rnd % len(names)
         for name in names[shift:] + names[:shift]:
@@ -69,6 +76,8 @@ def measure(runners: dict[str, Callable[[], Any]], *, warmup: int = 3, repeats: 
             elapsed = time.perf_counter() - t0
             if timed:
                 samples[name].append(elapsed * 1e3)
+        if not timed and max_time is not None and time.perf_counter() - start >= max_time / 10:
+            warmup = rnd + 1  # one slow warm-up round is enough
         if rnd + 1 == warmup:
             start = time.perf_counter()  # min_time counts timed rounds only
         rnd += 1
