@@ -82,7 +82,7 @@ def check_source(source: str) -> None:
     if source.startswith("imagefolder:") and source != "imagefolder:":
         root = Path(source.split(":", 1)[1]).expanduser()
         if not root.is_dir():
-            raise DataError(f"{source}: {root} is not a directory; expected images laid out as {_LAYOUT}")
+            raise DataError(f"{source}: no such directory {root}; expected images laid out as {_LAYOUT}")
         return
     raise DataError(f"unknown data source {source!r}; accepted: {', '.join(SOURCES)} "
                     f"(imagefolder expects {_LAYOUT})")
