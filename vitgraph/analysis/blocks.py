@@ -342,12 +342,20 @@ def _from_latent_query(node: fx.Node, blocks: list[Block], nodes: dict) -> bool:
     return False
 
 
-def _grid_reshape(candidates: list[fx.Node], counts: set[int], where: str = "") -> str | None:
-    """A node that lays the tokens out as an H x W grid (a conv, a pooling, a window partition)."""
+def _grid_reshape(candidates: list[fx.Node], counts: set[int], where: str = "", heads: int | None = None
+                  ) -> str | None:
+    """A node that lays the tokens out as an H x W grid (a conv, a pooling, a window partition). With the
+    block's ``heads``: a node that still holds the token count and the heads is the attention's head
+    layout ((B, N, 3, heads, d), (3, B, heads, N, d)), whatever its other sizes multiply to."""
     for n in candidates:
         s = shape_of(n)
-        hit = next(((h, w) for h, w in zip(s[1:], s[2:]) if h > 1 and w > 1 and h * w in counts),
-                   None) if s and len(s) >= 4 else None
+        hit = next(((i, h, w) for i, (h, w) in enumerate(zip(s[1:], s[2:]), 1)
+                    if h > 1 and w > 1 and h * w in counts), None) if s and len(s) >= 4 else None
+        if hit and heads is not None and heads in s:
+            i = hit[0]
+            hit = None if any(d in counts for d in (*s[1:i], *s[i + 2:])) else hit[1:]
+        elif hit:
+            hit = hit[1:]
         if hit:
             return f"%{n.name}{' ' + where if where else ''} reshapes tokens into a {hit[0]}x{hit[1]} grid"
     return None
@@ -368,7 +376,7 @@ def _own_token_barrier(b: Block, tokens: TokenInfo, nodes: dict[str, fx.Node]) -
         return "the attention adds a fixed-size relative position bias"
     if b.tokens_in != b.tokens_out:
         return "the block changes the number of tokens"
-    return _grid_reshape([nodes[n] for n in b.nodes], {b.tokens_in, b.tokens_in - tokens.prefix_tokens})
+    return _grid_reshape([nodes[n] for n in b.nodes], {b.tokens_in, b.tokens_in - tokens.prefix_tokens}, heads=a.heads)
 
 
 def mark_token_prunable(gm: fx.GraphModule, blocks: list[Block], tokens: TokenInfo) -> list[Block]:

@@ -43,7 +43,9 @@ def _per_unit(stream: list[int], other: list[int], units: int, what: str) -> tup
     for u, i in zip(stream, other):
         if 0 <= u < units and i >= 0 and i not in owned[u]:
             owned[u].append(i)
-    if any(len(o) != 1 for o in owned):
+    # one index per channel, each channel its own (a code constant along the channels, e.g. a position
+    # embedding's token axis when there are as many tokens as channels, gives every channel the same one)
+    if any(len(o) != 1 for o in owned) or len({o[0] for o in owned}) != units:
         raise _Refused(f"{what} does not map one to one onto the stream's channels")
     return tuple(tuple(o) for o in owned)
 
@@ -150,8 +152,11 @@ class _Walk:
             rank = len(shape_of(at) or ())
             if code is not None and (code >= 0).any() and code.dim() <= rank:
                 code = code.reshape((1,) * (rank - code.dim()) + tuple(code.shape))  # broadcast from the right
-                per = _per_unit(_chan(self.env[at], self.axis(at)), _chan(code, self.axis(at)), self.units,
-                                f"{src.target}")
+                try:  # (another axis of the same size may be the one that lands on the channels)
+                    per = _per_unit(_chan(self.env[at], self.axis(at)), _chan(code, self.axis(at)), self.units,
+                                    f"{src.target}")
+                except _Refused:
+                    continue
                 self.slices.append(SliceRef(str(src.target), axis, per, "param"))
                 self.done.add(src)
                 return
