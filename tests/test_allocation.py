@@ -151,8 +151,19 @@ def test_no_kind_vanishes_where_every_group_may_go():
     cost = lambda f: 0.1 + sum(weights[k] * float(v) for k, v in f.items())  # noqa: E731
     importance = {s.name: torch.rand(s.units, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(sites)}
     for target in (0.2, 0.12):
-        uniform = allocate(sites, {s.name: 1.0 for s in sites}, target, cost)
-        assert sum(uniform[s.name] for s in sites if s.kind == "heads") == 0  # the unguarded projection drops them
         kept = allocate_global(sites, importance, target, cost)
         assert sum(kept[s.name] for s in sites if s.kind == "heads") >= 1
         assert sum(kept[s.name] for s in sites if s.kind == "mlp") >= 8
+
+
+def test_identical_head_groups_step_one_at_a_time_onto_the_budget():
+    """Learned shapes where every block kept 1 of 4 heads and the MLPs cannot grow: scaling the head
+    groups together jumps from 0.55 (1 head each) to 0.70 (2 each) around a 0.60 target; one more head
+    in one block lands on it (a learned run that overshot its budget in a few steps did this)."""
+    sites = [_site(f"h{i}", "heads", 4, 1, 1) for i in range(3)] + [_site(f"m{i}", "mlp", 128, 8, 1) for i in range(3)]
+    weights = {s.name: 0.2 if s.kind == "heads" else 0.13 for s in sites}
+    cost = lambda f: 0.01 + sum(weights[k] * float(v) for k, v in f.items())  # noqa: E731
+    learned = {s.name: 0.25 if s.kind == "heads" else 1.0 for s in sites}
+    kept = allocate(sites, learned, 0.6, cost)
+    assert cost({s.name: kept[s.name] / s.units for s in sites}) == pytest.approx(0.6, abs=0.01)
+    assert sorted(kept[f"h{i}"] for i in range(3)) == [1, 1, 2]

@@ -100,6 +100,17 @@ def allocate(sites: Sequence[Site], fractions: Mapping[str, float], target: floa
     if fine and fine != everything:
         fractions = {**fractions, **{s.name: max(kept[s.name], 1) / s.units for s in sites if s.name in fine}}
         _, kept = bisect(fine, kept, rounded=True)
+        # identical coarse groups round together (3 blocks x 1 of 2 heads jump as one): step them one at a
+        # time, the fine groups re-bisected after each step, while that brings the cost nearer the target
+        while abs(fraction_of(kept) - target) > tolerance:
+            up = fraction_of(kept) < target
+            steps = [{**kept, s.name: kept[s.name] + (1 if up else -1)} for s in sites if s.name not in fine
+                     and (kept[s.name] < s.units if up else kept[s.name] > max(1, s.min_units))]
+            trials = [bisect(fine, step, rounded=True)[1] for step in steps]
+            best = min(trials, key=lambda c: abs(fraction_of(c) - target), default=None)
+            if best is None or abs(fraction_of(best) - target) >= abs(fraction_of(kept) - target):
+                break
+            kept = best
     return {k: int(v) for k, v in kept.items()}
 
 
