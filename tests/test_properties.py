@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 import vitgraph as vg
@@ -129,7 +129,8 @@ def refusals(a: Axes, model: Model) -> list[str]:
     first one its axes meet. What vitgraph refuses, and why:
     - tokens with width.heads: the token scores average over the heads, pruned heads would change them;
     - tokens with depth.exits; tokens.method spvit with depth.skip_blocks (learned selectors chain keep
-      flags and key masks through every later block);
+      flags and key masks through every later block) or with width.embed (the learned scorers read the
+      stream head by head; found here: the narrowed graph failed to run, see vitgraph/axes/tokens.py);
     - attention.to_conv with width.heads, width.embed or depth.exits;
     - to_conv with tokens: only attentions before the first stage (attention scores: before the block
       that scores it) convert, so a first stage at block 0 (learned) or 1 (attention scores) leaves none;
@@ -158,6 +159,7 @@ def refusals(a: Axes, model: Model) -> list[str]:
          "tokens.method spvit with depth.skip_blocks is not implemented"),
         (tokens and a.heads, "tokens with width.heads is not implemented"),
         (tokens and a.exits, "tokens with depth.exits is not implemented"),
+        (tokens and a.token_method == "spvit" and a.embed, "tokens.method spvit with width.embed is not implemented"),
         (tokens and a.token_method == "attention" and a.stages[0] == 0, "before block 0 .*no block before it"),
         (tokens and model.pool == "map", "blocks after block .* do not all see its"),
     ]
@@ -195,7 +197,7 @@ def axes_for(draw, model: Model, accepted: bool = True) -> Axes:
         if a.stages and a.stages[0] <= (1 if a.token_method == "attention" else 0):
             a = Axes(**{**a.__dict__, "stages": (), "keep": ()})
     if a.stages and a.token_method == "spvit":
-        a = Axes(**{**a.__dict__, "skip_blocks": False})
+        a = Axes(**{**a.__dict__, "skip_blocks": False, "embed": False})
     if a.stages and a.skip_blocks:  # (listed token ratios fix the tokens at instrument; depth alone must then
         a = Axes(**{**a.__dict__, "mlp": True})  # reach the budget in whole blocks, or instrument refuses it)
     if refusals(a, model):  # compresses nothing, or single heads alone
@@ -275,7 +277,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@settings(max_examples=25, **SETTINGS)
+@settings(max_examples=35, **SETTINGS)
 @given(model=models(), data=st.data())
 def test_open_original_eval_compact_and_cost_agree(model, data):
     axes = data.draw(axes_for(model))
@@ -294,11 +296,12 @@ def test_open_original_eval_compact_and_cost_agree(model, data):
     assert flop_counter_flops(compact, g.example_inputs, 2) == pytest.approx(cg.structure.flops, rel=COST_RTOL)
 
 
-@settings(max_examples=12, **SETTINGS)
+@settings(max_examples=40, **SETTINGS)
 @given(model=models(), data=st.data())
 def test_refused_combinations_say_why(model, data):
     axes = data.draw(axes_for(model, accepted=False))
     reasons = refusals(axes, model)
+    event(f"refused: {reasons[0]}" if reasons else "accepted")
     if not reasons:
         return  # accepted: the test above holds it to the invariants
     with pytest.raises(SpecError) as refused:

@@ -284,7 +284,11 @@ def _refuse_combinations(ctx: AxisContext) -> None:
                               # the scores average over the heads; pruned heads would change them
                               ("tokens with width.heads", spec.width.heads and spec.width.enabled,
                                "false (MLP units combine)"),
-                              ("tokens with depth.exits", bool(spec.depth.exits), "")):
+                              ("tokens with depth.exits", bool(spec.depth.exits), ""),
+                              # the learned scorers read the stream head by head (a LayerNorm and linears
+                              # per head chunk); the embed group does not narrow them
+                              ("tokens.method spvit with width.embed",
+                               t.method == "spvit" and spec.width.embed and spec.width.enabled, "")):
         if asked:
             fix = f"set it to {alone}" if alone else "drop one of the two"
             raise SpecError(f"{key} is not implemented; {fix}")
