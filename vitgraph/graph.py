@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -167,10 +168,9 @@ class HFLogits(nn.Module):
 
 
 def _hf_adapter(model: nn.Module) -> nn.Module:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
+    if "transformers" not in sys.modules:  # a Hugging Face model means transformers is imported (and it is slow to)
         return model
+    from transformers import PreTrainedModel
     return HFLogits(model) if isinstance(model, PreTrainedModel) else model
 
 

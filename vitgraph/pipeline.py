@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from vitgraph.errors import ParityError, SpecError
-from vitgraph.frontend import max_abs_diff
+from vitgraph.frontend import max_abs_diff, require_vit
 from vitgraph.gated import GatedModel, instrument, materialize
 from vitgraph.graph import VitGraph, block_dict, trace
 from vitgraph.outdir import Output, identity
@@ -96,6 +96,7 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
     elif resume:
         raise SpecError("resume=True needs out_dir, the --out of the run to continue")
     g = _graph(model, example_inputs, name)
+    require_vit(g)
     size = tuple(g.input_size)
     dataset = data if isinstance(data, Data) else load_data(str(data), size, spec.train.batch_size,
                                                              seed=spec.train.seed)
@@ -293,7 +294,7 @@ def _latency(dense: nn.Module, compact: nn.Module, example_inputs: tuple[torch.T
         for label, module in (("dense", dense), ("compressed", compact)):
             runners[label] = bench.runners(module, tuple(x[:1] for x in example_inputs), batch=batch,
                                            targets=(target,), name=f"{label}")[target]
-        timings = bench.measure(runners, repeats=repeats)
+        timings = bench.measure(runners, repeats=repeats, max_time=30.0)  # a 1024-px encoder: a few runs
         out[target] = {k: round(v.median_ms, 3) for k, v in timings.items()}
         out[target]["batch"] = batch
     return out

@@ -110,7 +110,8 @@ def axis_spec(base: Any, axes: str, budget: float) -> Any:
 def run(args: argparse.Namespace) -> int:
     """Run (or resume) the sweep ``args`` describe; writes sweep.json, sweep.md and sweep.png."""
     from vitgraph.cli import _load, _targets
-    from vitgraph.data import load_data
+    from vitgraph.data import check_source, load_data
+    from vitgraph.frontend import require_vit
     from vitgraph.spec import Spec
 
     budgets, axis_sets, targets = parse_budgets(args.budgets), parse_axes(args.axes), _targets(args.targets)
@@ -124,8 +125,12 @@ def run(args: argparse.Namespace) -> int:
                         "Name a new or existing folder instead.")
     base = Spec.load(args.spec)
     if args.steps is not None:
+        if args.steps < 0:
+            raise SpecError(f"--steps {args.steps} is negative; pass 0 (one-shot) or a number of training steps")
         base = dataclasses.replace(base, train=dataclasses.replace(base.train, steps=args.steps))
+    check_source(args.data)  # before the model is built and traced
     g = _load(args, args.model)
+    require_vit(g)
     doc = {"model": g.name, "dense": {"flops": g.structure.flops, "params": g.structure.params,
                                       "input_size": list(g.input_size)},
            "spec": base.to_dict(), "budget_kind": base.budget.metric, "data": args.data,

@@ -81,10 +81,11 @@ class WidthAxis(Axis):
             return None
         groups, skipped = chosen_groups(g, spec)
         if not groups:
-            reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3])
+            reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3]) or (
+                "it has no attention heads, MLP or embedding groups the spec's width keys enable")
             if not (spec.depth.skip_blocks or spec.depth.exits):
                 raise SpecError(f"{g.name}: the spec asks for width pruning but no site of this model allows it "
-                                f"({reasons})")
+                                f"({reasons}); `vitgraph inspect` lists each site and why it can or cannot be pruned")
         return cls(ctx, groups, skipped)
 
     def instrument_passes(self) -> list[VitPass]:
