@@ -63,6 +63,7 @@ def _wrap(owner: Any, attr: str, label: str, rows: list[dict[str, Any]]) -> None
         finally:
             rows.append({"stage": label, "seconds": round(time.perf_counter() - t0, 2),
                          "peak_mb": round(_hwm_mb())})
+            print("row " + json.dumps(rows[-1]), flush=True)  # a run that times out still shows its stages
             _reset_hwm()
     setattr(owner, attr, stage)
 
@@ -101,8 +102,10 @@ def run(model: str, spec: str, args: str, timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", model, spec, f"--args={args}"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"model": model, "spec": spec, "exit": "timeout", "rows": []}
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        rows = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("row ")]
+        return {"model": model, "spec": spec, "exit": f"timeout after {timeout:.0f} s", "rows": rows}
     last = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
     try:
         return json.loads(last[0])
