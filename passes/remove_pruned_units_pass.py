@@ -76,10 +76,11 @@ class RemovePrunedUnitsPass(VitPass):
         return PassResult(gm, modified=modified, counters=counters)
 
     def _live_view(self, gm: fx.GraphModule) -> Callable[[CoupledGroup], CoupledGroup]:
-        """A group without the slices and constants of blocks that are no longer in the graph (the graph's
+        """A group without the slices and constants of blocks or branches no longer in the graph (the graph's
         nodes are read once: slicing and moving constants change no node)."""
         nodes = live_nodes(gm)
-        gone = {n for b in self.blocks.values() if b.output not in nodes for n in b.nodes}
+        # whole blocks, or single branches (depth.per_branch) whose modules went with them
+        gone = {n for b in self.blocks.values() for n in b.nodes if n not in nodes}
         used = {str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
 
         def view(group: CoupledGroup) -> CoupledGroup:

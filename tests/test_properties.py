@@ -83,14 +83,14 @@ def models(draw) -> Model:
     image, patch = draw(st.sampled_from(GRIDS))
     heads = draw(st.sampled_from([1, 2, 4]))
     dim = draw(st.sampled_from([d for d in (16, 24, 32, 48, 64) if d % heads == 0 and d // heads >= 4]))
-    common = dict(image=image, patch=patch, dim=dim, heads=heads, depth=draw(st.integers(1, 4)),
+    common = dict(image=image, patch=patch, dim=dim, heads=heads, depth=draw(st.sampled_from([2, 3, 4, 1])),
                   mlp_ratio=draw(st.sampled_from([1.0, 2.0, 4.0])))
     if draw(st.booleans()) and draw(st.booleans()):  # a quarter of the examples: separate q/k/v
         return Model("handmade", chans=3, style=draw(st.sampled_from(["matmul", "einsum", "bmm"])), **common)
     class_token = draw(st.booleans())
     reg_tokens = draw(st.sampled_from([0, 0, 1, 2]))
     # (timm: a token pool needs a class token)
-    pool = draw(st.sampled_from(["token", "avg", "map"] if class_token else ["avg", "map"]))
+    pool = draw(st.sampled_from(["token", "avg", "token", "map"] if class_token else ["avg", "avg", "map"]))
     return Model("timm", chans=draw(st.sampled_from([1, 3])), class_token=class_token, reg_tokens=reg_tokens,
                  pool=pool, layer_scale=draw(st.booleans()), qk_norm=draw(st.booleans()),
                  fused_attn=draw(st.booleans()), qkv_bias=draw(st.booleans()), **common)
@@ -137,6 +137,9 @@ def refusals(a: Axes, model: Model) -> list[str]:
     - one-shot attention scores cannot stage at block 0 (no attention before it to read);
     - width.heads or head_dim alone where no attention shows its heads (one head is not separable; the
       handmade ``bmm`` style folds the heads into the batch), with nothing else to gate; and to_conv there;
+    - depth.exits with width.embed (an exit copies the head path, whose final norm the stream's gate has
+      replaced, and the copies would not narrow with the stream; found here: instrument failed with a
+      PreconditionError, see vitgraph/axes/exits.py);
     - an attention-pool head (global_pool "map") is a block of its own, seeing its one latent query:
       depth.exits (no other block's output has its shape) and tokens (not every later block sees the
       stream's tokens) are refused;
@@ -154,6 +157,7 @@ def refusals(a: Axes, model: Model) -> list[str]:
         (a.conv and a.exits, "attention.to_conv with depth.exits is not implemented"),
         (a.conv and tokens and a.stages[0] <= (1 if a.token_method == "attention" else 0),
          "no attention .* can become a convolution .*first token stage"),
+        (a.exits and a.embed, "depth.exits with width.embed is not implemented"),
         (a.exits and model.pool == "map", "no exit after block .* differs from the last block's"),
         (tokens and a.token_method == "spvit" and a.skip_blocks,
          "tokens.method spvit with depth.skip_blocks is not implemented"),
@@ -187,9 +191,26 @@ def axes_for(draw, model: Model, accepted: bool = True) -> Axes:
              exits=exits, stages=stages, keep=keep, token_method=method, conv=conv)
     if not accepted:
         return a
+    # one axis family is the example's focus: it stays on, and the refused pairs go against the others
+    focus = draw(st.sampled_from(["width", "depth", "exits", "tokens", "conv"]))
+    open_pool = model.pool != "map" and depth >= 2
+    if focus == "exits" and open_pool:
+        a = Axes(**{**a.__dict__, "exits": a.exits or (draw(st.integers(1, depth - 1)),), "conv": False,
+                    "stages": (), "keep": (), "embed": False})
+    elif focus == "tokens" and open_pool and depth >= 3 - (method == "spvit"):
+        lowest = 1 if method == "attention" else 0
+        if not a.stages:
+            a = Axes(**{**a.__dict__, "stages": (draw(st.integers(lowest, depth - 1)),), "keep": (0.5,)})
+        a = Axes(**{**a.__dict__, "conv": a.conv and a.stages[0] > lowest + 1, "exits": (), "heads": False})
+    elif focus == "conv" and not (model.style == "bmm" and model.family == "handmade"):
+        a = Axes(**{**a.__dict__, "conv": True, "heads": False, "embed": False, "exits": ()})
+    elif focus == "depth":
+        a = Axes(**{**a.__dict__, "skip_blocks": True})
     # resolve every refused pair in favour of the coarser axis (see ``refusals``)
     if a.conv or a.stages or model.pool == "map":
         a = Axes(**{**a.__dict__, "heads": a.heads and not (a.conv or a.stages), "exits": ()})
+    if a.exits:
+        a = Axes(**{**a.__dict__, "embed": False})
     if a.conv and model.style == "bmm" and model.family == "handmade":
         a = Axes(**{**a.__dict__, "conv": False})
     if a.conv:
@@ -277,13 +298,16 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@settings(max_examples=35, **SETTINGS)
+@settings(max_examples=30, **SETTINGS)
 @given(model=models(), data=st.data())
 def test_open_original_eval_compact_and_cost_agree(model, data):
     axes = data.draw(axes_for(model))
     g, gated, compact = compress(model, axes, data)
+    for name in gated.axes:
+        event(f"axis {name}")
     x = g.example_inputs[0]
     with torch.no_grad():
+        event("the decisions changed the output" if close(gated(x), g.gm(x)) > 1e-3 else "nothing changed")
         for inputs in (x, torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(1))):
             want = gated(inputs)
             err = close(compact(inputs), want)
@@ -317,4 +341,4 @@ def test_onnx_matches_the_compact_graph(model, data, tmp_path_factory):
     g, gated, compact = compress(model, axes, data)
     path = tmp_path_factory.mktemp("onnx") / "m.onnx"
     report = onnx_target.lower(compact, gated.example_inputs(), path, atol=1e-4)
-    assert report.max_abs_err <= 1e-4, re.escape(str(axes))
+    assert report.max_abs_err <= 1e-4, axes
