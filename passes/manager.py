@@ -63,7 +63,7 @@ class PassManager:
         if self.example_inputs is None:
             return
         try:
-            propagate_shapes(gm, self.example_inputs)
+            propagate_shapes(gm, self.example_inputs, fake=True)
         except AnalysisError as e:
             raise PostconditionError(f"{after}: the rewritten graph does not run on the example inputs: {e}") from None
         missing = [n for n in gm.graph.nodes if SHAPE not in n.meta and VALUE not in n.meta]

@@ -264,14 +264,15 @@ def _as_spec(spec: Spec | dict[str, Any] | str | Path) -> Spec:
 
 def _parity(gated: GatedModel, compact: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...],
             batch: int | None = None) -> float:
-    """Max abs error, compact vs the gated graph in eval mode, on the example and on a fresh batch
-    (in slices of ``batch`` images for a compact graph that serves that batch only)."""
+    """Max abs error, compact vs the gated graph in eval mode, on the example and on two fresh images
+    one at a time (another batch size than the example's; one image's activations at a time), or in
+    slices of ``batch`` images for a compact graph that serves that batch only."""
     gen = torch.Generator().manual_seed(1)
-    fresh = tuple(torch.randn(3, *x.shape[1:], generator=gen, dtype=x.dtype) for x in example_inputs)
+    fresh = tuple(torch.randn(max(2, batch or 1), *x.shape[1:], generator=gen, dtype=x.dtype) for x in example_inputs)
     err, scale = 0.0, 0.0
     with torch.no_grad(), gated.using("eval"):
         for whole in (example_inputs, fresh):
-            step = batch or whole[0].shape[0]
+            step = batch or (1 if whole is fresh else whole[0].shape[0])
             for i in range(0, whole[0].shape[0], step):
                 inputs = tuple(x[i:i + step] for x in whole)
                 expected = gated(*inputs)

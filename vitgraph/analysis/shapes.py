@@ -10,12 +10,16 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitgraph.analysis.ops import op_kind
 from vitgraph.errors import AnalysisError
 from vitgraph.meta import DTYPE, LEAF_FLOPS, SHAPE, VALUE
+
+# what fake tensors cannot answer: a value read from data, or a shape that depends on it
+_DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException)
 
 
 def _shape(value: Any) -> Any:
@@ -61,7 +65,19 @@ class ShapeRecorder(fx.Interpreter):
         return result
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Any:
-    """Record shapes on every node of ``gm``; returns the graph's output on the example."""
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], *, fake: bool = False) -> Any:
+    """Record shapes on every node of ``gm``; returns the graph's output on the example.
+
+    ``fake``: run on fake tensors (shapes without data: no memory for activations, no FLOPs spent), falling
+    back to real ones where an op needs data (``.item()``, ``nonzero``). A rewritten graph is re-checked
+    after every pass this way; a 1024-px encoder's attention maps are GBs each, so real runs add up.
+    """
+    if fake:
+        try:
+            with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                return ShapeRecorder(gm).run(*(mode.from_tensor(x) for x in example_inputs))
+        except AnalysisError as exc:
+            if not isinstance(exc.__cause__, _DATA_DEPENDENT):
+                raise
     with torch.no_grad():
         return ShapeRecorder(gm).run(*example_inputs)
