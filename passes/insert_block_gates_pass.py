@@ -58,7 +58,10 @@ class InsertBlockGatesPass(VitPass):
                 # what the block reads now: block 9's gate when 9 and 10 are both gated, a token selector before it
                 reroute(gm, end, unit.gate, (carrier(start), end))
             else:
-                operand = next(a for a in end.args if isinstance(a, fx.Node) and a is not start)
+                # the shortcut is what carries the branch's input now (a token selector before the block):
+                # the other operand is the branch
+                skip = carrier(start)
+                operand = next(a for a in end.args if isinstance(a, fx.Node) and a is not skip)
                 with gm.graph.inserting_before(end):
                     g = gm.graph.call_module(unit.gate, (operand,))
                 end.replace_input_with(operand, g)

@@ -79,18 +79,23 @@ class Model:
 
 
 @st.composite
-def models(draw) -> Model:
+def models(draw, focus: str = "width") -> Model:
+    """A small ViT on which the ``focus`` axis applies (exits and tokens: two blocks or more, no attention pool;
+    conv: heads the analysis can see)."""
+    staged = focus in ("exits", "tokens")
     image, patch = draw(st.sampled_from(GRIDS))
     heads = draw(st.sampled_from([1, 2, 4]))
     dim = draw(st.sampled_from([d for d in (16, 24, 32, 48, 64) if d % heads == 0 and d // heads >= 4]))
-    common = dict(image=image, patch=patch, dim=dim, heads=heads, depth=draw(st.sampled_from([2, 3, 4, 1])),
+    common = dict(image=image, patch=patch, dim=dim, heads=heads, depth=draw(st.sampled_from([2, 3, 4] if staged else [2, 3, 4, 1])),
                   mlp_ratio=draw(st.sampled_from([1.0, 2.0, 4.0])))
     if draw(st.booleans()) and draw(st.booleans()):  # a quarter of the examples: separate q/k/v
-        return Model("handmade", chans=3, style=draw(st.sampled_from(["matmul", "einsum", "bmm"])), **common)
+        styles = ["matmul", "einsum"] if focus == "conv" else ["matmul", "einsum", "bmm"]
+        return Model("handmade", chans=3, style=draw(st.sampled_from(styles)), **common)
     class_token = draw(st.booleans())
     reg_tokens = draw(st.sampled_from([0, 0, 1, 2]))
     # (timm: a token pool needs a class token)
-    pool = draw(st.sampled_from(["token", "avg", "token", "map"] if class_token else ["avg", "avg", "map"]))
+    pool = draw(st.sampled_from(["token", "avg"] if class_token else ["avg"]) if staged else
+                st.sampled_from(["token", "avg", "map"] if class_token else ["avg", "map"]))
     return Model("timm", chans=draw(st.sampled_from([1, 3])), class_token=class_token, reg_tokens=reg_tokens,
                  pool=pool, layer_scale=draw(st.booleans()), qk_norm=draw(st.booleans()),
                  fused_attn=draw(st.booleans()), qkv_bias=draw(st.booleans()), **common)
@@ -171,8 +176,8 @@ def refusals(a: Axes, model: Model) -> list[str]:
 
 
 @st.composite
-def axes_for(draw, model: Model, accepted: bool = True) -> Axes:
-    """Axes on ``model``: only accepted combinations (``accepted``), or any."""
+def axes_for(draw, model: Model, accepted: bool = True, focus: str = "width") -> Axes:
+    """Axes on ``model``: only accepted combinations (``accepted``), the ``focus`` axis on; or any."""
     depth = model.depth
     tokens = depth >= 2 and (model.pool != "map" or not accepted) and draw(st.booleans())
     method = draw(st.sampled_from(["attention", "spvit"]))
@@ -192,12 +197,11 @@ def axes_for(draw, model: Model, accepted: bool = True) -> Axes:
     if not accepted:
         return a
     # one axis family is the example's focus: it stays on, and the refused pairs go against the others
-    focus = draw(st.sampled_from(["width", "depth", "exits", "tokens", "conv"]))
     open_pool = model.pool != "map" and depth >= 2
     if focus == "exits" and open_pool:
         a = Axes(**{**a.__dict__, "exits": a.exits or (draw(st.integers(1, depth - 1)),), "conv": False,
                     "stages": (), "keep": (), "embed": False})
-    elif focus == "tokens" and open_pool and depth >= 3 - (method == "spvit"):
+    elif focus == "tokens" and open_pool:
         lowest = 1 if method == "attention" else 0
         if not a.stages:
             a = Axes(**{**a.__dict__, "stages": (draw(st.integers(lowest, depth - 1)),), "keep": (0.5,)})
@@ -206,6 +210,8 @@ def axes_for(draw, model: Model, accepted: bool = True) -> Axes:
         a = Axes(**{**a.__dict__, "conv": True, "heads": False, "embed": False, "exits": ()})
     elif focus == "depth":
         a = Axes(**{**a.__dict__, "skip_blocks": True})
+    elif focus == "width":
+        a = Axes(**{**a.__dict__, "mlp": a.mlp or not (a.heads or a.head_dim or a.embed)})
     # resolve every refused pair in favour of the coarser axis (see ``refusals``)
     if a.conv or a.stages or model.pool == "map":
         a = Axes(**{**a.__dict__, "heads": a.heads and not (a.conv or a.stages), "exits": ()})
@@ -298,10 +304,23 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@settings(max_examples=30, **SETTINGS)
-@given(model=models(), data=st.data())
-def test_open_original_eval_compact_and_cost_agree(model, data):
-    axes = data.draw(axes_for(model))
+def gated_axes(a: Axes) -> set[str]:
+    """The axis families a spec turns on."""
+    on = {"width": a.heads or a.head_dim or a.mlp or a.embed, "depth": a.skip_blocks, "exits": bool(a.exits),
+          "tokens": bool(a.stages), "conv": a.conv}
+    return {k for k, v in on.items() if v}
+
+
+FOCI = ("width", "depth", "exits", "tokens", "conv")
+
+
+@pytest.mark.parametrize("focus", FOCI)
+@settings(max_examples=6, **SETTINGS)
+@given(data=st.data())
+def test_open_original_eval_compact_and_cost_agree(focus, data):
+    model = data.draw(models(focus))
+    axes = data.draw(axes_for(model, focus=focus))
+    assert focus == "width" or focus in gated_axes(axes)
     g, gated, compact = compress(model, axes, data)
     for name in gated.axes:
         event(f"axis {name}")
