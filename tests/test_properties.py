@@ -89,7 +89,7 @@ def models(draw, focus: str = "width") -> Model:
     common = dict(image=image, patch=patch, dim=dim, heads=heads, depth=draw(st.sampled_from([2, 3, 4] if staged else [2, 3, 4, 1])),
                   mlp_ratio=draw(st.sampled_from([1.0, 2.0, 4.0])))
     if draw(st.booleans()) and draw(st.booleans()):  # a quarter of the examples: separate q/k/v
-        styles = ["matmul", "einsum"] if focus == "conv" else ["matmul", "einsum", "bmm"]
+        styles = ["matmul", "einsum"] if focus in ("conv", "tokens") else ["matmul", "einsum", "bmm"]
         return Model("handmade", chans=3, style=draw(st.sampled_from(styles)), **common)
     class_token = draw(st.booleans())
     reg_tokens = draw(st.sampled_from([0, 0, 1, 2]))
@@ -141,7 +141,8 @@ def refusals(a: Axes, model: Model) -> list[str]:
       that scores it) convert, so a first stage at block 0 (learned) or 1 (attention scores) leaves none;
     - one-shot attention scores cannot stage at block 0 (no attention before it to read);
     - width.heads or head_dim alone where no attention shows its heads (one head is not separable; the
-      handmade ``bmm`` style folds the heads into the batch), with nothing else to gate; and to_conv there;
+      handmade ``bmm`` style folds the heads into the batch), with nothing else to gate; and to_conv and
+      one-shot token scores there;
     - depth.exits with width.embed (an exit copies the head path, whose final norm the stream's gate has
       replaced, and the copies would not narrow with the stream; found here: instrument failed with a
       PreconditionError, see vitgraph/axes/exits.py);
@@ -171,6 +172,7 @@ def refusals(a: Axes, model: Model) -> list[str]:
         (tokens and a.token_method == "spvit" and a.embed, "tokens.method spvit with width.embed is not implemented"),
         (tokens and a.token_method == "attention" and a.stages[0] == 0, "before block 0 .*no block before it"),
         (tokens and model.pool == "map", "blocks after block .* do not all see its"),
+        (tokens and hidden and a.token_method == "attention", "probabilities are not a \\(batch, heads"),
     ]
     return [why for refused, why in rules if refused]
 
@@ -217,8 +219,8 @@ def axes_for(draw, model: Model, accepted: bool = True, focus: str = "width") ->
         a = Axes(**{**a.__dict__, "heads": a.heads and not (a.conv or a.stages), "exits": ()})
     if a.exits:
         a = Axes(**{**a.__dict__, "embed": False})
-    if a.conv and model.style == "bmm" and model.family == "handmade":
-        a = Axes(**{**a.__dict__, "conv": False})
+    if model.style == "bmm" and model.family == "handmade":  # (no heads to read scores from or convert)
+        a = Axes(**{**a.__dict__, "conv": False, "stages": (), "keep": ()})
     if a.conv:
         a = Axes(**{**a.__dict__, "embed": False})
         if a.stages and a.stages[0] <= (1 if a.token_method == "attention" else 0):
