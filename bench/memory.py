@@ -106,12 +106,13 @@ def run(model: str, spec: str, args: str, timeout: float) -> dict[str, Any]:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         rows = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("row ")]
         return {"model": model, "spec": spec, "exit": f"timeout after {timeout:.0f} s", "rows": rows}
-    last = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
+    lines = proc.stdout.strip().splitlines()
     try:
-        return json.loads(last[0])
-    except (IndexError, json.JSONDecodeError):
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"model": model, "spec": spec, "exit": proc.returncode, "rows": [], "error": " | ".join(tail)}
+        return json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):  # killed (out of memory: -9) or failed: the stages it finished
+        rows = [json.loads(line[4:]) for line in lines if line.startswith("row ")]
+        tail = [t for t in (proc.stderr or "").strip().splitlines()[-2:]]
+        return {"model": model, "spec": spec, "exit": proc.returncode, "rows": rows, "error": " | ".join(tail)}
 
 
 def table(result: dict[str, Any]) -> str:

@@ -137,7 +137,8 @@ def verify(module: nn.Module, cases: Mapping[int, tuple[torch.Tensor, ...]], run
         with torch.inference_mode():
             reference = _cpu(module(*inputs))
         try:
-            lowered = run(*inputs)
+            with torch.no_grad():  # a reloaded .pt2 holds parameters that require grad: no autograd graph
+                lowered = run(*inputs)
         except Exception as exc:  # noqa: BLE001 - the runtime's own error becomes the message
             raise ParityError(
                 f"The {target} lowering of {name}{where} fails to run at batch {batch}: "
