@@ -210,3 +210,19 @@ def test_bench_runners_eager_and_onnx(vit, tmp_path):
     assert max_abs_diff(torch.from_numpy(runs["onnx"]()[0]), runs["eager"]()) <= 1e-4
     timings = bench.measure(runs, warmup=1, repeats=3)
     assert all(t.n == 3 and t.median_ms > 0 for t in timings.values())
+
+
+def test_verify_runs_the_lowered_model_without_autograd():
+    """A reloaded .pt2 holds parameters that require grad; run with autograd on, its activations stayed
+    alive (a 1024-px SAM encoder was killed for memory while its .pt2 was checked)."""
+    from vitgraph.targets._common import verify
+
+    seen = []
+    module = torch.nn.Linear(4, 2).eval()
+
+    def lowered(x: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.is_grad_enabled())
+        return module(x)
+    verify(module, {1: (torch.randn(1, 4),), 3: (torch.randn(3, 4),)}, lowered, target="test", name="linear",
+           atol=1e-6)
+    assert seen == [False, False]
