@@ -93,7 +93,7 @@ def _child(model: str, spec_name: str, extra: list[str]) -> None:
                          "--quiet", *extra])
         total = time.perf_counter() - t0
     print(json.dumps({"model": model, "spec": spec_name, "exit": code, "seconds": round(total, 1),
-                      "rows": rows, "peak_mb": round(peak)}))
+                      "rows": rows}))
 
 
 def run(model: str, spec: str, args: str, timeout: float) -> dict[str, Any]:
