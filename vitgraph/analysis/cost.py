@@ -72,18 +72,12 @@ def node_params(node: fx.Node, gm: fx.GraphModule, param_names: set[str]) -> int
 
 
 def annotate_costs(gm: fx.GraphModule, batch: int, factors: Mapping[str, tuple[str, ...]] | None = None) -> int:
-    """Write ``COST`` on every node; returns total FLOPs per image (as one image alone costs).
-
-    A node that does not depend on the input (a relative-position MLP over the coordinate table, a
-    positional encoding) runs once per call whatever the batch: it is priced in full, not per image."""
+    """Write ``COST`` on every node; returns total FLOPs per image."""
     factors = factors or {}
     param_names = {n for n, _ in gm.named_parameters()}
     total = 0
-    per_input: set[fx.Node] = set()
     for node in gm.graph.nodes:
-        if node.op == "placeholder" or any(a in per_input for a in node.all_input_nodes):
-            per_input.add(node)
-        flops = node_flops(node, gm) // (max(1, batch) if node in per_input else 1)
+        flops = node_flops(node, gm) // max(1, batch)
         node.meta[COST] = NodeCost(flops, node_params(node, gm, param_names), factors.get(node.name, ()))
         total += flops
     return total
@@ -223,16 +217,11 @@ def evaluate(gm: fx.GraphModule, kept: Mapping[str, Any], nodes: set[str] | None
 
 def flop_counter_flops(module: torch.nn.Module, example_inputs: tuple, batch: int) -> int:
     """FLOPs per image as counted by ``torch.utils.flop_counter.FlopCounterMode``, with attention on the
-    math SDPA kernel: FlopCounterMode does not price the fused CPU attention kernels (it counts 0).
-
-    Counted on the first image alone (ops that do not depend on the input run once per call, so a
-    batch would share them), unless the module serves one batch size only."""
+    math SDPA kernel: FlopCounterMode does not price the fused CPU attention kernels (it counts 0)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     # no tensor may require grad: FlopCounterMode's module tracker hooks those, and fails on some of them
-    if batch > 1 and not isinstance(getattr(module, "serving_batch", None), int):
-        example_inputs, batch = tuple(x[:1] if isinstance(x, torch.Tensor) else x for x in example_inputs), 1
     params = [p for p in module.parameters() if p.requires_grad]
     try:
         for p in params:
