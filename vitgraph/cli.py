@@ -122,7 +122,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
     import dataclasses
 
     from vitgraph.data import check_source
-    from vitgraph.frontend import require_vit
     from vitgraph.outdir import Output
     from vitgraph.pipeline import compress
     from vitgraph.spec import Spec
@@ -138,7 +137,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
     Output.at(args.out).check(resume=args.resume, spec=spec)  # path and checkpoint errors before the work
     targets = _targets(args.targets)
     g = _load(args, args.model)
-    require_vit(g)
     result = compress(g, spec, data=args.data, out_dir=args.out, resume=args.resume, progress=not args.quiet,
                       latency_targets=targets)
     if not result.files:  # a non-zero torchrun rank: rank 0 reports and writes
