@@ -137,23 +137,7 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
     compressed = trace(compact, gated.example_inputs(), name=f"{g.name} (compressed)")
     parity = _parity(gated, compact, g.example_inputs, gated.serving_batch)
     achieved = _achieved(g, gated, compressed, spec)
-    report = {
-        "model": g.name,
-        "input_size": list(size),
-        "spec": spec.to_dict(),
-        "dense": {"flops": g.structure.flops, "params": g.structure.params, "top1": None},
-        "compressed": {"flops": compressed.structure.flops, "params": compressed.structure.params, "top1": None},
-        "blocks": [block_dict(b) for b in compressed.structure.blocks],
-        "dense_blocks": [block_dict(b) for b in g.structure.blocks],
-        "parity": {"max_abs_err": parity, "gated_vs_compact": parity},
-        "latency_ms": {},
-        "budget": _budget_report(spec, gated, achieved, measured),
-        "depth": _depth_report(g, gated),
-        "method": " + ".join(a.label for a in gated.axes.values()),  # e.g. "wdpruning + depth"
-        "train": None,
-    }
-    for part in gated.report().values():  # each axis's part: kept units, gates, exits, ...
-        _merge(report, part)
+    report = _report(g, gated, compressed, spec, parity, _budget_report(spec, gated, achieved, measured))
     if dataset.val is not None:
         report["dense"]["top1"] = evaluate(g.gm, dataset.val, spec.train.batch_size)
         report["compressed"]["top1"] = evaluate(compact, dataset.val, gated.serving_batch or spec.train.batch_size)
@@ -171,6 +155,29 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
         if fitted is not None and fitted.history is not None:
             result.fit = replace(fitted, history=output.final / "train" / Path(fitted.history).name)
     return result
+
+
+def _report(g: VitGraph, gated: GatedModel, compressed: VitGraph, spec: Spec, parity: float,
+            budget: dict[str, Any]) -> dict[str, Any]:
+    """report.json but top-1, training and latency: dense and compact structure, parity, budget, axes' parts."""
+    report = {
+        "model": g.name,
+        "input_size": list(g.input_size),
+        "spec": spec.to_dict(),
+        "dense": {"flops": g.structure.flops, "params": g.structure.params, "top1": None},
+        "compressed": {"flops": compressed.structure.flops, "params": compressed.structure.params, "top1": None},
+        "blocks": [block_dict(b) for b in compressed.structure.blocks],
+        "dense_blocks": [block_dict(b) for b in g.structure.blocks],
+        "parity": {"max_abs_err": parity, "gated_vs_compact": parity},
+        "latency_ms": {},
+        "budget": budget,
+        "depth": _depth_report(g, gated),
+        "method": " + ".join(a.label for a in gated.axes.values()),  # e.g. "wdpruning + depth"
+        "train": None,
+    }
+    for part in gated.report().values():  # each axis's part: kept units, gates, exits, ...
+        _merge(report, part)
+    return report
 
 
 def _graph(model: nn.Module | VitGraph, example_inputs: Any, name: str | None) -> VitGraph:
