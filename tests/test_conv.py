@@ -150,22 +150,16 @@ def _ddp_conv_worker(rank: int, world: int, port: int, out: str) -> None:
 
     import timm
 
-    from tests.test_train import ddp_join
-    from vitgraph.data import load_data
+    from tests.test_train import ddp_rank
     from vitgraph.train import fit
 
-    ddp_join(rank, world, port)
-    try:
-        data = load_data("digits", (1, 16, 16), batch_size=16)
-        torch.manual_seed(100 + rank)  # other weights on every rank: DDP starts them all from rank 0's
+    with ddp_rank(rank, world, port) as data:
         m = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=2, in_chans=1, num_classes=10,
                               embed_dim=24, depth=3, num_heads=2).eval()
         spec = Spec.from_dict({"preset": "spvit_conv", "train": {"steps": 6, "batch_size": 16}})
         gated = instrument(vg.trace(m, torch.randn(2, 1, 16, 16)), spec)
         fit(gated, data.train, spec.train, progress=False)
         torch.save({"state": gated.state_dict(), "decisions": gated.decisions()}, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_ddp_ranks_take_identical_conv_decisions(tmp_path):

@@ -14,7 +14,7 @@ import timm
 import torch
 
 import vitgraph as vg
-from tests.test_train import ddp_join, free_port
+from tests.test_train import ddp_rank, free_port
 
 # UVC's width kinds (heads, value dims, MLP units) + block gates + WDPruning's exit classifiers, one run
 SPEC = {"preset": "uvc", "budget": {"flops": 0.6}, "width": {"head_dim": True},
@@ -22,12 +22,7 @@ SPEC = {"preset": "uvc", "budget": {"flops": 0.6}, "width": {"head_dim": True},
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    from vitgraph.data import load_data
-
-    ddp_join(rank, world, port)
-    try:
-        data = load_data("digits", (1, 16, 16), batch_size=16)
-        torch.manual_seed(100 + rank)  # other weights on every rank: DDP starts them all from rank 0's
+    with ddp_rank(rank, world, port) as data:
         model = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, num_classes=10,
                                   embed_dim=32, depth=3, num_heads=2).eval()
         result = vg.compress(model, SPEC, example_inputs=(torch.randn(2, 1, 16, 16),), data=data,
@@ -35,8 +30,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         decisions = {k: result.report.get(k) for k in ("blocks", "depth", "budget")}
         torch.save({"compact": result.compact.state_dict(), "decisions": decisions},
                    os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_ddp_ranks_compress_to_the_same_model(tmp_path: Path) -> None:

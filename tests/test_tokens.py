@@ -235,14 +235,10 @@ def test_resume_with_selectors_is_bit_exact(tmp_path, method, crash_at):
 def _ddp_tokens_worker(rank: int, world: int, port: int, out: str, method: str) -> None:
     import os
 
-    from tests.test_train import ddp_join
-    from vitgraph.data import load_data
+    from tests.test_train import ddp_rank
     from vitgraph.train import fit
 
-    ddp_join(rank, world, port)
-    try:
-        data = load_data("digits", (1, 16, 16), batch_size=16)
-        torch.manual_seed(100 + rank)  # other weights on every rank: DDP starts them all from rank 0's
+    with ddp_rank(rank, world, port) as data:
         m = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=2, in_chans=1, num_classes=10,
                               embed_dim=24, depth=3, num_heads=2).eval()
         spec = Spec.from_dict({"budget": {"flops": 0.7}, "tokens": {"method": method, "stages": [1]},
@@ -256,8 +252,6 @@ def _ddp_tokens_worker(rank: int, world: int, port: int, out: str, method: str) 
         with torch.no_grad():
             gated.set_mode("eval")(data.val.tensors[0][:8])
         torch.save({"state": gated.state_dict(), "tokens": picked["tokens"]}, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("method", ["attention", "spvit"])

@@ -1,9 +1,11 @@
 """The generic loop: learning, phases and groups, dual ascent, bit-exact resume, checkpoints, DDP."""
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +326,19 @@ def ddp_join(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
+@contextlib.contextmanager
+def ddp_rank(rank: int, world: int, port: int) -> Iterator[Any]:
+    """One rank of a ``world``-process gloo group: yields digits at 16 px with this rank's own seed set after
+    (other weights on every rank: DDP must start them all from rank 0's); leaves the group on the way out."""
+    ddp_join(rank, world, port)
+    try:
+        data = load_data("digits", (1, 16, 16), batch_size=16)
+        torch.manual_seed(100 + rank)
+        yield data
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -331,17 +346,12 @@ def free_port() -> int:
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    ddp_join(rank, world, port)
-    try:
-        digits = load_data("digits", (1, 16, 16), batch_size=16)
-        torch.manual_seed(100 + rank)  # different initial weights: DDP must start every rank from rank 0's
+    with ddp_rank(rank, world, port) as digits:
         model = FakeGated(arch_every=1)
         cfg = Train(steps=8, batch_size=16, search=0.5, log_every=2, checkpoint_every=4)
         result = fit(model, digits.train, cfg, val_data=digits.val, out_dir=out, progress=False)
         torch.save({"state": model.state_dict(), "frozen": model.frozen, "top1": result.top1},
                    Path(out) / f"rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_ddp_two_processes_agree(tmp_path: Path) -> None:
