@@ -51,8 +51,9 @@ def measure(runners: dict[str, Callable[[], Any]], *, warmup: int = 3, repeats: 
     ``min_time`` seconds in all when given. Warm-up rounds (also interleaved) are not timed.
 
     ``max_time`` bounds a slow model (a 1024-px encoder takes seconds a run): once a round has been
-    timed three times and ``max_time`` seconds have passed, timing stops, and warm-up stops after one
-    round when that round alone took a tenth of ``max_time``."""
+    timed three times and ``max_time`` seconds have passed, timing stops; a round that alone takes a
+    tenth of ``max_time`` ends the warm-up and is timed itself (first-call costs are milliseconds
+    against seconds, and the median of three ignores one slow run)."""
     if not runners:
         raise LoweringError("bench: measure() needs at least one runner.")
     if repeats < 1 or warmup < 0:
@@ -70,14 +71,16 @@ def measure(runners: dict[str, Callable[[], Any]], *, warmup: int = 3, repeats: 
         if timed and max_time is not None and done >= 3 and spent >= max_time:
             break
         shift = rnd % len(names)
+        took: dict[str, float] = {}
         for name in names[shift:] + names[:shift]:
             t0 = time.perf_counter()
             runners[name]()
-            elapsed = time.perf_counter() - t0
-            if timed:
-                samples[name].append(elapsed * 1e3)
-        if not timed and max_time is not None and time.perf_counter() - start >= max_time / 10:
-            warmup = rnd + 1  # one slow warm-up round is enough
+            took[name] = (time.perf_counter() - t0) * 1e3
+        if not timed and max_time is not None and sum(took.values()) >= max_time * 100:  # ms: a tenth
+            timed, warmup = True, rnd  # a slow round: warm enough, and it counts
+        if timed:
+            for name, ms in took.items():
+                samples[name].append(ms)
         if rnd + 1 == warmup:
             start = time.perf_counter()  # min_time counts timed rounds only
         rnd += 1

@@ -14,6 +14,7 @@ from torch import nn
 from vitgraph.analysis import analyse
 from vitgraph.analysis.shapes import propagate_shapes
 from vitgraph.meta import Block, Structure
+from vitgraph.errors import TraceError, first_line
 from vitgraph.frontend import check_exact, run_eager, trace_module
 
 
@@ -143,15 +144,44 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[type]
     model = _hf_adapter(model)
     model.eval()
     name = name or getattr(model, "default_cfg", {}).get("architecture") or type(model).__name__
-    reference = run_eager(model, example_inputs, name, expected=_expected_size(model))
+    serving = getattr(model, "serving_batch", None)
+    check, reference = _reference(model, example_inputs, name, serving)
     gm = trace_module(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
                       model_name=name)
     gm.eval()
-    if isinstance(getattr(model, "serving_batch", None), int):  # a compact graph that serves one batch size
-        gm.serving_batch = model.serving_batch
-    err = check_exact(propagate_shapes(gm, example_inputs), reference, name)  # one run: shapes and exactness
+    if isinstance(serving, int):  # a compact graph that serves one batch size
+        gm.serving_batch = serving
+    if check is example_inputs:  # one real run: shapes and exactness
+        err = check_exact(propagate_shapes(gm, example_inputs), reference, name)
+    else:  # shapes at the example batch on fake tensors; exactness on one image, which is also a second batch size
+        propagate_shapes(gm, example_inputs, fake=True)
+        try:
+            with torch.no_grad():
+                traced_out = gm(*check)
+        except Exception as exc:  # noqa: BLE001 - eager ran on this image: the trace specialised the batch
+            raise TraceError(f"the traced graph of {name} runs at the example's batch size but not on one image "
+                             f"({first_line(exc)}): tracing baked a batch-size constant into the graph. Take the "
+                             "batch size from the input (x.shape[0]) in the model, or make that module a leaf "
+                             "(leaf_modules=[...]).") from exc
+        err = check_exact(traced_out, reference, name)
     structure = analyse(gm, example_inputs, shapes_known=True)
     return VitGraph(gm, example_inputs, structure, name, err)
+
+
+def _reference(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], name: str, serving: Any
+               ) -> tuple[tuple[torch.Tensor, ...], Any]:
+    """The inputs the trace is checked on and the eager output there: the first image alone where the model
+    runs on it (a 1024-px encoder spends seconds per image; a trace that baked the example's batch size
+    fails here, not later), else the whole example."""
+    batch = int(example_inputs[0].shape[0]) if example_inputs and example_inputs[0].dim() else 1
+    if batch > 1 and not isinstance(serving, int):
+        one = tuple(x[:1] for x in example_inputs)
+        try:
+            with torch.no_grad():
+                return one, model(*one)
+        except Exception:  # noqa: BLE001 - a model that needs the whole batch: check on it as given
+            pass
+    return example_inputs, run_eager(model, example_inputs, name, expected=_expected_size(model))
 
 
 class HFLogits(nn.Module):
