@@ -58,6 +58,33 @@ def two_inputs():
 
 def value_branch():
     return ValueBranch()
+
+
+from timm.layers import register_notrace_module
+
+
+@register_notrace_module
+class OpaqueMixer(nn.Module):  # attention inside a module the trace keeps whole
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        return x + self.attn(x, x, x)[0]
+
+
+def opaque_vit():
+    class Vit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv2d(3, 16, 8, 8)
+            self.mixer = OpaqueMixer()
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = self.embed(x).flatten(2).transpose(1, 2)
+            return self.head(self.mixer(x).mean(1))
+    return Vit()
 '''
 
 
@@ -135,6 +162,13 @@ def test_cnn_is_refused_by_compile(user_file, tmp_path, capsys):
     spec.write_text("budget: {flops: 0.5}\n")
     _bad(["compile", f"{user_file}:cnn", "--input-size", "3,32,32", "--spec", str(spec), "--out",
           str(tmp_path / "out")], capsys, "cnn", "not a Vision Transformer")
+
+
+def test_attention_inside_an_untraceable_leaf_is_named(user_file, tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("budget: {flops: 0.5}\n")
+    _bad(["compile", f"{user_file}:opaque_vit", "--input-size", "3,32,32", "--spec", str(spec), "--out",
+          str(tmp_path / "out")], capsys, "opaque_vit", "OpaqueMixer", "cannot be traced")
 
 
 def test_timm_cnn_is_refused_by_compile(tmp_path, capsys):

@@ -166,6 +166,11 @@ def test_stage_transitions_are_not_skippable():
     # MViTv2 blocks that pool hand their pooled feature size to the next block: they cannot go
     mvit = instrument(_graph("mvitv2"), _spec(skip_blocks=True))
     assert "cannot be deleted" in mvit.axes["depth"].not_skippable["stages.0.blocks.0"] and mvit.axes["depth"].units
+    # parallel branches summed through torch.stack: the reason says so, not "a stage transition"
+    par = timm.create_model("vit_small_patch16_18x2_224", img_size=32, patch_size=8, depth=2, embed_dim=64,
+                            num_heads=2).eval()
+    reasons = [b.skip_reason for b in vg.trace(par, torch.randn(2, 3, 32, 32)).blocks]
+    assert all(r and "by stack" in r and "stage transition" not in r for r in reasons), reasons
 
 
 def test_one_shot_depth_skips_by_influence_and_meets_the_budget():

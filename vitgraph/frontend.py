@@ -295,7 +295,30 @@ def require_vit(g: Any) -> None:
         return
     mixers = sorted({b.mixer for b in s.blocks if b.mixer})
     found = f"{len(s.blocks)} residual blocks of {', '.join(mixers)}" if mixers else f"{len(s.blocks)} blocks"
+    opaque = _opaque_leaves(g.gm)
+    if opaque:  # attention may be there, inside modules the trace could not enter
+        raise ModelError(
+            f"{g.name}: its traced graph has no self-attention vitgraph can see (found {found}); the graph calls "
+            f"{opaque}, modules kept whole because they cannot be traced (timm marks them not traceable, or they "
+            "were passed as leaf_modules), so any attention inside them is out of reach of every compression axis. "
+            "Compress a model whose attention blocks trace, e.g. deit_small_patch16_224; `vitgraph inspect` shows "
+            "what vitgraph recognises in a model.")
     raise ModelError(f"{g.name} is not a Vision Transformer: its graph has no self-attention (found {found}), so "
                      "vitgraph has no heads, tokens or attention blocks to compress. Pass a ViT, e.g. the timm name "
                      "deit_small_patch16_224 or file.py:function returning one; `vitgraph inspect` shows what "
                      "vitgraph recognises in a model.")
+
+
+def _opaque_leaves(gm: fx.GraphModule) -> str:
+    """'MobileVitBlock x3, ...': the leaf modules, not torch.nn layers, that hold linear layers (where attention
+    projections would be)."""
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(str(node.target))
+        if type(mod).__module__.startswith("torch.nn") or not any(
+                isinstance(m, (nn.Linear, nn.MultiheadAttention)) for m in mod.modules()):
+            continue
+        counts[type(mod).__name__] = counts.get(type(mod).__name__, 0) + 1
+    return ", ".join(f"{k} x{v}" if v > 1 else k for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))

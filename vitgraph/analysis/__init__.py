@@ -12,7 +12,7 @@ import torch.fx as fx
 
 from vitgraph.analysis.attention import find_attention
 from vitgraph.analysis.blocks import find_blocks, find_tokens, mark_token_prunable
-from vitgraph.analysis.cost import annotate_costs, assign_factors
+from vitgraph.analysis.cost import annotate_costs, assign_factors, one_image_flops
 from vitgraph.analysis.embed import embed_group
 from vitgraph.analysis.value_dims import value_plan
 from vitgraph.analysis.groups import head_group, mlp_group, value_dim_group
@@ -79,7 +79,7 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], *, sha
     claimed = {x for f in found for x in (f.site.q, f.site.k, f.site.v, f.site.proj) if x}
     data = _data_nodes(gm)
     mlps = find_mlps(gm, claimed, data)
-    flops = annotate_costs(gm, batch)
+    flops = annotate_costs(gm, batch, per_image=one_image_flops(gm, example_inputs))
     blocks = find_blocks(gm, [f.site for f in found], mlps)
     tokens = find_tokens(gm, blocks)
     blocks = mark_token_prunable(gm, blocks, tokens)

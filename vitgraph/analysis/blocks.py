@@ -183,10 +183,24 @@ def _patch_slice(u: _Unit) -> bool:
     return False
 
 
+def _fate(node: fx.Node) -> str:
+    """Where a site's output goes instead of a residual add, in a few words."""
+    seen = 0
+    while len(node.users) == 1 and seen < 6:  # through layer-scale, dropout, reshapes
+        user = next(iter(node.users))
+        kind = user.target if user.op == "call_method" else getattr(user.target, "__name__", str(user.target))
+        if kind in ("stack", "cat"):
+            return f"it is combined with other branches by {kind} before the add, which recognition does not take apart"
+        if user.op == "output":
+            return "it is the model's output"
+        node, seen = user, seen + 1
+    return "a stage transition: the stream changes shape or is projected after it"
+
+
 def _skip_reason(group: list[_Unit], start: fx.Node, end: fx.Node) -> str | None:
     missing = next((u for u in group if u.residual is None), None)
     if missing is not None:
-        return f"{missing.site.name} is not added to a residual stream (a stage transition)"
+        return f"{missing.site.name} is not added to a residual stream ({_fate(missing.output)})"
     if not all(u.residual.identity_skip for u in group):
         return "the shortcut is projected or pooled (a stage transition)"
     scaled = next((u.residual.skip_scale for u in group if u.residual.skip_scale), None)

@@ -71,16 +71,49 @@ def node_params(node: fx.Node, gm: fx.GraphModule, param_names: set[str]) -> int
     return 0
 
 
-def annotate_costs(gm: fx.GraphModule, batch: int, factors: Mapping[str, tuple[str, ...]] | None = None) -> int:
-    """Write ``COST`` on every node; returns total FLOPs per image."""
+def annotate_costs(gm: fx.GraphModule, batch: int, factors: Mapping[str, tuple[str, ...]] | None = None,
+                   per_image: Mapping[str, int] | None = None) -> int:
+    """Write ``COST`` on every node; returns total FLOPs per image. ``per_image``: FLOPs of one image alone
+    by node name (:func:`one_image_flops`), else the example batch's FLOPs / ``batch``."""
     factors = factors or {}
     param_names = {n for n, _ in gm.named_parameters()}
     total = 0
     for node in gm.graph.nodes:
-        flops = node_flops(node, gm) // max(1, batch)
+        flops = per_image[node.name] if per_image is not None else node_flops(node, gm) // max(1, batch)
         node.meta[COST] = NodeCost(flops, node_params(node, gm, param_names), factors.get(node.name, ()))
         total += flops
     return total
+
+
+def one_image_flops(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> dict[str, int] | None:
+    """Each node's FLOPs for one image alone, from its FLOPs at the example batch B (recorded shapes) and at
+    B + 1 (fake tensors): f(1) = f(B) - (B - 1) * (f(B + 1) - f(B)). An op that runs once per call whatever
+    the batch (a relative-position MLP over the coordinate table, a position encoding built from the image
+    size) is priced in full, one that runs per image at f(B) / B. None where B is 1 (f(B) is it), for a graph
+    that serves one batch size, or where the graph does not run at B + 1."""
+    from vitgraph.analysis.shapes import propagate_shapes
+
+    batch = int(example_inputs[0].shape[0]) if example_inputs and example_inputs[0].dim() else 1
+    if batch <= 1 or isinstance(getattr(gm, "serving_batch", None), int):
+        return None
+    nodes = list(gm.graph.nodes)
+    at_b = {n.name: node_flops(n, gm) for n in nodes}
+    saved = {n.name: dict(n.meta) for n in nodes}
+    bigger = tuple(torch.cat([x, x[:1]]) if isinstance(x, torch.Tensor) and x.dim() else x for x in example_inputs)
+    try:
+        propagate_shapes(gm, bigger, fake=True)
+        at_b1 = {n.name: node_flops(n, gm) for n in nodes}
+    except Exception:  # noqa: BLE001 - a graph that runs at its example batch only: price per image of it
+        return None
+    finally:
+        for n in nodes:
+            n.meta.clear()
+            n.meta.update(saved[n.name])
+    out = {}
+    for name, f in at_b.items():
+        one = f - (batch - 1) * (at_b1[name] - f)
+        out[name] = one if 0 <= one <= f else f // batch  # not affine in the batch: per image of the example
+    return out
 
 
 def assign_factors(gm: fx.GraphModule, blocks: Sequence[Block], attention: Sequence[AttentionSite],
@@ -217,11 +250,16 @@ def evaluate(gm: fx.GraphModule, kept: Mapping[str, Any], nodes: set[str] | None
 
 def flop_counter_flops(module: torch.nn.Module, example_inputs: tuple, batch: int) -> int:
     """FLOPs per image as counted by ``torch.utils.flop_counter.FlopCounterMode``, with attention on the
-    math SDPA kernel: FlopCounterMode does not price the fused CPU attention kernels (it counts 0)."""
+    math SDPA kernel: FlopCounterMode does not price the fused CPU attention kernels (it counts 0).
+
+    Counted on the first image alone (an op that runs once per call would be shared by a batch), unless
+    ``batch`` is 1 (the inputs' whole batch is counted) or the module serves one batch size only."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     # no tensor may require grad: FlopCounterMode's module tracker hooks those, and fails on some of them
+    if batch > 1 and not isinstance(getattr(module, "serving_batch", None), int):  # one image alone, as priced
+        example_inputs, batch = tuple(x[:1] if isinstance(x, torch.Tensor) else x for x in example_inputs), 1
     params = [p for p in module.parameters() if p.requires_grad]
     try:
         for p in params:
