@@ -62,3 +62,13 @@ def test_missing_and_invalid_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("budget: [\n")
     with pytest.raises(vg.SpecError, match="not valid YAML"):
         Spec.load(tmp_path / "bad.yaml")
+
+
+def test_a_tokens_section_turns_tokens_on_and_names_only_tokens():
+    """`tokens: {method: attention}` compresses tokens at the default stages, not the default width (it did)."""
+    spec = Spec.from_dict({"budget": {"flops": 0.6}, "tokens": {"method": "attention"}})
+    assert spec.tokens.on and spec.tokens.stages == () and not spec.width.enabled
+    assert not Spec.from_dict({"tokens": {"method": "attention", "enabled": False}}).tokens.on
+    assert not Spec.from_dict({"budget": {"flops": 0.6}}).tokens.on
+    both = Spec.from_dict({"tokens": {"method": "attention"}, "width": {"heads": True}})
+    assert both.tokens.on and both.width.heads

@@ -131,7 +131,7 @@ class Tokens:
     stages: tuple[int, ...] = ()  # selectors before these blocks (0-based); empty: L/4, L/2, 3L/4 when enabled
     keep: tuple[float, ...] = ()  # kept fraction of the patch tokens after each stage; empty: from budget.flops
     mode: str = "static"          # static (top-K + package token, fixed shapes) | dynamic (per-image gather)
-    enabled: bool | None = None   # None: on when stages or keep are given (or preset spvit_tokens)
+    enabled: bool | None = None   # None: on when stages or keep are given; a spec file's non-empty tokens: sets it
 
     def __post_init__(self) -> None:
         if self.method not in TOKEN_METHODS:
@@ -242,6 +242,9 @@ class Spec:
             data = _merge(PRESETS[preset], data)
         if latency_only:  # a latency budget alone does not also hold the model to a preset's FLOPs
             data["budget"] = {**data["budget"], "flops": None}
+        tokens = data.get("tokens")
+        if isinstance(tokens, dict) and tokens and "enabled" not in tokens:  # a tokens section asks for tokens
+            data = {**data, "tokens": {**tokens, "enabled": True}}
         spec = _build(cls, data, source, "")
         if spec.tokens.on and "width" not in data:  # a spec that names only tokens compresses only tokens
             spec = dataclasses.replace(spec, width=Width(heads=False, mlp=False))
