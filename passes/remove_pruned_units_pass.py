@@ -193,3 +193,36 @@ def _set_constants(gm: fx.GraphModule, constants: Sequence[ConstRef], removed: i
         else:
             sizes[c.arg_index] = value
             node.args = (node.args[0], *sizes)
+
+
+def probe(gm: fx.GraphModule, groups: Sequence[CoupledGroup], example_inputs: tuple[torch.Tensor, ...]
+          ) -> dict[str, str]:
+    """Which groups' rewrite breaks the graph: each keeps every other unit in a copy of the dense graph, which
+    must still run on the example (fake tensors). Group name -> the failure; empty when every rewrite runs.
+    Where all together fail, each is tried alone, then groups that fail only together (a table two groups
+    share) are left out from the last until the rest runs."""
+    import copy
+
+    from vitgraph.analysis.shapes import propagate_shapes
+
+    def failure(subset: Sequence[CoupledGroup]) -> str | None:
+        trial = copy.deepcopy(gm)
+        try:
+            for group in subset:
+                _set_constants(trial, [c for c in group.constants if c.per_unit == 0], 0, "probe")
+            for group in subset:
+                slice_group(trial, group, list(range(0, group.units, 2)))
+                rewrite_constants(trial, group, group.units // 2, "probe")
+            propagate_shapes(trial, example_inputs, fake=True)
+        except Exception as exc:  # noqa: BLE001 - the failure is the finding
+            return " ".join(str(exc).split("While executing")[0].split())[:240]
+        return None
+
+    many = [g for g in groups if g.units > 1]
+    if not many or failure(many) is None:
+        return {}
+    broken = {g.name: why for g in many if (why := failure([g])) is not None}
+    rest = [g for g in many if g.name not in broken]
+    while rest and (why := failure(rest)) is not None:
+        broken[rest.pop().name] = f"with the other groups: {why}"
+    return broken

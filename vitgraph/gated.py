@@ -232,9 +232,12 @@ def _check_budget(g: VitGraph, spec: Spec, gated: GatedModel) -> None:
     budget = spec.budget
     floor = float(gated.pricer("floor"))
     if budget.fraction < floor - budget.slack:
+        dense = [f"{k}: {v}" for a in gated.axes.values() for k, v in getattr(a, "skipped", {}).items()]
+        why = f" (sites left dense: {'; '.join(dense[:2])}" + (f"; {len(dense) - 2} more" if len(dense) > 2 else "") \
+            + ")" if dense else ""
         raise SpecError(f"{budget.key} {budget.fraction} is impossible for {g.name} with this spec: pruning every "
-                        f"allowed unit still leaves {floor:.3f} of the dense {budget.metric}; raise the budget or "
-                        f"enable more axes")
+                        f"allowed unit still leaves {floor:.3f} of the dense {budget.metric}{why}; raise the budget "
+                        f"or enable more axes")
     for axis in gated.axes.values():
         axis.check_budget(gated.pricer)
 

@@ -15,7 +15,7 @@ from vitgraph.analysis.blocks import find_blocks, find_tokens, mark_token_prunab
 from vitgraph.analysis.cost import annotate_costs, assign_factors, one_image_flops
 from vitgraph.analysis.embed import embed_group
 from vitgraph.analysis.value_dims import value_plan
-from vitgraph.analysis.groups import head_group, mlp_group, value_dim_group
+from vitgraph.analysis.groups import head_group, mlp_group, refuse_unsliceable_heads, value_dim_group
 from vitgraph.analysis.mlp import find_mlps
 from vitgraph.analysis.shapes import propagate_shapes
 from vitgraph.meta import ROLE, Role, Structure
@@ -80,6 +80,8 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], *, sha
     data = _data_nodes(gm)
     mlps = find_mlps(gm, claimed, data)
     flops = annotate_costs(gm, batch, per_image=one_image_flops(gm, example_inputs))
+    for f in found:
+        refuse_unsliceable_heads(gm, f, data)
     blocks = find_blocks(gm, [f.site for f in found], mlps)
     tokens = find_tokens(gm, blocks)
     blocks = mark_token_prunable(gm, blocks, tokens)
@@ -87,10 +89,10 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], *, sha
         b.mlp.name: b.index for b in blocks if b.mlp}
     for f in found:
         f.site = replace(f.site, block=block_of.get(f.site.name))
+    groups = [g for g in (head_group(gm, f, data) for f in found) if g is not None] + value_groups
+    groups, blocks = _shared_projections(found, groups, blocks)
     attention = tuple(f.site for f in found)
     mlps = [replace(m, block=block_of.get(m.name)) for m in mlps]
-    groups = [g for g in (head_group(gm, f, data) for f in found) if g is not None]
-    groups += value_groups
     groups += [g for g in (mlp_group(gm, m) for m in mlps) if g is not None]
     embed = embed_group(gm, tokens, blocks, data)
     if not isinstance(embed, str):
@@ -102,6 +104,24 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], *, sha
                           embed_reason=embed if isinstance(embed, str) else None)
     _tag(gm, structure)
     return structure
+
+
+def _shared_projections(found: list, groups: list, blocks: list) -> tuple[list, list]:
+    """Two attention maps over one q/k/v projection (differential attention) give two groups of one name that
+    would cut the same rows twice: neither is prunable; the sites (and their blocks) say why."""
+    seen: dict[str, int] = {}
+    for g in groups:
+        seen[g.name] = seen.get(g.name, 0) + 1
+    twice = {name for name, n in seen.items() if n > 1}
+    if not twice:
+        return groups, blocks
+    why = "two attention maps share this q/k/v projection (e.g. differential attention); their heads are not separable"
+    for f in found:
+        if any(name.startswith(f.site.name + ".") for name in twice):
+            f.site = replace(f.site, prunable={**f.site.prunable, "heads": why, "head_dim": why})
+    sites = {f.site.name: f.site for f in found}
+    blocks = [replace(b, attention=sites.get(b.attention.name, b.attention)) if b.attention else b for b in blocks]
+    return [g for g in groups if g.name not in twice], blocks
 
 
 def _notes(gm: fx.GraphModule, attention: tuple) -> tuple[str, ...]:

@@ -393,6 +393,21 @@ def _own_token_barrier(b: Block, tokens: TokenInfo, nodes: dict[str, fx.Node]) -
     return _grid_reshape([nodes[n] for n in b.nodes], {b.tokens_in, b.tokens_in - tokens.prefix_tokens}, heads=a.heads)
 
 
+def _fixed_token_table(gm: fx.GraphModule, members: list[fx.Node], counts: set[int], data: set[fx.Node]
+                       ) -> str | None:
+    """Why not, where the block combines its tokens element-wise with a tensor computed from parameters alone
+    that has a token axis (rotary position tables): it would not follow a gather of the tokens."""
+    for n in members:
+        if op_kind(n, gm) not in ("mul", "add", "div"):
+            continue
+        for other in n.all_input_nodes:
+            shape = shape_of(other)
+            if other not in data and shape and len(shape) >= 2 and shape[-2] in counts and shape[-2] > 1:
+                return (f"%{n.name} combines the tokens with %{other.name}, a fixed table over {shape[-2]} tokens "
+                        "(e.g. rotary position embeddings)")
+    return None
+
+
 def mark_token_prunable(gm: fx.GraphModule, blocks: list[Block], tokens: TokenInfo) -> list[Block]:
     """Decide per block whether tokens may be dropped before it, with the reason where not."""
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -403,8 +418,13 @@ def mark_token_prunable(gm: fx.GraphModule, blocks: list[Block], tokens: TokenIn
         barrier = f"the head pools tokens by {tokens.pooling!r}, not a class token or a mean"
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     following = {b.index: nxt for b, nxt in zip(blocks, blocks[1:])}
+    data: set[fx.Node] = set()  # nodes an input flows into
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(a in data for a in n.all_input_nodes):
+            data.add(n)
     for b in reversed(blocks):
-        own = _own_token_barrier(b, tokens, nodes)
+        own = _own_token_barrier(b, tokens, nodes) or _fixed_token_table(
+            gm, [nodes[n] for n in b.nodes], {b.tokens_in, b.tokens_in - tokens.prefix_tokens}, data)
         if own is None:  # ops between this block and the next (stage transitions), or the head
             nxt = following.get(b.index)
             stop = order[nodes[nxt.input]] if nxt is not None else len(order)

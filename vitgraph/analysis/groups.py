@@ -7,6 +7,8 @@ numbers* through the same ops and reading which output axis they vary along.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.fx as fx
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -157,6 +159,44 @@ def _per_head_sources(gm: fx.GraphModule, target: fx.Node, head_axis: int, heads
                 env_all.update(ix.propagate(gm, {src: _axis_code(shape, axis)}))
                 break
     return slices
+
+
+def refuse_unsliceable_heads(gm: fx.GraphModule, found: Found, data: set[fx.Node]) -> None:
+    """Mark a site's heads not prunable (with the reason) where q or k meet a per-head operand that cutting
+    the q/k rows would not cut. Runs before blocks are assembled, which copy the site."""
+    site = found.site
+    if site.prunable.get("heads") is not None:
+        return
+    nodes = {n.name: n for n in gm.graph.nodes}
+    env: dict[fx.Node, torch.Tensor] = {}
+    for lin, rows in ((site.q, found.q_rows), (site.k, found.k_rows)):
+        width = linear_info(nodes[lin], gm).out_features
+        env.update(ix.propagate(gm, {nodes[lin]: _unit_code(rows, width).expand(*shape_of(nodes[lin])).clone()}))
+    why = _unsliced_per_head_operand(gm, env, site.heads, data)
+    if why is not None:  # e.g. a mixed (per-head) rotary table shared by every block
+        found.site = replace(site, prunable={**site.prunable, "heads": why})
+
+
+def _unsliced_per_head_operand(gm: fx.GraphModule, env: dict[fx.Node, torch.Tensor], heads: int,
+                               data: set[fx.Node]) -> str | None:
+    """Why heads cannot be cut, where q or k meet a tensor of their own head count that no input flows into
+    (an element-wise operand with a head axis, e.g. RoPE-mixed's per-head frequencies): slicing the q/k rows
+    would leave it at the full head count. None when there is none."""
+    for node, code in env.items():
+        if heads < 2 or code.dim() < 2 or op_kind(node, gm) not in ("mul", "add", "div"):
+            continue
+        axis = ix.channel_axis(code)
+        rank = code.dim()
+        for other in node.all_input_nodes:
+            shape = shape_of(other)
+            if other in env or other in data or not shape or axis is None:
+                continue
+            at = axis - (rank - len(shape))  # the operand's dimension broadcast against the head axis
+            if 0 <= at < len(shape) and shape[at] == heads:
+                return (f"q/k are combined element-wise with %{other.name}, a per-head tensor ({heads} heads, "
+                        f"shape {tuple(shape)}) computed from parameters outside the attention (e.g. per-head "
+                        "rotary frequencies); vitgraph cannot cut its heads")
+    return None
 
 
 def _computed_bias_slices(gm: fx.GraphModule, lin: fx.Node, rows: list[list[int]], data: set[fx.Node]

@@ -24,7 +24,7 @@ from vitgraph.graph import VitGraph
 from vitgraph.meta import GATES, CoupledGroup, submodule_name
 from vitgraph.passes.insert_unit_gates_pass import InsertUnitGatesPass
 from vitgraph.passes.prune_value_dims_pass import PruneValueDimsPass
-from vitgraph.passes.remove_pruned_units_pass import RemovePrunedUnitsPass
+from vitgraph.passes.remove_pruned_units_pass import RemovePrunedUnitsPass, probe
 from vitgraph.spec import Spec
 
 if TYPE_CHECKING:
@@ -80,6 +80,11 @@ class WidthAxis(Axis):
         if not spec.width.enabled:
             return None
         groups, skipped = chosen_groups(g, spec)
+        for name, why in probe(g.gm, groups, g.example_inputs).items():  # vitgraph's own gap, named: left dense
+            group = next(x for x in groups if x.name == name)
+            skipped[name] = (f"removing a unit of {name} breaks the rewritten graph ({why}); recognition missed a "
+                             "tensor this group must shrink, so it stays dense")
+            groups.remove(group)
         if not groups:
             reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3]) or (
                 "it has no attention heads, MLP or embedding groups the spec's width keys enable")
