@@ -232,7 +232,8 @@ def _check_budget(g: VitGraph, spec: Spec, gated: GatedModel) -> None:
     budget = spec.budget
     floor = float(gated.pricer("floor"))
     if budget.fraction < floor - budget.slack:
-        dense = [f"{k}: {v}" for a in gated.axes.values() for k, v in getattr(a, "skipped", {}).items()]
+        left = [getattr(a, "skipped", None) for a in gated.axes.values()]
+        dense = [f"{k}: {v}" for d in left if isinstance(d, dict) for k, v in d.items()]
         why = f" (sites left dense: {'; '.join(dense[:2])}" + (f"; {len(dense) - 2} more" if len(dense) > 2 else "") \
             + ")" if dense else ""
         raise SpecError(f"{budget.key} {budget.fraction} is impossible for {g.name} with this spec: pruning every "

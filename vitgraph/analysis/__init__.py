@@ -120,7 +120,11 @@ def _shared_projections(found: list, groups: list, blocks: list) -> tuple[list, 
         if any(name.startswith(f.site.name + ".") for name in twice):
             f.site = replace(f.site, prunable={**f.site.prunable, "heads": why, "head_dim": why})
     sites = {f.site.name: f.site for f in found}
-    blocks = [replace(b, attention=sites.get(b.attention.name, b.attention)) if b.attention else b for b in blocks]
+    shared = [b.index for b in blocks if b.attention and sites[b.attention.name].prunable.get("heads") == why]
+    last = max(shared, default=-1)  # token scores read one attention map: no selector before such a block
+    blocks = [replace(b, attention=sites.get(b.attention.name, b.attention) if b.attention else None,
+                      **({"token_prunable": False, "token_reason": b.token_reason or f"block {last}: {why}"}
+                         if b.index <= last else {})) for b in blocks]
     return [g for g in groups if g.name not in twice], blocks
 
 

@@ -277,7 +277,7 @@ def _block_name(paths: list[str]) -> str:
 def find_tokens(gm: fx.GraphModule, blocks: list[Block]) -> TokenInfo:
     nodes = {n.name: n for n in gm.graph.nodes}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    first_in = nodes[blocks[0].input] if blocks else None
+    first_in = nodes[_token_start(gm, blocks, order, nodes).input] if blocks else None
     stream = shape_of(first_in) if first_in is not None else None
     embed = None
     if first_in is not None:
@@ -299,6 +299,17 @@ def find_tokens(gm: fx.GraphModule, blocks: list[Block]) -> TokenInfo:
     return TokenInfo(embed=embed.name if embed is not None else None, grid=grid, embed_dim=dim, tokens=tokens,
                      prefix_tokens=prefix, pooling=pooling, layout=layout,
                      pool=pool.name if pool is not None else None, head=head.name if head is not None else None)
+
+
+def _token_start(gm: fx.GraphModule, blocks: list[Block], order: dict, nodes: dict) -> Block:
+    """The block the tokens enter: the first, or in a hybrid (a CNN backbone's residual stages, then a patch
+    embedding, then attention blocks) the first attention block after that embedding convolution."""
+    at = next((i for i, b in enumerate(blocks) if b.attention is not None), 0)
+    if at == 0:
+        return blocks[0]
+    lo, hi = order[nodes[blocks[at - 1].output]], order[nodes[blocks[at].input]]
+    embeds = [n for n in gm.graph.nodes if lo < order[n] < hi and op_kind(n, gm) == "conv"]
+    return blocks[at] if embeds else blocks[0]
 
 
 def _classifier(gm: fx.GraphModule, pool: fx.Node | None) -> fx.Node | None:
