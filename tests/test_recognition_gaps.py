@@ -1,0 +1,66 @@
+"""What recognition cannot take apart becomes a named refusal or a site left dense, never a broken rewrite
+(each case was a failed row of bench/survey.py): per-head RoPE tables, fixed token tables, two attention maps
+on one projection, a relative-position table shared by every block, a CNN backbone before the tokens."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import vitgraph as vg
+
+WIDTH = {"budget": {"flops": 0.5}, "width": {"method": "magnitude", "heads": True, "mlp": True}}
+TOKENS = {"budget": {"flops": 0.6}, "tokens": {"method": "attention"}}
+
+
+def _traced(name: str, **kwargs) -> vg.VitGraph:
+    model = timm.create_model(name, img_size=64, depth=2, **kwargs).eval()
+    return vg.trace(model, torch.randn(2, 3, 64, 64))
+
+
+def _compress(g: vg.VitGraph, spec: dict) -> dict:
+    return vg.compress(g, spec, data="none", progress=False, latency_targets=()).report
+
+
+def test_per_head_rope_refuses_heads_and_tokens_with_the_reason():
+    g = _traced("vit_small_patch16_rope_mixed_224")
+    assert all("per-head tensor" in b.attention.prunable["heads"] for b in g.blocks)
+    assert all("fixed table over 16 tokens" in b.token_reason for b in g.blocks)
+    report = _compress(g, WIDTH)  # MLP units alone carry the cut; heads stay whole
+    assert abs(report["budget"]["achieved"] - 0.5) <= 0.03 and report["parity"]["max_abs_err"] < 1e-4
+    assert all(b["attention"]["heads"] == 6 for b in report["blocks"])
+    with pytest.raises(vg.SpecError, match="fixed table"):
+        _compress(g, TOKENS)
+
+
+def test_a_rope_table_built_from_the_image_size_is_a_fixed_table_too():
+    g = _traced("vit_small_patch16_dinov3")  # the table's size comes from x.shape, its values from no input
+    assert all("fixed table" in b.token_reason for b in g.blocks)
+
+
+def test_two_attention_maps_on_one_projection_are_one_site():
+    g = _traced("vit_dwee_patch16_reg1_gap_256")
+    assert len(g.blocks) == 2 and len(g.structure.attention) == 2  # not one block per map
+    assert all("two attention maps" in b.attention.prunable["heads"] for b in g.blocks)
+    assert all("two attention maps" in b.token_reason for b in g.blocks)
+    assert abs(_compress(g, WIDTH)["budget"]["achieved"] - 0.5) <= 0.03
+    depth = _compress(g, {**WIDTH, "budget": {"flops": 0.7}, "depth": {"skip_blocks": True}})
+    assert abs(depth["budget"]["achieved"] - 0.7) <= 0.03
+
+
+def test_a_table_shared_by_every_block_is_left_dense_by_the_probe():
+    g = _traced("vit_srelpos_small_patch16_224")
+    result = vg.compress(g, WIDTH, data="none", progress=False, latency_targets=())
+    skipped = result.report["skipped_sites"]
+    assert any("breaks the rewritten graph" in why for why in skipped.values()), skipped
+    assert abs(result.report["budget"]["achieved"] - 0.5) <= 0.03 and result.report["parity"]["max_abs_err"] < 1e-4
+
+
+def test_a_hybrid_s_tokens_begin_after_its_cnn_backbone():
+    model = timm.create_model("vit_small_r26_s32_224", img_size=64, depth=2).eval()
+    g = vg.trace(model, torch.randn(2, 3, 64, 64))
+    tokens = g.structure.tokens
+    assert tokens.layout == "sequence" and tokens.prefix_tokens == 1 and tokens.embed == "patch_embed_proj"
+    vit_blocks = [b for b in g.blocks if b.attention is not None]
+    assert vit_blocks and all(b.token_prunable for b in vit_blocks)
+    assert all("no attention" in b.token_reason for b in g.blocks if b.attention is None)
