@@ -73,6 +73,20 @@ class OpaqueMixer(nn.Module):  # attention inside a module the trace keeps whole
         return x + self.attn(x, x, x)[0]
 
 
+def conv_attention():  # attention whose q/k/v are one 1x1 convolution: recognition does not take it apart
+    class ConvAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Conv2d(3, 24, 1)
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).flatten(2).chunk(3, dim=1)
+            attn = (q.transpose(1, 2) @ k).softmax(-1)
+            return self.head((attn @ v.transpose(1, 2)).mean(1))
+    return ConvAttention()
+
+
 def opaque_vit():
     class Vit(nn.Module):
         def __init__(self):
@@ -169,6 +183,13 @@ def test_attention_inside_an_untraceable_leaf_is_named(user_file, tmp_path, caps
     spec.write_text("budget: {flops: 0.5}\n")
     _bad(["compile", f"{user_file}:opaque_vit", "--input-size", "3,32,32", "--spec", str(spec), "--out",
           str(tmp_path / "out")], capsys, "opaque_vit", "OpaqueMixer", "cannot be traced")
+
+
+def test_attention_recognition_cannot_take_apart_is_named(user_file, tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("budget: {flops: 0.5}\n")
+    _bad(["compile", f"{user_file}:conv_attention", "--input-size", "3,16,16", "--spec", str(spec), "--out",
+          str(tmp_path / "out")], capsys, "conv_attention", "attention that vitgraph does not recognise", "%softmax")
 
 
 def test_timm_cnn_is_refused_by_compile(tmp_path, capsys):

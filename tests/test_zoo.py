@@ -184,6 +184,8 @@ def test_beyond_the_list_metaformer_star_relu_and_res_scale():
     assert {gr.name for gr in g.structure.groups} >= {"stages.0.blocks.0.mlp.mlp", "stages.1.blocks.2.mlp.mlp"}
     assert all(b.attention and b.mlp for b in g.blocks[6:])
     assert all("res-scale" in b.skip_reason for b in g.blocks[6:])
-    # the stream starts as (B, C, H, W) in the conv stages: the token axis is a grid there
-    assert g.structure.tokens.layout == "channels" and all("spatial grid" in b.token_reason for b in g.blocks)
+    # the tokens begin at the attention stages (after a downsampling conv), which reshape them back to grids
+    assert g.structure.tokens.layout == "sequence" and g.structure.tokens.tokens == 196
+    assert all("no attention" in b.token_reason for b in g.blocks[:6])
+    assert all("into a 14x14 grid" in b.token_reason for b in g.blocks[6:15])
     assert not any(b.token_prunable for b in g.blocks)

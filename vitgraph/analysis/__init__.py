@@ -6,18 +6,20 @@ Read-only on the graph: it writes ``node.meta`` (shapes, roles, costs) and retur
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.fx as fx
 
 from vitgraph.analysis.attention import find_attention
-from vitgraph.analysis.blocks import find_blocks, find_tokens, mark_token_prunable
+from vitgraph.analysis.blocks import find_blocks, find_tokens
 from vitgraph.analysis.cost import annotate_costs, assign_factors, one_image_flops
 from vitgraph.analysis.embed import embed_group
 from vitgraph.analysis.value_dims import value_plan
 from vitgraph.analysis.groups import head_group, mlp_group, refuse_unsliceable_heads, value_dim_group
 from vitgraph.analysis.mlp import find_mlps
 from vitgraph.analysis.shapes import propagate_shapes
+from vitgraph.analysis.tokens import mark_token_prunable
 from vitgraph.meta import ROLE, Role, Structure
 
 
@@ -67,7 +69,7 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], *, sha
     batch = int(example_inputs[0].shape[0]) if example_inputs else 1
     if not shapes_known:
         propagate_shapes(gm, example_inputs)
-    found = find_attention(gm, batch)
+    found = _one_site_per_projection(find_attention(gm, batch))
     # value rows per head (attention->conv reads them) exist wherever heads map; *cutting* value dims
     # also needs the projections split apart, which only some graphs allow (prunable["head_dim"])
     value_groups = [g for g in (value_dim_group(gm, f) for f in found) if g is not None]
@@ -84,13 +86,12 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], *, sha
         refuse_unsliceable_heads(gm, f, data)
     blocks = find_blocks(gm, [f.site for f in found], mlps)
     tokens = find_tokens(gm, blocks)
-    blocks = mark_token_prunable(gm, blocks, tokens)
+    blocks = _no_tokens_before_shared(mark_token_prunable(gm, blocks, tokens))
     block_of = {b.attention.name: b.index for b in blocks if b.attention} | {
         b.mlp.name: b.index for b in blocks if b.mlp}
     for f in found:
         f.site = replace(f.site, block=block_of.get(f.site.name))
     groups = [g for g in (head_group(gm, f, data) for f in found) if g is not None] + value_groups
-    groups, blocks = _shared_projections(found, groups, blocks)
     attention = tuple(f.site for f in found)
     mlps = [replace(m, block=block_of.get(m.name)) for m in mlps]
     groups += [g for g in (mlp_group(gm, m) for m in mlps) if g is not None]
@@ -106,26 +107,28 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], *, sha
     return structure
 
 
-def _shared_projections(found: list, groups: list, blocks: list) -> tuple[list, list]:
-    """Two attention maps over one q/k/v projection (differential attention) give two groups of one name that
-    would cut the same rows twice: neither is prunable; the sites (and their blocks) say why."""
-    seen: dict[str, int] = {}
-    for g in groups:
-        seen[g.name] = seen.get(g.name, 0) + 1
-    twice = {name for name, n in seen.items() if n > 1}
-    if not twice:
-        return groups, blocks
-    why = "two attention maps share this q/k/v projection (e.g. differential attention); their heads are not separable"
+SHARED = "two attention maps share this q/k/v projection (e.g. differential attention); their heads are not separable"
+
+
+def _one_site_per_projection(found: list) -> list:
+    """Two attention maps over one q/k/v projection (differential attention) are one site: the first map stays,
+    its heads and value dims not prunable (cutting rows for one map would cut them for both)."""
+    seen: dict[str, Any] = {}
     for f in found:
-        if any(name.startswith(f.site.name + ".") for name in twice):
-            f.site = replace(f.site, prunable={**f.site.prunable, "heads": why, "head_dim": why})
-    sites = {f.site.name: f.site for f in found}
-    shared = [b.index for b in blocks if b.attention and sites[b.attention.name].prunable.get("heads") == why]
-    last = max(shared, default=-1)  # token scores read one attention map: no selector before such a block
-    blocks = [replace(b, attention=sites.get(b.attention.name, b.attention) if b.attention else None,
-                      **({"token_prunable": False, "token_reason": b.token_reason or f"block {last}: {why}"}
-                         if b.index <= last else {})) for b in blocks]
-    return [g for g in groups if g.name not in twice], blocks
+        if f.site.name in seen:
+            first = seen[f.site.name]
+            first.site = replace(first.site, prunable={**first.site.prunable, "heads": SHARED, "head_dim": SHARED})
+        else:
+            seen[f.site.name] = f
+    return list(seen.values())
+
+
+def _no_tokens_before_shared(blocks: list) -> list:
+    """Token scores read one attention map: no selector before (or at) a block whose attention has two."""
+    shared = [b.index for b in blocks if b.attention and b.attention.prunable.get("heads") == SHARED]
+    last = max(shared, default=-1)
+    return [replace(b, token_prunable=False, token_reason=b.token_reason or f"block {last}: {SHARED}")
+            if b.index <= last else b for b in blocks]
 
 
 def _notes(gm: fx.GraphModule, attention: tuple) -> tuple[str, ...]:

@@ -249,7 +249,22 @@ def find_blocks(gm: fx.GraphModule, attention: list[AttentionSite], mlps: list[M
             output=end.name, tokens_in=_tokens(shape_of(start)), tokens_out=_tokens(shape_of(end)),
             skippable=reason is None, skip_reason=reason, token_prunable=False, token_reason=None,
             nodes=member_names, flops=flops, params=params, mixer=mixer))
-    return blocks
+    return _unique_names(blocks)
+
+
+def _unique_names(blocks: list[Block]) -> list[Block]:
+    """Blocks are decided by name: two residual blocks in one module (TNT's inner and outer transformer) are
+    told apart by their attention site's own name (``blocks.0.attn_in``), else by their index."""
+    names = [b.name for b in blocks]
+    out = []
+    for b in blocks:
+        if names.count(b.name) > 1:
+            own = b.attention.name if b.attention is not None else None
+            unique = own if own and [x.attention.name if x.attention else None for x in blocks].count(own) == 1 \
+                else f"{b.name}#{b.index}"
+            b = replace(b, name=unique)
+        out.append(b)
+    return out
 
 
 def _same_stream(a: tuple[int, ...] | None, b: tuple[int, ...] | None) -> bool:
@@ -365,87 +380,6 @@ def _from_latent_query(node: fx.Node, blocks: list[Block], nodes: dict) -> bool:
             q_from = ancestors(nodes[b.attention.q].args[0], lambda n: n.meta.get(SHAPE) is not None)
             return not any(n.op == "placeholder" for n in q_from)
     return False
-
-
-def _grid_reshape(candidates: list[fx.Node], counts: set[int], where: str = "", heads: int | None = None
-                  ) -> str | None:
-    """A node that lays the tokens out as an H x W grid (a conv, a pooling, a window partition). With the
-    block's ``heads``: a node that still holds the token count and the heads is the attention's head
-    layout ((B, N, 3, heads, d), (3, B, heads, N, d)), whatever its other sizes multiply to."""
-    for n in candidates:
-        s = shape_of(n)
-        hit = next(((i, h, w) for i, (h, w) in enumerate(zip(s[1:], s[2:]), 1)
-                    if h > 1 and w > 1 and h * w in counts), None) if s and len(s) >= 4 else None
-        if hit and heads is not None and heads in s:
-            i = hit[0]
-            hit = None if any(d in counts for d in (*s[1:i], *s[i + 2:])) else hit[1:]
-        elif hit:
-            hit = hit[1:]
-        if hit:
-            return f"%{n.name}{' ' + where if where else ''} reshapes tokens into a {hit[0]}x{hit[1]} grid"
-    return None
-
-
-def _own_token_barrier(b: Block, tokens: TokenInfo, nodes: dict[str, fx.Node]) -> str | None:
-    """Why tokens may not be dropped before block ``b`` because of the block itself."""
-    a = b.attention
-    if tokens.layout != "sequence":
-        return "tokens form a spatial grid here (hierarchical or windowed model)"
-    if a is None:
-        return "the block has no attention to mask"
-    if a.mode != "token":
-        return "channel attention mixes every token into each output"
-    if a.tokens_q != 1 and (a.tokens_kv != b.tokens_in or a.tokens_q != b.tokens_in):
-        return f"attention sees {a.tokens_kv} of the block's {b.tokens_in} tokens (windowed/pooled)"
-    if a.bias in ("rel_pos_table", "params"):
-        return "the attention adds a fixed-size relative position bias"
-    if b.tokens_in != b.tokens_out:
-        return "the block changes the number of tokens"
-    return _grid_reshape([nodes[n] for n in b.nodes], {b.tokens_in, b.tokens_in - tokens.prefix_tokens}, heads=a.heads)
-
-
-def _fixed_token_table(gm: fx.GraphModule, members: list[fx.Node], counts: set[int], data: set[fx.Node]
-                       ) -> str | None:
-    """Why not, where the block combines its tokens element-wise with a tensor computed from parameters alone
-    that has a token axis (rotary position tables): it would not follow a gather of the tokens."""
-    for n in members:
-        if op_kind(n, gm) not in ("mul", "add", "div"):
-            continue
-        for other in n.all_input_nodes:
-            shape = shape_of(other)
-            if other not in data and shape and len(shape) >= 2 and shape[-2] in counts and shape[-2] > 1:
-                return (f"%{n.name} combines the tokens with %{other.name}, a fixed table over {shape[-2]} tokens "
-                        "(e.g. rotary position embeddings)")
-    return None
-
-
-def mark_token_prunable(gm: fx.GraphModule, blocks: list[Block], tokens: TokenInfo) -> list[Block]:
-    """Decide per block whether tokens may be dropped before it, with the reason where not."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    out: list[Block] = []
-    # scan from the last block backwards: a barrier at block j forbids dropping before any i <= j
-    barrier: str | None = None
-    if tokens.pooling not in ("token", "avg", "attn"):
-        barrier = f"the head pools tokens by {tokens.pooling!r}, not a class token or a mean"
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    following = {b.index: nxt for b, nxt in zip(blocks, blocks[1:])}
-    data: set[fx.Node] = set()  # nodes an input flows into
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" or any(a in data for a in n.all_input_nodes):
-            data.add(n)
-    for b in reversed(blocks):
-        own = _own_token_barrier(b, tokens, nodes) or _fixed_token_table(
-            gm, [nodes[n] for n in b.nodes], {b.tokens_in, b.tokens_in - tokens.prefix_tokens}, data)
-        if own is None:  # ops between this block and the next (stage transitions), or the head
-            nxt = following.get(b.index)
-            stop = order[nodes[nxt.input]] if nxt is not None else len(order)
-            gap = [n for n in gm.graph.nodes if order[nodes[b.output]] < order[n] <= stop]
-            own = _grid_reshape(gap, {b.tokens_out, b.tokens_out - tokens.prefix_tokens}, "after the block")
-        reason = own or barrier
-        if own:  # what blocks dropping here also blocks dropping before any earlier block
-            barrier = f"later block {b.index}: {own}"
-        out.append(replace(b, token_prunable=reason is None, token_reason=reason))
-    return list(reversed(out))
 
 
 def branch_members(gm: fx.GraphModule, block: Block, residual: Residual) -> set[str]:

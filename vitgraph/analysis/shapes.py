@@ -6,6 +6,9 @@ forward pass.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -72,12 +75,48 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...
     back to real ones where an op needs data (``.item()``, ``nonzero``). A rewritten graph is re-checked
     after every pass this way; a 1024-px encoder's attention maps are GBs each, so real runs add up.
     """
+    with _frozen(gm):  # FlopCounterMode's module tracker hooks tensors that require grad, and fails on some
+        return _propagate(gm, example_inputs, fake)
+
+
+@contextlib.contextmanager
+def _frozen(gm: fx.GraphModule) -> Iterator[None]:
+    params = [p for p in gm.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _propagate(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], fake: bool) -> Any:
     if fake:
         try:
-            with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode, _quiet_fake_tensors():
                 return ShapeRecorder(gm).run(*(mode.from_tensor(x) for x in example_inputs))
         except AnalysisError as exc:
-            if not isinstance(exc.__cause__, _DATA_DEPENDENT):
-                raise
+            if isinstance(exc.__cause__, _DATA_DEPENDENT):
+                pass  # an op that reads data: real tensors answer it
+            else:  # fake tensors are an economy, not a judge: an op they cannot run (a custom autograd
+                try:  # Function, an exotic kernel) decides nothing; a real run says whether the graph runs
+                    with torch.no_grad():
+                        return ShapeRecorder(gm).run(*example_inputs)
+                except AnalysisError:
+                    raise exc from None
     with torch.no_grad():
         return ShapeRecorder(gm).run(*example_inputs)
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensors() -> Iterator[None]:
+    """FakeTensorMode logs every op it fails on (with a traceback) before raising; the failure is re-raised
+    here with the node named, or answered by a real run, so the log is noise."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -1,4 +1,5 @@
-"""Where tokens may be dropped, and what scores them: read from the graph, for the token passes.
+"""Where tokens may be dropped (``mark_token_prunable``: each block's reason where not), and what scores them:
+read from the graph, for the token passes.
 
 A selector before block b scores content tokens by the attention they receive in block b-1's
 attention site. ``score_source`` finds the nodes that attention exposes: q and k right before a
@@ -8,12 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch.fx as fx
 
 from vitgraph.analysis.ops import op_kind, sdpa_mask, sdpa_qkv
-from vitgraph.meta import Block, TokenInfo, shape_of
+from vitgraph.meta import SHAPE, Block, TokenInfo, shape_of
 
 
 @dataclass(frozen=True)
@@ -105,3 +106,84 @@ def mask_sites(gm: fx.GraphModule, blocks: Sequence[Block], stages: Sequence[int
         else:
             return f"block {b.index}'s attention has no softmax node to mask"
     return out
+
+
+def _grid_reshape(candidates: list[fx.Node], counts: set[int], where: str = "", heads: int | None = None
+                  ) -> str | None:
+    """A node that lays the tokens out as an H x W grid (a conv, a pooling, a window partition). With the
+    block's ``heads``: a node that still holds the token count and the heads is the attention's head
+    layout ((B, N, 3, heads, d), (3, B, heads, N, d)), whatever its other sizes multiply to."""
+    for n in candidates:
+        s = shape_of(n)
+        hit = next(((i, h, w) for i, (h, w) in enumerate(zip(s[1:], s[2:]), 1)
+                    if h > 1 and w > 1 and h * w in counts), None) if s and len(s) >= 4 else None
+        if hit and heads is not None and heads in s:
+            i = hit[0]
+            hit = None if any(d in counts for d in (*s[1:i], *s[i + 2:])) else hit[1:]
+        elif hit:
+            hit = hit[1:]
+        if hit:
+            return f"%{n.name}{' ' + where if where else ''} reshapes tokens into a {hit[0]}x{hit[1]} grid"
+    return None
+
+
+def _own_token_barrier(b: Block, tokens: TokenInfo, nodes: dict[str, fx.Node]) -> str | None:
+    """Why tokens may not be dropped before block ``b`` because of the block itself."""
+    a = b.attention
+    if tokens.layout != "sequence":
+        return "tokens form a spatial grid here (hierarchical or windowed model)"
+    if a is None:
+        return "the block has no attention to mask"
+    if a.mode != "token":
+        return "channel attention mixes every token into each output"
+    if a.tokens_q != 1 and (a.tokens_kv != b.tokens_in or a.tokens_q != b.tokens_in):
+        return f"attention sees {a.tokens_kv} of the block's {b.tokens_in} tokens (windowed/pooled)"
+    if a.bias in ("rel_pos_table", "params"):
+        return "the attention adds a fixed-size relative position bias"
+    if b.tokens_in != b.tokens_out:
+        return "the block changes the number of tokens"
+    return _grid_reshape([nodes[n] for n in b.nodes], {b.tokens_in, b.tokens_in - tokens.prefix_tokens}, heads=a.heads)
+
+
+def _fixed_token_table(gm: fx.GraphModule, members: list[fx.Node], counts: set[int], data: set[fx.Node]
+                       ) -> str | None:
+    """Why not, where the block combines its tokens element-wise with a tensor computed from parameters alone
+    that has a token axis (rotary position tables): it would not follow a gather of the tokens."""
+    for n in members:
+        if op_kind(n, gm) not in ("mul", "add", "div"):
+            continue
+        for other in n.all_input_nodes:
+            shape = shape_of(other)
+            if other not in data and shape and len(shape) >= 2 and shape[-2] in counts and shape[-2] > 1:
+                return (f"%{n.name} combines the tokens with %{other.name}, a fixed table over {shape[-2]} tokens "
+                        "(e.g. rotary position embeddings)")
+    return None
+
+
+def mark_token_prunable(gm: fx.GraphModule, blocks: list[Block], tokens: TokenInfo) -> list[Block]:
+    """Decide per block whether tokens may be dropped before it, with the reason where not."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out: list[Block] = []
+    # scan from the last block backwards: a barrier at block j forbids dropping before any i <= j
+    barrier: str | None = None
+    if tokens.pooling not in ("token", "avg", "attn"):
+        barrier = f"the head pools tokens by {tokens.pooling!r}, not a class token or a mean"
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    following = {b.index: nxt for b, nxt in zip(blocks, blocks[1:])}
+    data: set[fx.Node] = set()  # tensors an input's values flow into (not only its size: a RoPE table built
+    for n in gm.graph.nodes:     # for the image's grid is a fixed table all the same)
+        if n.op == "placeholder" or any(a in data and a.meta.get(SHAPE) is not None for a in n.all_input_nodes):
+            data.add(n)
+    for b in reversed(blocks):
+        own = _own_token_barrier(b, tokens, nodes) or _fixed_token_table(
+            gm, [nodes[n] for n in b.nodes], {b.tokens_in, b.tokens_in - tokens.prefix_tokens}, data)
+        if own is None:  # ops between this block and the next (stage transitions), or the head
+            nxt = following.get(b.index)
+            stop = order[nodes[nxt.input]] if nxt is not None else len(order)
+            gap = [n for n in gm.graph.nodes if order[nodes[b.output]] < order[n] <= stop]
+            own = _grid_reshape(gap, {b.tokens_out, b.tokens_out - tokens.prefix_tokens}, "after the block")
+        reason = own or barrier
+        if own:  # what blocks dropping here also blocks dropping before any earlier block
+            barrier = f"later block {b.index}: {own}"
+        out.append(replace(b, token_prunable=reason is None, token_reason=reason))
+    return list(reversed(out))

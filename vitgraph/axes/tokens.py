@@ -72,8 +72,10 @@ class TokenAxis(Axis):
                             f"a mean or an attention pool; token pruning cannot tell what it may drop")
         stages = t.stages or default_stages(blocks)
         if not stages:
-            raise SpecError(f"tokens: no block of {g.name} can drop tokens (see 'vitgraph inspect'); drop the tokens "
-                            f"section")
+            first = next((b for b in blocks if b.token_reason), None)
+            why = f" (block {first.index}: {first.token_reason})" if first is not None else ""
+            raise SpecError(f"tokens: no block of {g.name} can drop tokens{why}; drop the tokens section "
+                            f"(`vitgraph inspect` gives each block's reason)")
         if t.keep and len(t.keep) != len(stages):
             raise SpecError(f"tokens.keep has {len(t.keep)} ratios for the {len(stages)} default stages {list(stages)}; "
                             f"give one per stage, or list tokens.stages")
