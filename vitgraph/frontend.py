@@ -331,15 +331,15 @@ def _module_path(node: fx.Node) -> str:
 
 
 def _opaque_leaves(gm: fx.GraphModule) -> str:
-    """'MobileVitBlock x3, ...': the leaf modules, not torch.nn layers, that hold linear layers (where attention
-    projections would be)."""
+    """'MobileVitBlock x3, ...': the leaf modules, not torch.nn layers, that hold linear or convolution layers
+    (where attention projections would be)."""
     counts: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(str(node.target))
         if type(mod).__module__.startswith("torch.nn") or not any(
-                isinstance(m, (nn.Linear, nn.MultiheadAttention)) for m in mod.modules()):
+                isinstance(m, (nn.Linear, nn.MultiheadAttention, nn.modules.conv._ConvNd)) for m in mod.modules()):
             continue
         counts[type(mod).__name__] = counts.get(type(mod).__name__, 0) + 1
     return ", ".join(f"{k} x{v}" if v > 1 else k for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))

@@ -127,7 +127,7 @@ def _no_tokens_before_shared(blocks: list) -> list:
     """Token scores read one attention map: no selector before (or at) a block whose attention has two."""
     shared = [b.index for b in blocks if b.attention and b.attention.prunable.get("heads") == SHARED]
     last = max(shared, default=-1)
-    return [replace(b, token_prunable=False, token_reason=b.token_reason or f"block {last}: {SHARED}")
+    return [replace(b, token_prunable=False, token_reason=f"block {last}: {SHARED}")
             if b.index <= last else b for b in blocks]
 
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException, FakeTensor,
+                                          FakeTensorMode)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -76,7 +77,21 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...
     after every pass this way; a 1024-px encoder's attention maps are GBs each, so real runs add up.
     """
     with _frozen(gm):  # FlopCounterMode's module tracker hooks tensors that require grad, and fails on some
-        return _propagate(gm, example_inputs, fake)
+        try:
+            return _propagate(gm, example_inputs, fake)
+        finally:
+            if fake:
+                _purge_fakes(gm)
+
+
+def _purge_fakes(gm: fx.GraphModule) -> None:
+    """Forget fake tensors a module cached during a fake run (timm's LeViT, EfficientViT and TinyViT keep their
+    attention biases in a dict in eval mode): a later real run would read them."""
+    for module in gm.modules():
+        for value in vars(module).values():
+            if isinstance(value, dict):
+                for key in [k for k, v in value.items() if isinstance(v, FakeTensor)]:
+                    del value[key]
 
 
 @contextlib.contextmanager
