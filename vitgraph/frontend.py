@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from vitgraph.analysis.ops import module_path, op_kind
 from vitgraph.errors import InputSizeError, ModelError, TraceError, first_line, user_frame
 
 __all__ = ["trace_module", "timm_leaves", "VitTracer", "check_exact", "require_vit"]
@@ -295,12 +296,12 @@ def require_vit(g: Any) -> None:
         return
     mixers = sorted({b.mixer for b in s.blocks if b.mixer})
     found = f"{len(s.blocks)} residual blocks of {', '.join(mixers)}" if mixers else f"{len(s.blocks)} blocks"
-    unrecognised = [n for n in g.gm.graph.nodes if _kind(n, g.gm) in ("softmax", "sdpa")]
+    unrecognised = [n for n in g.gm.graph.nodes if op_kind(n, g.gm) in ("softmax", "sdpa")]
     if unrecognised:  # attention is there, in a form recognition does not take apart
         n = unrecognised[0]
         raise ModelError(
             f"{g.name}: its graph has attention that vitgraph does not recognise (%{n.name} in "
-            f"{_module_path(n)}, {len(unrecognised)} such op(s); found {found}): recognition needs q, k and v "
+            f"{module_path(n, g.gm)}, {len(unrecognised)} such op(s); found {found}): recognition needs q, k and v "
             "from linear projections, then q @ k^T -> softmax -> @ v or scaled_dot_product_attention, on a "
             "token axis (convolutional projections, factorised or multi-scale attention are not taken apart), so "
             "no compression axis can reach it. `vitgraph inspect` lists what is recognised; compress a model "
@@ -317,17 +318,6 @@ def require_vit(g: Any) -> None:
                      "vitgraph has no heads, tokens or attention blocks to compress. Pass a ViT, e.g. the timm name "
                      "deit_small_patch16_224 or file.py:function returning one; `vitgraph inspect` shows what "
                      "vitgraph recognises in a model.")
-
-
-def _kind(node: fx.Node, gm: fx.GraphModule) -> str:
-    from vitgraph.analysis.ops import op_kind
-
-    return op_kind(node, gm)
-
-
-def _module_path(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return next(reversed([v[0] if isinstance(v, tuple) else str(v) for v in stack.values()]), "the model") or "the model"
 
 
 def _opaque_leaves(gm: fx.GraphModule) -> str:
