@@ -1,9 +1,9 @@
 """Where does memory go? Peak resident memory (RSS) and seconds per pipeline stage of ``vitgraph compile``.
 
 Each model runs in its own process (peak RSS is per process) through the same path as
-``vitgraph compile MODEL --spec S --data none --out DIR --targets ''``. Every stage of the
-pipeline is wrapped: before it the kernel's high-water mark is reset (``/proc/self/clear_refs``), after
-it ``VmHWM`` is read, so each row is that stage's own peak. Prints one table per model and spec::
+``vitgraph compile MODEL --spec S --data none --out DIR`` (its default eager latency for the report
+included). Every stage of the pipeline is wrapped: before it the kernel's high-water mark is reset
+(``/proc/self/clear_refs``), after it ``VmHWM`` is read, so each row is that stage's own peak. Prints one table per model and spec::
 
     python bench/memory.py                                   # deit_small, vit_large, samvit_base (1024 px)
     python bench/memory.py --models samvit_base_patch16 --specs width
