@@ -74,3 +74,21 @@ def test_two_blocks_in_one_module_are_decided_apart():
     assert [b.name for b in g.blocks[:2]] == ["blocks.0.attn_in", "blocks.0.attn_out"]
     report = _compress(g, {**WIDTH, "budget": {"flops": 0.7}, "depth": {"skip_blocks": True}})
     assert abs(report["budget"]["achieved"] - 0.7) <= 0.03 and report["parity"]["max_abs_err"] < 1e-4
+
+
+def test_a_single_head_site_is_left_dense_with_that_reason():
+    """pvt_v2's first stage has one head (and depthwise-conv MLPs): pruning it would delete the attention,
+    so the budget refusal names that site and the axis that can remove it."""
+    model = timm.create_model("pvt_v2_b0", depths=(1, 1, 1, 1)).eval()
+    g = vg.trace(model, torch.randn(2, 3, 224, 224))
+    one = [a.name for a in g.structure.attention if a.heads == 1]
+    assert one == ["stages.0.blocks.0.attn"]
+    with pytest.raises(vg.SpecError, match=r"stages\.0\.blocks\.0\.attn: it has a single head: removing it would "
+                       r"remove the layer \(remove the branch with depth\.per_branch instead\)"):
+        _compress(g, WIDTH)
+
+
+def test_tokens_name_the_block_that_does_not_see_the_token_stream():
+    g = _traced("vit_base_patch16_siglip_224", global_pool="map")  # the attention pool is block 2
+    with pytest.raises(vg.SpecError, match=r"block 2 \(.*\) of .* takes 1 tokens, not the 16 of the token stream"):
+        _compress(g, {**TOKENS, "tokens": {"method": "attention", "stages": [1]}})

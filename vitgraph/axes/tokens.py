@@ -80,8 +80,12 @@ class TokenAxis(Axis):
             raise SpecError(f"tokens.keep has {len(t.keep)} ratios for the {len(stages)} default stages {list(stages)}; "
                             f"give one per stage, or list tokens.stages")
         plans = [_stage(ctx, b, i) for i, b in enumerate(stages)]
-        if any(x.tokens_in != info.tokens for x in blocks[stages[0]:]):
-            raise SpecError(f"tokens: {g.name}'s blocks after block {stages[0]} do not all see its {info.tokens} tokens")
+        odd = next((x for x in blocks[stages[0]:] if x.tokens_in != info.tokens), None)
+        if odd is not None:
+            raise SpecError(f"tokens: block {odd.index} ({odd.name}) of {g.name} takes {odd.tokens_in} tokens, not the "
+                            f"{info.tokens} of the token stream (it pools or re-forms the token axis), and a selector "
+                            f"before block {stages[0]} would change its input; put every tokens.stages entry after "
+                            f"block {odd.index}, or drop the tokens section")
         masks: Any = []
         if t.method == "spvit":
             masks = mask_sites(g.gm, blocks, stages)

@@ -43,17 +43,30 @@ def chosen_groups(g: VitGraph, spec: Spec) -> tuple[list[CoupledGroup], dict[str
         if group.kind in kinds and group.units > 1 and (group.kind != "head_dim" or group.site in cut_values):
             chosen.append(group)
     have = {(gr.site, gr.kind) for gr in chosen}
+    single = {(gr.site, gr.kind): _single(gr) for gr in g.structure.groups if gr.units <= 1}
     for a in g.structure.attention:
         if width.heads and (a.name, "heads") not in have:
-            skipped[a.name] = a.prunable.get("heads") or "heads are not separable here"
+            skipped[a.name] = (a.prunable.get("heads") or single.get((a.name, "heads"))
+                               or "no head group was built for this site")
         elif width.head_dim and (a.name, "head_dim") not in have:
-            skipped[a.name] = f"value dims: {a.prunable.get('head_dim') or 'not separable here'}"
+            why = (a.prunable.get("head_dim") or single.get((a.name, "head_dim"))
+                   or "no value-dim group was built for this site")
+            skipped[a.name] = f"value dims: {why}"
     if width.embed and ("embed", "embed") not in have:
-        skipped["embed"] = f"embedding channels: {g.structure.embed_reason or 'not separable here'}"
+        why = g.structure.embed_reason or single.get(("embed", "embed")) or "no embedding group was built"
+        skipped["embed"] = f"embedding channels: {why}"
     for m in g.structure.mlps:
         if width.mlp and (m.name, "mlp") not in have:
-            skipped[m.name] = m.prunable.get("mlp") or "hidden units are not separable here"
+            skipped[m.name] = (m.prunable.get("mlp") or single.get((m.name, "mlp"))
+                               or "no hidden-unit group was built for this MLP")
     return chosen, skipped
+
+
+def _single(group: CoupledGroup) -> str:
+    """Why a group of one unit stays: cutting its only unit would delete the layer, which is depth's job."""
+    what = {"heads": "head", "head_dim": "value dim", "mlp": "hidden unit", "embed": "channel"}.get(group.kind, "unit")
+    return (f"it has a single {what}: removing it would remove the layer (remove the branch with "
+            "depth.per_branch instead)")
 
 
 class WidthAxis(Axis):
