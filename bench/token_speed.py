@@ -9,6 +9,7 @@ speed-up / (dense FLOPs / compact FLOPs)::
 
     python bench/token_speed.py --flops 0.6 --batches 1,16 --json token_speed.json
     python bench/token_speed.py --targets eager,onnx --repeats 10     # skip the torch.compile build
+    python bench/token_speed.py --cuts tokens --targets onnx --batches 1 --repeats 200   # dense vs tokens only
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="deit_small_patch16_224", help="timm model name")
     parser.add_argument("--flops", type=float, default=0.6, help="target fraction of dense FLOPs")
     parser.add_argument("--stages", default="3,6,9", help="token selectors before these blocks (0-based)")
+    parser.add_argument("--cuts", default="tokens,width", help="which cuts to time beside dense: tokens,width")
     bench.add_timing_args(parser)
     args = parser.parse_args(argv)
     batches, targets = bench.timing_args(args)
@@ -45,12 +47,14 @@ def main(argv: list[str] | None = None) -> None:
     model = timm.create_model(args.model).eval()
     x = torch.randn(1, *model.pretrained_cfg["input_size"])
     budget = {"flops": args.flops}
-    models = {
-        "dense": trace_module(model, (x,)),  # every side an fx graph: the comparison is the cut, not the front end
-        "tokens": compress(model, x, {"budget": budget, "tokens": {
-            "method": "attention", "stages": [int(s) for s in args.stages.split(",")]}}),
-        "width": compress(model, x, {"budget": budget, "width": {"method": "magnitude"}}),
-    }
+    specs = {"tokens": {"budget": budget, "tokens": {"method": "attention",
+                                                     "stages": [int(s) for s in args.stages.split(",")]}},
+             "width": {"budget": budget, "width": {"method": "magnitude"}}}
+    cuts = [c for c in args.cuts.split(",") if c]
+    if not cuts or set(cuts) - set(specs):
+        parser.error(f"--cuts takes a comma-separated subset of {sorted(specs)}, got {args.cuts!r}")
+    models = {"dense": trace_module(model, (x,))}  # every side an fx graph: the comparison is the cut, not the front end
+    models.update({c: compress(model, x, specs[c]) for c in cuts})
     fl = {k: flop_counter_flops(m, (x,), 1) for k, m in models.items()}
     print(f"{args.model}: target {args.flops:.2f} of dense FLOPs; torch threads {torch.get_num_threads()}, "
           "ORT intra-op threads the same, spinning off")
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
                                    repeats=args.repeats, workdir=workdir, name=args.model)
             for target in targets:
                 d = timing[target]["dense"]
-                for name in ("tokens", "width"):
+                for name in cuts:
                     c = timing[target][name]
                     speedup = d.median_ms / c.median_ms
                     rows.append({"cut": name, "target": target, "batch": batch, "dense_ms": d.median_ms,
