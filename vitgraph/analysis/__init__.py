@@ -18,6 +18,7 @@ from vitgraph.analysis.embed import embed_group
 from vitgraph.analysis.value_dims import value_plan
 from vitgraph.analysis.groups import head_group, mlp_group, refuse_unsliceable_heads, value_dim_group
 from vitgraph.analysis.mlp import find_mlps
+from vitgraph.analysis.ops import input_dependent
 from vitgraph.analysis.shapes import propagate_shapes
 from vitgraph.analysis.tokens import mark_token_prunable
 from vitgraph.meta import ROLE, Role, Structure
@@ -79,7 +80,7 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], *, sha
             if isinstance(plan, str):
                 f.site = replace(f.site, prunable={**f.site.prunable, "head_dim": plan})
     claimed = {x for f in found for x in (f.site.q, f.site.k, f.site.v, f.site.proj) if x}
-    data = _data_nodes(gm)
+    data = input_dependent(gm)
     mlps = find_mlps(gm, claimed, data)
     flops = annotate_costs(gm, batch, per_image=one_image_flops(gm, example_inputs))
     for f in found:
@@ -151,15 +152,6 @@ def _notes(gm: fx.GraphModule, attention: tuple) -> tuple[str, ...]:
         notes.insert(0, f"{len(paths)} leaf module(s) {cls} ({where}): tracing does not see inside them, so "
                         "their attention/MLP is not recognised or prunable")
     return tuple(notes)
-
-
-def _data_nodes(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes whose value depends on a model input (not only on parameters and constants)."""
-    data: set[fx.Node] = set()
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" or any(a in data for a in n.all_input_nodes):
-            data.add(n)
-    return data
 
 
 __all__ = ["analyse"]

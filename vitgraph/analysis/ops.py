@@ -229,3 +229,16 @@ def common_prefix(paths: list[str]) -> str:
             break
         out.append(atoms[0])
     return ".".join(out)
+
+
+def input_dependent(gm: fx.GraphModule, values_only: bool = False) -> set[fx.Node]:
+    """Nodes computed from a model input rather than from parameters and constants alone.
+
+    ``values_only``: follow only edges that carry a tensor (a node with a recorded shape), so a table
+    built from the input's *size* alone (a RoPE table for the image's grid) counts as fixed."""
+    data: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(a in data and (not values_only or a.meta.get(SHAPE) is not None)
+                                        for a in n.all_input_nodes):
+            data.add(n)
+    return data

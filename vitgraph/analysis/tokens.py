@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 
 import torch.fx as fx
 
-from vitgraph.analysis.ops import op_kind, sdpa_mask, sdpa_qkv
-from vitgraph.meta import SHAPE, Block, TokenInfo, shape_of
+from vitgraph.analysis.ops import input_dependent, op_kind, sdpa_mask, sdpa_qkv
+from vitgraph.meta import Block, TokenInfo, shape_of
 
 
 @dataclass(frozen=True)
@@ -170,10 +170,7 @@ def mark_token_prunable(gm: fx.GraphModule, blocks: list[Block], tokens: TokenIn
         barrier = f"the head pools tokens by {tokens.pooling!r}, not a class token or a mean"
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     following = {b.index: nxt for b, nxt in zip(blocks, blocks[1:])}
-    data: set[fx.Node] = set()  # tensors an input's values flow into (not only its size: a RoPE table built
-    for n in gm.graph.nodes:     # for the image's grid is a fixed table all the same)
-        if n.op == "placeholder" or any(a in data and a.meta.get(SHAPE) is not None for a in n.all_input_nodes):
-            data.add(n)
+    data = input_dependent(gm, values_only=True)  # a RoPE table built for the image's grid is fixed all the same
     for b in reversed(blocks):
         own = _own_token_barrier(b, tokens, nodes) or _fixed_token_table(
             gm, [nodes[n] for n in b.nodes], {b.tokens_in, b.tokens_in - tokens.prefix_tokens}, data)
