@@ -171,7 +171,7 @@ def refusals(a: Axes, model: Model) -> list[str]:
         (tokens and a.exits, "tokens with depth.exits is not implemented"),
         (tokens and a.token_method == "spvit" and a.embed, "tokens.method spvit with width.embed is not implemented"),
         (tokens and a.token_method == "attention" and a.stages[0] == 0, "before block 0 .*no block before it"),
-        (tokens and model.pool == "map", "takes .* tokens, not the .* of the token stream"),
+        (tokens and model.pool == "map", "takes .* tokens?, not the .* of the token stream"),
         (tokens and hidden and a.token_method == "attention", "probabilities are not a \\(batch, heads"),
     ]
     return [why for refused, why in rules if refused]

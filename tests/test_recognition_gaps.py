@@ -90,5 +90,5 @@ def test_a_single_head_site_is_left_dense_with_that_reason():
 
 def test_tokens_name_the_block_that_does_not_see_the_token_stream():
     g = _traced("vit_base_patch16_siglip_224", global_pool="map")  # the attention pool is block 2
-    with pytest.raises(vg.SpecError, match=r"block 2 \(.*\) of .* takes 1 tokens, not the 16 of the token stream"):
+    with pytest.raises(vg.SpecError, match=r"block 2 \(.*\) of .* takes 1 token, not the 16 of the token stream"):
         _compress(g, {**TOKENS, "tokens": {"method": "attention", "stages": [1]}})

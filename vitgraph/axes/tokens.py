@@ -82,7 +82,8 @@ class TokenAxis(Axis):
         plans = [_stage(ctx, b, i) for i, b in enumerate(stages)]
         odd = next((x for x in blocks[stages[0]:] if x.tokens_in != info.tokens), None)
         if odd is not None:
-            raise SpecError(f"tokens: block {odd.index} ({odd.name}) of {g.name} takes {odd.tokens_in} tokens, not the "
+            count = f"{odd.tokens_in} token" + ("s" if odd.tokens_in != 1 else "")
+            raise SpecError(f"tokens: block {odd.index} ({odd.name}) of {g.name} takes {count}, not the "
                             f"{info.tokens} of the token stream (it pools or re-forms the token axis), and a selector "
                             f"before block {stages[0]} would change its input; put every tokens.stages entry after "
                             f"block {odd.index}, or drop the tokens section")
