@@ -147,8 +147,10 @@ def refusals(a: Axes, model: Model) -> list[str]:
       replaced, and the copies would not narrow with the stream; found here: instrument failed with a
       PreconditionError, see vitgraph/axes/exits.py);
     - an attention-pool head (global_pool "map") is a block of its own, seeing its one latent query:
-      depth.exits (no other block's output has its shape) and tokens (not every later block sees the
-      stream's tokens) are refused;
+      depth.exits (no other block's output has its shape) and tokens.method spvit (its key masks need a
+      self-attention) are refused; one-shot token scores drop tokens that reach the pool as fewer keys,
+      but only where the pool's keys are the whole stream: timm's pool reads the patch tokens alone when
+      there are prefix tokens, and that block is refused by name;
     - a spec that compresses nothing."""
     tokens = bool(a.stages)
     hidden = model.style == "bmm" and model.family == "handmade"
@@ -171,17 +173,22 @@ def refusals(a: Axes, model: Model) -> list[str]:
         (tokens and a.exits, "tokens with depth.exits is not implemented"),
         (tokens and a.token_method == "spvit" and a.embed, "tokens.method spvit with width.embed is not implemented"),
         (tokens and a.token_method == "attention" and a.stages[0] == 0, "before block 0 .*no block before it"),
-        (tokens and model.pool == "map", "takes .* tokens?, not the .* of the token stream"),
+        (tokens and _pool_skips_prefix(model), "takes .* tokens?, not the .* of the token stream"),
+        (tokens and model.pool == "map" and a.token_method == "spvit", "attention is not a self-attention over"),
         (tokens and hidden and a.token_method == "attention", "probabilities are not a \\(batch, heads"),
     ]
     return [why for refused, why in rules if refused]
+
+
+def _pool_skips_prefix(model: Model) -> bool:
+    return model.pool == "map" and (model.class_token or model.reg_tokens > 0)
 
 
 @st.composite
 def axes_for(draw, model: Model, accepted: bool = True, focus: str = "width") -> Axes:
     """Axes on ``model``: only accepted combinations (``accepted``), the ``focus`` axis on; or any."""
     depth = model.depth
-    tokens = depth >= 2 and (model.pool != "map" or not accepted) and draw(st.booleans())
+    tokens = depth >= 2 and (not _pool_skips_prefix(model) or not accepted) and draw(st.booleans())
     method = draw(st.sampled_from(["attention", "spvit"]))
     stages: tuple[int, ...] = ()
     keep: tuple[float, ...] = ()
@@ -203,7 +210,7 @@ def axes_for(draw, model: Model, accepted: bool = True, focus: str = "width") ->
     if focus == "exits" and open_pool:
         a = Axes(**{**a.__dict__, "exits": a.exits or (draw(st.integers(1, depth - 1)),), "conv": False,
                     "stages": (), "keep": (), "embed": False})
-    elif focus == "tokens" and open_pool:
+    elif focus == "tokens" and depth >= 2 and not _pool_skips_prefix(model):
         lowest = 1 if method == "attention" else 0
         if not a.stages:
             a = Axes(**{**a.__dict__, "stages": (draw(st.integers(lowest, depth - 1)),), "keep": (0.5,)})
@@ -224,6 +231,10 @@ def axes_for(draw, model: Model, accepted: bool = True, focus: str = "width") ->
     if a.conv:
         a = Axes(**{**a.__dict__, "embed": False})
         if a.stages and a.stages[0] <= (1 if a.token_method == "attention" else 0):
+            a = Axes(**{**a.__dict__, "stages": (), "keep": ()})
+    if a.stages and model.pool == "map":  # (the pool reads fewer keys; spvit's key masks need self-attention)
+        a = Axes(**{**a.__dict__, "token_method": "attention"})
+        if a.stages[0] < 1:
             a = Axes(**{**a.__dict__, "stages": (), "keep": ()})
     if a.stages and a.token_method == "spvit":
         a = Axes(**{**a.__dict__, "skip_blocks": False, "embed": False})

@@ -88,7 +88,25 @@ def test_a_single_head_site_is_left_dense_with_that_reason():
         _compress(g, WIDTH)
 
 
-def test_tokens_name_the_block_that_does_not_see_the_token_stream():
-    g = _traced("vit_base_patch16_siglip_224", global_pool="map")  # the attention pool is block 2
-    with pytest.raises(vg.SpecError, match=r"block 2 \(.*\) of .* takes 1 token, not the 16 of the token stream"):
+def test_tokens_drop_before_an_attention_pool_that_reads_the_whole_stream():
+    """SigLIP's attention pool (no class token) attends over every token of the stream: tokens dropped
+    before an earlier block reach it as fewer keys, priced exactly; with a class token timm's pool reads
+    the patch tokens alone, a different count, and that block is named in the refusal."""
+    from vitgraph.analysis.cost import flop_counter_flops
+
+    g = _traced("vit_base_patch16_siglip_224", global_pool="map")  # blocks 0, 1, then the pool (block 2)
+    pool = g.blocks[-1]
+    assert pool.reads_stream(g.structure.tokens.tokens) and not pool.token_prunable
+    result = vg.compress(g, {**TOKENS, "tokens": {"method": "attention", "stages": [1]}}, data="none",
+                         progress=False, latency_targets=())
+    report = result.report
+    assert abs(report["budget"]["achieved"] - 0.6) <= 0.03 and report["parity"]["max_abs_err"] < 1e-4
+    assert report["compressed"]["flops"] == flop_counter_flops(result.compact, (torch.randn(1, 3, 64, 64),), 1)
+    assert report["blocks"][-1]["tokens_in"] == 1
+    with pytest.raises(vg.SpecError, match="tokens.method spvit masks the keys .* block 2's attention"):
+        _compress(g, {**TOKENS, "tokens": {"method": "spvit", "stages": [1]}})
+
+    g = _traced("vit_small_patch16_224", global_pool="map")  # a class token: the pool reads 16 of 17 tokens
+    refusal = r"block 2 \(attn_pool\) of .* takes 1 token, not the 17 of the token stream"
+    with pytest.raises(vg.SpecError, match=refusal):
         _compress(g, {**TOKENS, "tokens": {"method": "attention", "stages": [1]}})

@@ -110,7 +110,7 @@ def elem_table(g: VitGraph, sets: Mapping[str, frozenset[str]]) -> Table:
         factors = _existence(node, member)
         block = next((blocks[f] for f in factors if f in blocks), None)
         if block is not None:
-            axes = sum(1 for d in shape[1:] if d == block.tokens_in)
+            axes = sum(1 for d in shape[1:] if d == block.token_axis(g.structure.tokens.tokens))
             factors += (f"tokens.{block.index}",) * min(2, axes)
         for grp, axis, size in widths[None] + (widths[block.index] if block is not None else []):
             if len(shape) > max(axis, -axis) and shape[axis] == size and (axis == -1 or len(shape) == 4):

@@ -176,6 +176,17 @@ class Block:
     params: int = 0
     mixer: str | None = None      # a token mixer that is not an attention: "conv3" (spatial conv) | "conv1"
 
+    def token_axis(self, stream: int) -> int:
+        """The size of the token axes that scale when the stream's tokens are dropped before this block:
+        its own token count, or the stream's for a reader block (an attention pool: a few queries of its
+        own attending over the stream's ``stream`` tokens)."""
+        return stream if self.reads_stream(stream) else self.tokens_in
+
+    def reads_stream(self, stream: int) -> bool:
+        """Its queries are its own (fewer tokens than the stream) and its keys/values are the stream's tokens."""
+        a = self.attention
+        return a is not None and self.tokens_in < stream and a.tokens_q == self.tokens_in and a.tokens_kv == stream
+
 
 @dataclass(frozen=True)
 class MixerSite:

@@ -99,7 +99,7 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], *, sha
     embed = embed_group(gm, tokens, blocks, data)
     if not isinstance(embed, str):
         groups.append(embed)
-    assign_factors(gm, blocks, attention, groups)
+    assign_factors(gm, blocks, attention, groups, tokens.tokens)
     params = sum(p.numel() for p in gm.parameters())
     structure = Structure(blocks=tuple(blocks), attention=attention, mlps=tuple(mlps), tokens=tokens,
                           groups=tuple(groups), flops=flops, params=params, notes=_notes(gm, attention),

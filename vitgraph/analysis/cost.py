@@ -117,14 +117,15 @@ def one_image_flops(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]
 
 
 def assign_factors(gm: fx.GraphModule, blocks: Sequence[Block], attention: Sequence[AttentionSite],
-                   groups: Sequence[CoupledGroup]) -> None:
+                   groups: Sequence[CoupledGroup], stream: int | None = None) -> None:
     """Record on each node's cost which kept fractions its FLOPs scale with.
 
     * a coupled group (``blocks.3.attn.heads``, ``blocks.3.mlp.mlp``) on every node whose weights it
       slices, and on the attention core and its matmuls for heads;
     * ``block.<i>`` on every node of block i (1 = kept, 0 = skipped);
     * ``tokens.<i>`` (the fraction of tokens entering block i) once per token axis of the node:
-      once for a linear over the tokens, twice for ``softmax(q k^T) v`` over them.
+      once for a linear over the tokens, twice for ``softmax(q k^T) v`` over them (the axes of the
+      ``stream``'s token count in a block that only reads the stream, e.g. an attention pool).
     * a value-dim group on the output projection and v's projection, or, where v shares its projection
       (fused qkv) or its core (sdpa's attn @ v), on that share of the node's FLOPs (``NodeCost.parts``).
     """
@@ -152,7 +153,8 @@ def assign_factors(gm: fx.GraphModule, blocks: Sequence[Block], attention: Seque
         for name in b.nodes:
             node = nodes[name]
             factors.setdefault(name, []).append(f"block.{b.index}")
-            factors[name].extend([f"tokens.{b.index}"] * _token_axes(node, gm, b.tokens_in))
+            axis = b.token_axis(stream) if stream else b.tokens_in  # an attention pool: the stream's
+            factors[name].extend([f"tokens.{b.index}"] * _token_axes(node, gm, axis))
     for name in set(factors) | set(parts):
         cost = nodes[name].meta.get(COST)
         if cost is not None:

@@ -160,6 +160,10 @@ def _fixed_token_table(gm: fx.GraphModule, members: list[fx.Node], counts: set[i
     return None
 
 
+READER = ("an attention pool (its queries are its own, its keys the stream's tokens): tokens dropped before an "
+          "earlier block reach it as fewer keys")
+
+
 def mark_token_prunable(gm: fx.GraphModule, blocks: list[Block], tokens: TokenInfo) -> list[Block]:
     """Decide per block whether tokens may be dropped before it, with the reason where not."""
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -179,7 +183,7 @@ def mark_token_prunable(gm: fx.GraphModule, blocks: list[Block], tokens: TokenIn
             stop = order[nodes[nxt.input]] if nxt is not None else len(order)
             gap = [n for n in gm.graph.nodes if order[nodes[b.output]] < order[n] <= stop]
             own = _grid_reshape(gap, {b.tokens_out, b.tokens_out - tokens.prefix_tokens}, "after the block")
-        reason = own or barrier
+        reason = own or barrier or (READER if b.reads_stream(tokens.tokens) else None)
         if own:  # what blocks dropping here also blocks dropping before any earlier block
             barrier = f"later block {b.index}: {own}"
         out.append(replace(b, token_prunable=reason is None, token_reason=reason))

@@ -80,7 +80,8 @@ class TokenAxis(Axis):
             raise SpecError(f"tokens.keep has {len(t.keep)} ratios for the {len(stages)} default stages {list(stages)}; "
                             f"give one per stage, or list tokens.stages")
         plans = [_stage(ctx, b, i) for i, b in enumerate(stages)]
-        odd = next((x for x in blocks[stages[0]:] if x.tokens_in != info.tokens), None)
+        odd = next((x for x in blocks[stages[0]:] if x.tokens_in != info.tokens and not x.reads_stream(info.tokens)),
+                   None)
         if odd is not None:
             count = f"{odd.tokens_in} token" + ("s" if odd.tokens_in != 1 else "")
             raise SpecError(f"tokens: block {odd.index} ({odd.name}) of {g.name} takes {count}, not the "
