@@ -117,7 +117,7 @@ def one_image_flops(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]
 
 
 def assign_factors(gm: fx.GraphModule, blocks: Sequence[Block], attention: Sequence[AttentionSite],
-                   groups: Sequence[CoupledGroup], stream: int | None = None) -> None:
+                   groups: Sequence[CoupledGroup], stream: int) -> None:
     """Record on each node's cost which kept fractions its FLOPs scale with.
 
     * a coupled group (``blocks.3.attn.heads``, ``blocks.3.mlp.mlp``) on every node whose weights it
@@ -153,8 +153,7 @@ def assign_factors(gm: fx.GraphModule, blocks: Sequence[Block], attention: Seque
         for name in b.nodes:
             node = nodes[name]
             factors.setdefault(name, []).append(f"block.{b.index}")
-            axis = b.token_axis(stream) if stream else b.tokens_in  # an attention pool: the stream's
-            factors[name].extend([f"tokens.{b.index}"] * _token_axes(node, gm, axis))
+            factors[name].extend([f"tokens.{b.index}"] * _token_axes(node, gm, b.token_axis(stream)))
     for name in set(factors) | set(parts):
         cost = nodes[name].meta.get(COST)
         if cost is not None:
