@@ -107,21 +107,21 @@ def _frozen(gm: fx.GraphModule) -> Iterator[None]:
 
 
 def _propagate(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], fake: bool) -> Any:
+    fake_error: AnalysisError | None = None
     if fake:
         try:
             with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode, _quiet_fake_tensors():
                 return ShapeRecorder(gm).run(*(mode.from_tensor(x) for x in example_inputs))
-        except AnalysisError as exc:
-            if isinstance(exc.__cause__, _DATA_DEPENDENT):
-                pass  # an op that reads data: real tensors answer it
-            else:  # fake tensors are an economy, not a judge: an op they cannot run (a custom autograd
-                try:  # Function, an exotic kernel) decides nothing; a real run says whether the graph runs
-                    with torch.no_grad():
-                        return ShapeRecorder(gm).run(*example_inputs)
-                except AnalysisError:
-                    raise exc from None
-    with torch.no_grad():
-        return ShapeRecorder(gm).run(*example_inputs)
+        except AnalysisError as exc:  # an op that reads data: real tensors answer it; any other op fake tensors
+            if not isinstance(exc.__cause__, _DATA_DEPENDENT):  # cannot run (a custom autograd Function, an
+                fake_error = exc  # exotic kernel) decides nothing: a real run says whether the graph runs
+    try:
+        with torch.no_grad():
+            return ShapeRecorder(gm).run(*example_inputs)
+    except AnalysisError:
+        if fake_error is not None:  # both failed: the fake run's error names the node as it was first met
+            raise fake_error from None
+        raise
 
 
 @contextlib.contextmanager
