@@ -25,7 +25,38 @@ from torch import nn
 from vitgraph.analysis.ops import module_path, op_kind
 from vitgraph.errors import InputSizeError, ModelError, TraceError, first_line, user_frame
 
-__all__ = ["trace_module", "timm_leaves", "VitTracer", "check_exact", "require_vit"]
+__all__ = ["capture_module", "trace_module", "timm_leaves", "VitTracer", "check_exact", "require_vit"]
+
+FRONTENDS = ("export", "fx")
+
+
+def capture_module(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], *, leaf_modules: Sequence[type] = (),
+                   autowrap_functions: Sequence[Callable] = (), model_name: str | None = None,
+                   dynamic_batch: bool = True) -> fx.GraphModule:
+    """The model as a graph in vitgraph's dialect: ``torch.export`` (``vitgraph.capture``), or ``torch.fx``
+    symbolic tracing where ``VITGRAPH_FRONTEND=fx`` asks for it (a faster capture of the same dialect).
+
+    A model export cannot capture but fx can (it runs Python on proxies, export on fake tensors: rare) is
+    traced by fx; when both fail, export's error, which names the model's line and the fix, is raised.
+    """
+    import os
+
+    from vitgraph.capture import export_module
+
+    name = model_name or type(model).__name__
+    frontend = os.environ.get("VITGRAPH_FRONTEND", "export")
+    if frontend == "fx":
+        return trace_module(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+                            model_name=name)
+    try:
+        return export_module(model, example_inputs, name=name, leaf_modules=leaf_modules,
+                             dynamic_batch=dynamic_batch)
+    except TraceError as exc:
+        try:
+            return trace_module(model, example_inputs, leaf_modules=leaf_modules,
+                                autowrap_functions=autowrap_functions, model_name=name)
+        except TraceError:
+            raise exc from exc.__cause__
 
 
 def timm_leaves() -> tuple[list[type], list[Callable]]:

@@ -15,7 +15,7 @@ from vitgraph.analysis import analyse
 from vitgraph.analysis.shapes import propagate_shapes
 from vitgraph.meta import Block, Structure
 from vitgraph.errors import TraceError, first_line
-from vitgraph.frontend import check_exact, run_eager, trace_module
+from vitgraph.frontend import capture_module, check_exact, run_eager
 
 
 class VitGraph:
@@ -146,8 +146,8 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[type]
     name = name or getattr(model, "default_cfg", {}).get("architecture") or type(model).__name__
     serving = getattr(model, "serving_batch", None)
     check, reference = _reference(model, example_inputs, name, serving)
-    gm = trace_module(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
-                      model_name=name)
+    gm = capture_module(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+                        model_name=name, dynamic_batch=not isinstance(serving, int))
     gm.eval()
     if isinstance(serving, int):  # a compact graph that serves one batch size
         gm.serving_batch = serving
