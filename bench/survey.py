@@ -22,6 +22,8 @@ rerun skips what is there (resumable). The markdown table goes to ``--table`` (d
     python bench/survey.py --out /tmp/survey.jsonl --limit 10 --timeout 300
     python bench/survey.py --out /tmp/survey.jsonl --jobs 2 --threads 1         # two children at a time
     python bench/survey.py --out /tmp/survey.jsonl --table-only     # rewrite bench/survey.md from the jsonl
+    python bench/survey.py --out /tmp/foreign.jsonl --table bench/foreign.md \
+        --models tests/foreign.py:build_vit,tests/foreign.py:build_beit  # ViTs written elsewhere (file.py:fn)
 
 The model list is :data:`FAMILIES`: per timm family with attention (in timm 1.0.x), its smallest variants at
 a default input of at most 256 px (naflexvit, which has none smaller, at 384), plus variants that exercise
@@ -165,7 +167,6 @@ def _token_reason(blocks: list[dict[str, Any]]) -> str:
 
 def run_one(model_name: str, spec_name: str) -> dict[str, Any]:
     """Trace, compress, save, reload and cross-check one model under one spec; the outcome as a dict."""
-    import timm
     import torch
 
     import vitgraph as vg
@@ -180,8 +181,7 @@ def run_one(model_name: str, spec_name: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         torch.manual_seed(0)
-        model = timm.create_model(model_name, pretrained=False).eval()
-        size = tuple(model.pretrained_cfg["input_size"])
+        model, size = _create(model_name)
         out["input_size"] = list(size)
         x = torch.randn(2, *size)
         stage = "trace"
@@ -249,6 +249,19 @@ def run_one(model_name: str, spec_name: str) -> dict[str, Any]:
         out["total_seconds"] = round(time.perf_counter() - t0, 1)
         out["peak_mb"] = _peak_mb()
     return out
+
+
+def _create(model_name: str) -> tuple[Any, tuple[int, ...]]:
+    """A timm name at its default input size, or ``file.py:function`` (a model written elsewhere) at the size
+    it was built for (3x32x32 when it does not say)."""
+    import timm
+
+    if ":" in model_name:
+        from vitgraph.models import default_input_size, load_model
+        model = load_model(model_name)
+        return model, tuple(default_input_size(model) or (3, 32, 32))
+    model = timm.create_model(model_name, pretrained=False).eval()
+    return model, tuple(model.pretrained_cfg["input_size"])
 
 
 def _tensors(value: Any) -> list[Any]:
@@ -416,7 +429,8 @@ def main(argv: list[str] | None = None) -> None:
                     f.write(json.dumps(row) + "\n")
                 print(f"[{i}/{len(todo)}] {m} / {s}: {cell(row)}", flush=True)
     rows = read_rows(out)
-    text = table(rows, survey_models(check=False)[0], list(SPECS))  # all columns, whatever ran
+    foreign = [m for m in models if ":" in m]  # file.py:function models: a table of their own (--table)
+    text = table(rows, foreign or survey_models(check=False)[0], list(SPECS))  # all columns, whatever ran
     Path(args.table).write_text(text)
     print(text.rsplit("\n\n", 1)[-1].strip())
     print(f"table: {args.table}")

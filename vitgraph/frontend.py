@@ -45,7 +45,7 @@ def capture_module(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], *
 
     name = model_name or type(model).__name__
     frontend = os.environ.get("VITGRAPH_FRONTEND", "export")
-    if frontend == "fx":
+    if frontend == "fx" or in_dialect(model):
         return trace_module(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
                             model_name=name)
     try:
@@ -224,6 +224,17 @@ class _meta_module:
 def _graph_module(root: nn.Module, tracer: VitTracer, concrete_args: dict | None, name: str) -> fx.GraphModule:
     graph = tracer.trace(root, concrete_args=concrete_args)
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def in_dialect(model: nn.Module) -> bool:
+    """A GraphModule already in vitgraph's dialect (a compact graph read again): nothing in it to raise, so an
+    fx trace of its generated code is the same graph, in a fraction of export's time."""
+    from vitgraph.capture.aten import raise_target
+
+    if not isinstance(model, fx.GraphModule):
+        return False
+    return not any(n.op == "call_function" and raise_target(n.target, n.args, n.kwargs) is not None
+                   for n in model.graph.nodes)
 
 
 def trace_module(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], *,

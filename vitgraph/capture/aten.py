@@ -60,6 +60,18 @@ def _slice(args: tuple, kwargs: dict) -> Spelling:
     return "call_function", operator.getitem, (x, index), {}
 
 
+def _select(args: tuple, kwargs: dict) -> Spelling:
+    x, dim, index = args[:3]
+    if not isinstance(dim, int) or dim < 0:
+        return "call_function", torch.select, tuple(args), dict(kwargs)
+    return "call_function", operator.getitem, (x, tuple([slice(None)] * dim + [index]) if dim else index), {}
+
+
+def _index(args: tuple, kwargs: dict) -> Spelling:
+    x, indices = args[:2]
+    return "call_function", operator.getitem, (x, tuple(slice(None) if i is None else i for i in indices)), {}
+
+
 def _binary(op: Callable, torch_fn: Callable) -> Callable:
     def spell(args: tuple, kwargs: dict) -> Spelling:
         if kwargs or len(args) != 2:  # alpha= or rounding_mode=: the torch function takes them
@@ -125,7 +137,7 @@ _TABLE: dict[str, Callable] = {
     "reshape": _fn(torch.reshape), "view": _method("view"), "_unsafe_view": _method("view"),
     "permute": _fn(torch.permute), "transpose": _fn(torch.transpose), "t": _fn(torch.t),
     "expand": _first2_method("expand"), "unsqueeze": _fn(torch.unsqueeze), "squeeze": _squeeze,
-    "flatten": _fn(torch.flatten), "unflatten": _fn(torch.unflatten), "select": _fn(torch.select),
+    "flatten": _fn(torch.flatten), "unflatten": _fn(torch.unflatten), "select": _select, "index": _index,
     "slice": _slice, "chunk": _fn(torch.chunk), "split": _fn(torch.split), "split_with_sizes": _fn(torch.split),
     "unbind": _fn(torch.unbind), "cat": _fn(torch.cat), "concat": _fn(torch.cat), "stack": _fn(torch.stack),
     "contiguous": _method("contiguous"), "clone": _method("clone"), "narrow": _fn(torch.narrow),

@@ -208,6 +208,8 @@ def raise_graph(exported: fx.GraphModule, model: nn.Module, name: str) -> fx.Gra
             kwargs = dict(fx.node.map_arg(n.kwargs, lambda a: env[a]))
             spelled = raise_target(n.target, args, kwargs)
             op, target, args, kwargs = spelled if spelled else ("call_function", n.target, args, kwargs)
+            if target is torch.reshape or (op == "call_method" and target == "view"):
+                args = (args[0], _read_sizes(graph, n, args[0], args[1]))
             new = graph.create_node(op, target, args, kwargs, name=n.name)
         else:
             new = graph.node_copy(n, lambda a: env[a])
@@ -219,8 +221,71 @@ def raise_graph(exported: fx.GraphModule, model: nn.Module, name: str) -> fx.Gra
     for node in list(gm.graph.nodes):  # weights of raised layers are read through their modules now
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
+    _drop_open_masks(gm)
     gm.recompile()
     return gm
+
+
+def _drop_open_masks(gm: fx.GraphModule) -> None:
+    """An attention mask built from sizes alone that lets every query see every key (Hugging Face builds one
+    whenever it is traced) is no mask: drop it, so the attention reads as the plain attention it is."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    for n in list(gm.graph.nodes):
+        mask = n.kwargs.get("attn_mask") if n.op == "call_function" and n.target is sdpa else None
+        if not isinstance(mask, fx.Node):
+            continue
+        value = _evaluate_size_only(gm, mask)
+        if isinstance(value, torch.Tensor) and value.dtype == torch.bool and bool(value.all()):
+            n.kwargs = {k: v for k, v in n.kwargs.items() if k != "attn_mask"}
+
+
+def _evaluate_size_only(gm: fx.GraphModule, node: fx.Node) -> Any:
+    """``node``'s value where it depends on the inputs through their sizes only (else None), at batch 1."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op in ("call_module", "get_attr", "output"):
+            return None
+        if n.op == "placeholder":
+            continue
+        reads = [a for a in n.all_input_nodes if a.op == "placeholder"]
+        if reads and not (n.op == "call_method" and n.target == "size"):
+            return None
+        todo.extend(n.all_input_nodes)
+    sub = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    inputs = []
+    for n in gm.graph.nodes:
+        if n in seen:
+            env[n] = sub.node_copy(n, lambda a: env[a])
+            if n.op == "placeholder":
+                inputs.append(n)
+    sub.output(env[node])
+    try:
+        blanks = [torch.empty([1 if i == 0 else int(d) for i, d in enumerate(n.meta["val"].shape)]) for n in inputs]
+        return fx.GraphModule(gm, sub)(*blanks)
+    except Exception:  # noqa: BLE001 - anything unexpected: keep the mask
+        return None
+
+
+def _read_sizes(graph: fx.Graph, n: fx.Node, x: fx.Node, sizes: Any) -> Any:
+    """A reshape's leading sizes that it keeps from its input are read from the input (``x.size(i)``), as the
+    model's own ``B, N, C = x.shape`` did before export wrote the example's numbers: when tokens are dropped
+    upstream, ``N`` follows."""
+    src, dst = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None, n.meta.get("val")
+    if not isinstance(sizes, (list, tuple)) or not isinstance(src, torch.Tensor) or not isinstance(dst, torch.Tensor):
+        return sizes
+    out = list(sizes)
+    for i, size in enumerate(out):
+        if i >= src.dim() or i >= dst.dim() or str(src.shape[i]) != str(dst.shape[i]):
+            break
+        if isinstance(size, int) and size > 1:
+            out[i] = graph.call_method("size", (x, i))
+    return type(sizes)(out)
 
 
 def _whole_slice(n: fx.Node) -> bool:
