@@ -26,10 +26,10 @@ def test_handmade_vit_explicit_softmax_separate_qkv():
     rows = {sl.target: sl.indices[1] for sl in heads.slices}
     assert rows["blocks.0.attn.to_q.weight"] == tuple(range(12, 24))
     assert rows["blocks.0.attn.out.weight"] == tuple(range(12, 24))
-    # reshape arguments carrying the head count: the three literal view(b, n, 4, c // 4) and the merge
-    # reshape(b, n, c), whose c = 4 x 12 is read from x.shape and so must be replaced, not edited
+    # reshape arguments carrying the head count: the three view(b, n, 4, c // 4) and the merge reshape(b, n, c),
+    # c = 4 x 12: torch.export writes each as the number it was on the example, so all four are literals
     consts = sorted((c.value, c.per_unit, c.literal) for c in heads.constants)
-    assert consts == [(4, 1, True)] * 3 + [(48, 12, False)]
+    assert consts == [(4, 1, True)] * 3 + [(48, 12, True)]
 
 
 def test_hugging_face_vit():

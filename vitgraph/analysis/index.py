@@ -25,10 +25,9 @@ def _arg_value(a: Any, env: dict[fx.Node, torch.Tensor], gm: fx.GraphModule) -> 
     if isinstance(a, fx.Node):
         if a in env:
             return env[a]
-        if a.op == "get_attr":  # integer buffers are index tables (relative positions): replay them as they are
-            value = _attr(gm, str(a.target))
-            if isinstance(value, torch.Tensor) and not value.is_floating_point():
-                return value
+        value = _index_table(a, gm)  # integer buffers are index tables (relative positions): replay them as they are
+        if value is not None:
+            return value
         shp = a.meta.get(SHAPE)
         if isinstance(shp, tuple) and all(isinstance(d, int) for d in shp):
             return torch.full(shp, -1.0, dtype=torch.float64)
@@ -36,6 +35,26 @@ def _arg_value(a: Any, env: dict[fx.Node, torch.Tensor], gm: fx.GraphModule) -> 
             return a.meta[VALUE]
         raise LookupError(a.name)
     return a
+
+
+def _index_table(a: fx.Node, gm: fx.GraphModule, depth: int = 0) -> torch.Tensor | None:
+    """An integer tensor computed from integer buffers alone (an index table, or one flattened by ``view(-1)``
+    as ``torch.export`` records it where an ``fx`` trace folded it to a constant); None for anything else."""
+    if a.op == "get_attr":
+        value = _attr(gm, str(a.target))
+        return value if isinstance(value, torch.Tensor) and not value.is_floating_point() else None
+    if a.op not in ("call_function", "call_method") or depth > 8 or not a.all_input_nodes:
+        return None
+    inputs = {}
+    for b in a.all_input_nodes:
+        inputs[b] = _index_table(b, gm, depth + 1)
+        if inputs[b] is None:
+            return None
+    try:
+        out = _evaluate(a, gm, inputs)
+    except Exception:  # noqa: BLE001 - not replayable: no table
+        return None
+    return out if isinstance(out, torch.Tensor) and not out.is_floating_point() else None
 
 
 def _attr(gm: fx.GraphModule, target: str) -> Any:
