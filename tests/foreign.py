@@ -38,8 +38,7 @@ def build_beit() -> nn.Module:
     from transformers import BeitConfig, BeitForImageClassification
     _seeded()
     cfg = BeitConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=3,
-                     num_attention_heads=4, intermediate_size=128, num_labels=10, use_relative_position_bias=True,
-                     use_mean_pooling=True)
+                     num_attention_heads=4, intermediate_size=128, num_labels=10)  # HF's defaults: no relative bias
     return BeitForImageClassification(cfg)
 
 

@@ -12,6 +12,7 @@ import timm
 import torch
 
 import vitgraph as vg
+from tests.handmade import handmade_vit
 from tests.test_groups import _graph
 from vitgraph.analysis.cost import flop_counter_flops
 from vitgraph.axes.depth import project
@@ -157,15 +158,39 @@ def test_spec_errors_name_the_problem():
         vg.compress(g, {"depth": {"exits": [2]}}, data="none", progress=False, latency_targets=())
 
 
+class _Tapped(torch.nn.Module):
+    """The handmade ViT whose block 0's MLP hidden layer is read again after the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vit = handmade_vit(depth=2)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        v, b = self.vit, self.vit.blocks[0]
+        x = v.embed(img).flatten(2).transpose(1, 2)
+        x = torch.cat([v.cls.expand(x.shape[0], -1, -1), x], dim=1) + v.pos
+        x = x + b.attn(b.ln1(x))
+        h = b.ff[0](b.ln2(x))
+        x = v.blocks[1](x + b.ff[2](b.ff[1](h)))
+        return v.head(v.norm(x)[:, 0]) + h.mean((1, 2))[:, None]
+
+
 def test_stage_transitions_are_not_skippable():
     g = _graph("levit")  # the attention that downsamples into each new stage has no residual
     gated = instrument(g, _spec(skip_blocks=True))
     reasons = gated.axes["depth"].not_skippable
     assert len(gated.axes["depth"].units) + len(reasons) == len(g.structure.blocks) and len(reasons) == 2
     assert all("stage transition" in r for r in reasons.values())
-    # MViTv2 blocks that pool hand their pooled feature size to the next block: they cannot go
+    # MViTv2: only the three stage transitions stay. Its other blocks pool their queries with stride 1 and
+    # hand the same feature size on; fx traced that size from the pooled tensor and kept them, torch.export
+    # records it as the number it is, and deleting them equals the model with those blocks removed
     mvit = instrument(_graph("mvitv2"), _spec(skip_blocks=True))
-    assert "cannot be deleted" in mvit.axes["depth"].not_skippable["stages.0.blocks.0"] and mvit.axes["depth"].units
+    assert sorted(mvit.axes["depth"].not_skippable) == [f"stages.{i}.blocks.0" for i in (1, 2, 3)]
+    assert "stages.0.blocks.0" in [u.name for u in mvit.axes["depth"].units]
+    # a value computed inside a block and read after it (here an MLP hidden layer): the block cannot go
+    tapped = [b.skip_reason for b in vg.trace(_Tapped().eval(), torch.randn(2, 3, 32, 32)).blocks]
+    assert "%vit_blocks_0_ff_0 computed inside it" in tapped[0] and "cannot be deleted" in tapped[0], tapped
+    assert tapped[1] is None
     # parallel branches summed through torch.stack: the reason says so, not "a stage transition"
     par = timm.create_model("vit_small_patch16_18x2_224", img_size=32, patch_size=8, depth=2, embed_dim=64,
                             num_heads=2).eval()

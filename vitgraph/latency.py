@@ -81,17 +81,25 @@ def ops_table(g: VitGraph, sets: Mapping[str, frozenset[str]]) -> Table:
     return list(table.items())
 
 
-def _width_factors(g: VitGraph) -> dict[int | None, list[tuple[str, int, int]]]:
-    """Per block (None: the stream), (group, axis from the end or 1 for heads, size) to match shapes with."""
-    out: dict[int | None, list[tuple[str, int, int]]] = defaultdict(list)
+def _width_factors(g: VitGraph) -> dict[int | None, list[tuple[str, int, int, int]]]:
+    """Per block (None: the stream), (group, axis from the end or 1 for heads, size, head dim) to match shapes with."""
+    out: dict[int | None, list[tuple[str, int, int, int]]] = defaultdict(list)
     for grp in g.structure.groups:
         if grp.kind == "embed":
-            out[None].append((grp.name, -1, grp.units * grp.unit_width))
+            out[None].append((grp.name, -1, grp.units * grp.unit_width, 0))
         elif grp.kind == "mlp":
-            out[grp.block].append((grp.name, -1, grp.units * grp.unit_width))
+            out[grp.block].append((grp.name, -1, grp.units * grp.unit_width, 0))
         elif grp.kind == "heads":
-            out[grp.block].append((grp.name, 1, grp.units))
+            out[grp.block].append((grp.name, 1, grp.units, grp.unit_width))
     return out
+
+
+def _has_width(shape: tuple[int, ...], axis: int, size: int, head_dim: int) -> bool:
+    """A channel axis of ``size`` (axis -1), or heads: (B, H, N, d), or (B, N, H, d) as attention's output
+    is transposed back to the tokens."""
+    if axis == -1:
+        return len(shape) > 1 and shape[-1] == size
+    return len(shape) == 4 and (shape[1] == size or shape[2] == size and shape[3] == head_dim)
 
 
 def elem_table(g: VitGraph, sets: Mapping[str, frozenset[str]]) -> Table:
@@ -112,8 +120,8 @@ def elem_table(g: VitGraph, sets: Mapping[str, frozenset[str]]) -> Table:
         if block is not None:
             axes = sum(1 for d in shape[1:] if d == block.token_axis(g.structure.tokens.tokens))
             factors += (f"tokens.{block.index}",) * min(2, axes)
-        for grp, axis, size in widths[None] + (widths[block.index] if block is not None else []):
-            if len(shape) > max(axis, -axis) and shape[axis] == size and (axis == -1 or len(shape) == 4):
+        for grp, axis, size, head_dim in widths[None] + (widths[block.index] if block is not None else []):
+            if _has_width(shape, axis, size, head_dim):
                 factors += (grp,)
                 break
         table[factors] += math.prod(shape) / batch

@@ -18,7 +18,7 @@ import torch.fx as fx
 from vitgraph.analysis import index as ix
 from vitgraph.analysis.ops import (PRODUCTS, common_prefix, module_path, operands, op_kind, sdpa_mask, sdpa_qkv,
                                    tensor_args)
-from vitgraph.meta import VALUE, AttentionSite, shape_of
+from vitgraph.meta import SHAPE, VALUE, AttentionSite, shape_of
 
 # ops a walk from q/k/v back to its projection may cross: they move or rescale values per position
 _BACK_THROUGH = {"shape", "norm", "mul", "div", "add", "act", "dropout", "function", "module", "method", "conv",
@@ -50,6 +50,23 @@ class _Geometry:
     k_ch: int          # channel axis of k as it reaches the core (it may arrive transposed)
 
 
+def _kind(node: fx.Node, gm: fx.GraphModule) -> str:
+    """``op_kind``, except that a product with a parameter (a weight across heads: vit-pytorch's talking heads,
+    ``einsum('b h i j, h g -> b g i j', attn, mix)``) is the linear it is, not an attention product."""
+    kind = op_kind(node, gm)
+    if kind in PRODUCTS and any(_is_weight(a) for a in operands(node)):
+        return "linear"
+    return kind
+
+
+def _is_weight(node: object) -> bool:
+    while isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.all_input_nodes \
+            and len(node.all_input_nodes) == 1 and node.op != "get_attr" and node.meta.get(SHAPE) is not None \
+            and len(node.meta[SHAPE]) <= 2:
+        node = node.all_input_nodes[0]
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
 def _walk_back(start: fx.Node, gm: fx.GraphModule, want: str | frozenset[str], through: set[str],
                depth: int = 12) -> tuple[fx.Node | None, list[fx.Node]]:
     """Nearest ancestor (or ``start`` itself) of kind ``want``, crossing only ops in ``through``.
@@ -60,7 +77,7 @@ def _walk_back(start: fx.Node, gm: fx.GraphModule, want: str | frozenset[str], t
     queue = deque([(start, 0)])
     while queue:
         node, d = queue.popleft()
-        kind = op_kind(node, gm)
+        kind = _kind(node, gm)
         if kind == want or (not isinstance(want, str) and kind in want):
             path, cur = [], node
             while cur is not None:
@@ -83,10 +100,10 @@ def _walk_forward(start: fx.Node, gm: fx.GraphModule, want: str | frozenset[str]
     seen = {start}
     while queue:
         node, via, d = queue.popleft()
-        kind = op_kind(node, gm)
+        kind = _kind(node, gm)
         if node is not start and (kind == want or (not isinstance(want, str) and kind in want)):
             return node, via
-        if d >= depth or (node is not start and op_kind(node, gm) not in through):
+        if d >= depth or (node is not start and kind not in through):
             continue
         for u in node.users:
             if u not in seen:
@@ -227,7 +244,7 @@ def _output_projection(gm: fx.GraphModule, out: fx.Node, mode: str) -> tuple[fx.
 def _head_mixing(gm: fx.GraphModule, impl: str, core: fx.Node, out: fx.Node, proj: fx.Node | None,
                  score_path: list[fx.Node]) -> fx.Node | None:
     """A linear across the heads axis on the attention weights (CaiT's talking heads), if any."""
-    mixing = next((p for p in score_path if op_kind(p, gm) == "linear"), None)
+    mixing = next((p for p in score_path if _kind(p, gm) == "linear"), None)
     if mixing is None and impl == "explicit":
         after, _ = _walk_forward(core, gm, "linear", {"dropout", "mul", "div", "shape", "function"}, depth=4)
         if after is not None and after is not proj and out not in after.users and shape_of(after) is not None \

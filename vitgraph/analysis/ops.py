@@ -42,7 +42,7 @@ _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attenti
 _ADD = {operator.add, torch.add, operator.iadd}
 _MUL = {operator.mul, torch.mul, operator.imul}
 _DIV = {operator.truediv, torch.div, torch.true_divide, operator.itruediv}
-_MEAN = {torch.mean}
+_MEAN = {torch.mean, torch.sum, torch.amax, torch.amin}  # the function spellings of the reducing methods (export)
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
