@@ -238,6 +238,8 @@ def raise_graph(exported: fx.GraphModule, model: nn.Module, name: str) -> fx.Gra
         if _whole_slice(n):  # x[:, :] reads all of x
             env[n] = env[n.args[0]]
             continue
+        if _store(graph, n, env):  # x[idx] = v, written functionally
+            continue
         if n in calls:
             path, x = calls[n]
             new = graph.call_module(path, (env[x],))
@@ -324,6 +326,53 @@ def _read_sizes(graph: fx.Graph, n: fx.Node, x: fx.Node, sizes: Any) -> Any:
         if isinstance(size, int) and size > 1:
             out[i] = graph.call_method("size", (x, i))
     return type(sizes)(out)
+
+
+def _store(graph: fx.Graph, n: fx.Node, env: dict[fx.Node, Any]) -> bool:
+    """``x[idx] = v`` (``aten.copy_`` into a slice/select view of ``x``) as the new value of ``x``: the view's
+    region scattered back (``torch.slice_scatter``/``select_scatter``), and every later reader of ``x`` (or of
+    a view on the way) reads that value. In place, the copy had no users: the analyses did not see ``v`` flow
+    on, and dead-code elimination kept all that computes ``v`` once ``x`` was no longer read. An input or a
+    buffer written in place stays a copy (it outlives the call)."""
+    if n.op != "call_function" or n.target is not torch.ops.aten.copy_.default or len(n.args) < 2:
+        return False
+    chain, base = [], n.args[0]
+    while isinstance(base, fx.Node) and base.op == "call_function" and base.target in _VIEWS:
+        chain.append(base)
+        base = base.args[0]
+    if not isinstance(base, fx.Node) or base.op in ("placeholder", "get_attr"):
+        return False
+    value = _fit(graph, env[n.args[1]], n.args[1], n.args[0], env[n.args[0]])
+    env[n.args[0]] = value
+    for view in chain:  # innermost view first: scatter into its parent, up to the base
+        parent = view.args[0]
+        if not _whole_slice(view):
+            args = fx.node.map_arg(tuple(view.args[1:]), lambda a: env[a])
+            if view.target is torch.ops.aten.select.int:
+                value = graph.call_function(torch.select_scatter, (env[parent], value, *args))
+            else:
+                dim, start, end, step = (list(args) + [0, None, None, 1][len(args):])[:4]
+                end = None if isinstance(end, int) and end >= 2 ** 62 else end
+                value = graph.call_function(torch.slice_scatter, (env[parent], value, dim, start, end, step))
+            value.meta.update({k: v for k, v in n.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        env[parent] = value
+    env[n] = env[n.args[0]]
+    return True
+
+
+_VIEWS = (torch.ops.aten.slice.Tensor, torch.ops.aten.select.int)
+
+
+def _fit(graph: fx.Graph, value: Any, src: Any, dst: fx.Node, dst_new: fx.Node) -> Any:
+    """``value`` broadcast and cast to ``dst``'s shape and dtype, as ``dst.copy_(value)`` writes it."""
+    have, want = getattr(src, "meta", {}).get("val"), dst.meta.get("val")
+    if not isinstance(want, torch.Tensor):
+        return value
+    if not isinstance(have, torch.Tensor) or tuple(have.shape) != tuple(want.shape):
+        value = graph.call_method("expand_as", (value, dst_new))
+    if not isinstance(have, torch.Tensor) or have.dtype != want.dtype:
+        value = graph.call_method("to", (value, want.dtype))
+    return value
 
 
 def _whole_slice(n: fx.Node) -> bool:
