@@ -63,17 +63,19 @@ class PackTokensPass(VitPass):
                 module.packages, module.record = (packages if module.pool_mean else None), False
                 active = bool(module.packages)
             out = self._inline(gm, node, module, str(node.target)) if active else node.args[0]
-            self._replace(gm, node, out)
+            self._replace(gm, node, out, pair=isinstance(module, LearnedTokenSelector))
             counters["selectors_inlined" if active else "removed"] += 1
         drop_root(gm, TOKENS)
         return PassResult(gm, modified=sum(counters.values()) > 0, counters=counters)
 
     @staticmethod
-    def _replace(gm: fx.GraphModule, node: fx.Node, out: fx.Node) -> None:
-        """A selector's stream readers (through ``[0]`` for a learned one) read ``out``; readers of its
-        keep flags (``[1]``: key masks, later selectors, the final tokens) read None."""
+    def _replace(gm: fx.GraphModule, node: fx.Node, out: fx.Node, pair: bool) -> None:
+        """A selector's stream readers (through ``[0]`` for a learned one, whose call returns the pair (stream,
+        keep flags)) read ``out``; readers of its keep flags (``[1]``: key masks, later selectors, the final
+        tokens) read None. Any other selector returns a tensor: ``x[:, 1:]`` on it is a reader of the stream."""
         for user in list(node.users):
-            if user.op == "call_function" and user.target is operator.getitem:
+            if pair and user.op == "call_function" and user.target is operator.getitem \
+                    and isinstance(user.args[1], int):
                 if user.args[1] == 0:
                     user.replace_all_uses_with(out)
                 for reader in list(user.users):

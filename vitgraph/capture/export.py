@@ -329,20 +329,24 @@ def _read_sizes(graph: fx.Graph, n: fx.Node, x: fx.Node, sizes: Any) -> Any:
 
 
 def _store(graph: fx.Graph, n: fx.Node, env: dict[fx.Node, Any]) -> bool:
-    """``x[idx] = v`` (``aten.copy_`` into a slice/select view of ``x``) as the new value of ``x``: the view's
-    region scattered back (``torch.slice_scatter``/``select_scatter``), and every later reader of ``x`` (or of
-    a view on the way) reads that value. In place, the copy had no users: the analyses did not see ``v`` flow
-    on, and dead-code elimination kept all that computes ``v`` once ``x`` was no longer read. An input or a
-    buffer written in place stays a copy (it outlives the call)."""
-    if n.op != "call_function" or n.target is not torch.ops.aten.copy_.default or len(n.args) < 2:
+    """``x[idx] = v`` (``aten.copy_`` into ``x`` or a slice/select view of it) written functionally: the view's
+    new value ``aten.copy(view, v)`` (dst first, as a leaf that updates ``x`` would read: walks from ``x``'s
+    readers meet ``x``), scattered back up to ``x`` (``torch.slice_scatter``/``select_scatter``), and every
+    later reader of ``x`` (or of a view on the way) reads that value. In place, the copy had no users: the
+    analyses did not see ``v`` flow on, and dead-code elimination kept all that computes ``v`` once ``x`` was
+    no longer read. An input or a buffer written in place stays a copy (it outlives the call)."""
+    if n.op != "call_function" or n.target is not torch.ops.aten.copy_.default or len(n.args) < 2 \
+            or not isinstance(n.args[1], fx.Node):
         return False
     chain, base = [], n.args[0]
     while isinstance(base, fx.Node) and base.op == "call_function" and base.target in _VIEWS:
         chain.append(base)
         base = base.args[0]
-    if not isinstance(base, fx.Node) or base.op in ("placeholder", "get_attr"):
+    if not _owns_storage(base) or _other_views(n, base, chain):
         return False
-    value = _fit(graph, env[n.args[1]], n.args[1], n.args[0], env[n.args[0]])
+    meta = {k: v for k, v in n.meta.items() if k in ("nn_module_stack", "stack_trace")}
+    value = graph.call_function(torch.ops.aten.copy.default, (env[n.args[0]], env[n.args[1]]))
+    value.meta.update(meta)
     env[n.args[0]] = value
     for view in chain:  # innermost view first: scatter into its parent, up to the base
         parent = view.args[0]
@@ -354,7 +358,7 @@ def _store(graph: fx.Graph, n: fx.Node, env: dict[fx.Node, Any]) -> bool:
                 dim, start, end, step = (list(args) + [0, None, None, 1][len(args):])[:4]
                 end = None if isinstance(end, int) and end >= 2 ** 62 else end
                 value = graph.call_function(torch.slice_scatter, (env[parent], value, dim, start, end, step))
-            value.meta.update({k: v for k, v in n.meta.items() if k in ("nn_module_stack", "stack_trace")})
+            value.meta.update(meta)
         env[parent] = value
     env[n] = env[n.args[0]]
     return True
@@ -363,16 +367,36 @@ def _store(graph: fx.Graph, n: fx.Node, env: dict[fx.Node, Any]) -> bool:
 _VIEWS = (torch.ops.aten.slice.Tensor, torch.ops.aten.select.int)
 
 
-def _fit(graph: fx.Graph, value: Any, src: Any, dst: fx.Node, dst_new: fx.Node) -> Any:
-    """``value`` broadcast and cast to ``dst``'s shape and dtype, as ``dst.copy_(value)`` writes it."""
-    have, want = getattr(src, "meta", {}).get("val"), dst.meta.get("val")
-    if not isinstance(want, torch.Tensor):
-        return value
-    if not isinstance(have, torch.Tensor) or tuple(have.shape) != tuple(want.shape):
-        value = graph.call_method("expand_as", (value, dst_new))
-    if not isinstance(have, torch.Tensor) or have.dtype != want.dtype:
-        value = graph.call_method("to", (value, want.dtype))
-    return value
+def _is_alias(n: fx.Node) -> bool:
+    """An op whose output shares its input's storage (a view), or that we cannot tell of."""
+    if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+        return n.op != "output"
+    return any(r.alias_info is not None for r in n.target._schema.returns)
+
+
+def _owns_storage(base: Any) -> bool:
+    """A tensor computed in the graph that is no view of another (not an input, a buffer or a view)."""
+    return isinstance(base, fx.Node) and base.op == "call_function" and not _is_alias(base)
+
+
+def _other_views(n: fx.Node, base: fx.Node, chain: list[fx.Node]) -> bool:
+    """Whether a view of ``base`` other than the store's own, taken before the store ``n``, is read after it:
+    it would keep reading the storage that the store no longer writes."""
+    order = {m: i for i, m in enumerate(n.graph.nodes)}
+    todo = [u for owner in [base, *chain] for u in owner.users
+            if u is not n and u not in chain and order[u] < order[n] and _is_alias(u)]
+    seen: set[fx.Node] = set()
+    while todo:
+        view = todo.pop()
+        if view in seen:
+            continue
+        seen.add(view)
+        for user in view.users:
+            if order[user] > order[n]:
+                return True
+            if _is_alias(user):
+                todo.append(user)
+    return False
 
 
 def _whole_slice(n: fx.Node) -> bool:
