@@ -12,7 +12,8 @@ After::
     gate_1 = self.vg_gates.blocks_0_attn_heads(proj, branch=True)  # x 0 once no head is kept
     add_1 = norm_pre + gate_1
 
-Gates start open (no mask): the graph computes exactly what it computed before.
+Where a talking-heads mix reads the logits of every head, the gate also masks them there
+(``gate(x, unit_axis=1)``). Gates start open (no mask): the graph computes exactly what it computed before.
 """
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ class InsertUnitGatesPass(VitPass):
                 node.replace_input_with(src, g)
                 inserted += 1
             inserted += _mask_norms(gm, group, target, self.name)
+            inserted += _mask_unit_inputs(gm, group, target, self.name)
             if branch is not None:
                 add, skip = branch
                 nodes = require_nodes(gm, (add, skip), self.name, "residual")
@@ -118,13 +120,29 @@ def _mask_norms(gm: fx.GraphModule, group: CoupledGroup, target: str, pass_name:
     return len(group.norms)
 
 
+def _mask_unit_inputs(gm: fx.GraphModule, group: CoupledGroup, target: str, pass_name: str) -> int:
+    """Each input holding one entry per unit (talking heads: the logits entering the first mix) reads
+    ``gate(x, unit_axis=)``: a head the mask drops adds nothing to the mixed maps, as in the sliced mix."""
+    nodes = require_nodes(gm, (u.node for u in group.unit_inputs), pass_name, "unit input")
+    for u in group.unit_inputs:
+        node = nodes[u.node]
+        src = node.args[u.arg]
+        with gm.graph.inserting_before(node):
+            g = gm.graph.call_module(target, (src,), {"unit_axis": u.axis})
+        g.meta[SHAPE] = src.meta.get(SHAPE)
+        node.update_arg(u.arg, g)
+    return len(group.unit_inputs)
+
+
 def _consumers(gm: fx.GraphModule, group: CoupledGroup) -> list[tuple[fx.Node, Linear]]:
-    """The linear-like nodes (Linears, pointwise convs) whose input columns the group slices."""
+    """The linear-like nodes (Linears, pointwise convs) whose input columns the group slices (not a
+    talking-heads mix: its input holds one entry per head, masked by ``_mask_unit_inputs``)."""
     weights = {s.target for s in group.slices if s.what == "weight.in"}
+    per_unit = {u.node for u in group.unit_inputs}
     out = []
     for node in gm.graph.nodes:
         info = linear_info(node, gm)
-        if info is not None and info.weight in weights:
+        if info is not None and info.weight in weights and node.name not in per_unit:
             out.append((node, info))
     return out
 

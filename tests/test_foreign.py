@@ -51,7 +51,7 @@ def test_capture_finds_every_attention_block(key):
     assert g.trace_error < 1e-4
 
 
-@pytest.mark.parametrize("key", ["vit", "simple_vit", "beit", "swin"])
+@pytest.mark.parametrize("key", ["vit", "simple_vit", "beit", "swin", "cait"])
 def test_width_lands(key, tmp_path):
     _lands(key, WIDTH, tmp_path)
 
@@ -61,16 +61,40 @@ def test_depth_and_width_land(key, tmp_path):
     _lands(key, DEPTH, tmp_path)
 
 
-@pytest.mark.parametrize("key", ["vit", "simple_vit"])
+@pytest.mark.parametrize("key", ["vit", "simple_vit", "cait", "beit"])  # cait: class attention reads the stream
 def test_tokens_land(key, tmp_path):
     _lands(key, TOKENS, tmp_path)
 
 
-def test_talking_heads_are_recognised_and_named():
+def test_talking_heads_are_recognised_and_head_prunable():
+    """Both mixes are found; pruning head h cuts input h of the mix before the softmax and output h of the one
+    after it, and the logits of each head are gated where the first mix reads them."""
     g = _graph("cait")
-    reasons = {b.attention.prunable["heads"] for b in g.blocks}
-    assert all(r and "talking-heads" in r for r in reasons)
+    params = dict(g.gm.named_parameters())
+    heads = {gr.site: gr for gr in g.structure.groups if gr.kind == "heads"}
+    for b in g.blocks:
+        site = b.attention
+        assert site.prunable["heads"] is None and len(site.mixes) == 2
+        group = heads[site.name]
+        mixes = {s.target.rsplit(".", 1)[-1]: s for s in group.slices if "mix_heads" in s.target}
+        pre, post = mixes["mix_heads_pre_attn"], mixes["mix_heads_post_attn"]
+        assert params[pre.target].shape == (site.heads, site.heads)
+        assert (pre.axis, pre.what) == (0, "weight.in") and (post.axis, post.what) == (1, "weight.out")
+        assert [u.node for u in group.unit_inputs] == [site.mixes[0]] and group.unit_inputs[0].axis == 1
     assert g.blocks[-1].attention.tokens_q == 1 and g.blocks[-1].attention.tokens_kv == 17  # class attention
+
+
+def test_talking_heads_through_a_mix_not_heads_by_heads_are_refused_with_the_reason():
+    """Mixes through 6 intermediate maps, (4, 6) then (6, 4): vitgraph slices (H, H) mixes only, and says so."""
+    model = foreign.FOREIGN["cait"]().eval()
+    for attn in (m for m in model.modules() if hasattr(m, "mix_heads_pre_attn")):
+        attn.mix_heads_pre_attn = torch.nn.Parameter(torch.randn(4, 6))
+        attn.mix_heads_post_attn = torch.nn.Parameter(torch.randn(6, 4))
+    g = vg.trace(model, torch.randn(2, 3, 32, 32), name="cait_wide_mix")
+    for b in g.blocks:
+        why = b.attention.prunable["heads"]
+        assert why and "talking-heads" in why and "(4, 6)" in why, why
+    assert not any(gr.kind == "heads" for gr in g.structure.groups)
 
 
 def test_dropout_follows_train_and_eval_after_capture():

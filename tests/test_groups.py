@@ -55,6 +55,8 @@ def _graph(key: str) -> vg.VitGraph:
         for pname, p in model.named_parameters():  # so that every unit shows in the output
             if "gamma" in pname:
                 p.fill_(1.0)
+            if pname.endswith(("proj_l.weight", "proj_w.weight")):  # CaiT's talking heads (std .02): near closed
+                p.add_(torch.eye(p.shape[0]))
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm1d) and not m.weight.any():
                 m.weight.fill_(1.0)

@@ -108,8 +108,9 @@ def test_reasons_where_passes_cannot_apply():
     beit = traced("beit_base_patch16_224")
     assert all("relative position" in b.token_reason for b in beit.blocks)
     cait = traced("cait_xxs24_224")
-    assert "talking-heads" in cait.blocks[0].attention.prunable["heads"]
-    assert cait.blocks[-1].attention.prunable["heads"] is None  # class attention has plain heads
+    # talking heads (proj_l before the softmax, proj_w after it) are cut with the heads; class attention is plain
+    assert cait.blocks[0].attention.prunable["heads"] is None and len(cait.blocks[0].attention.mixes) == 2
+    assert cait.blocks[-1].attention.prunable["heads"] is None and not cait.blocks[-1].attention.mixes
     mvit = traced("mvitv2_tiny")
     reasons = [b.skip_reason for b in mvit.blocks]
     assert sum("stage transition" in (r or "") for r in reasons) == 3  # the three stage transitions

@@ -120,7 +120,9 @@ class UnitGate(nn.Module):
     and, with ``branch=True``, on the residual branch it feeds (times 0 when no unit is kept, so a
     layer with every head pruned contributes nothing, exactly as the deleted branch will). With no
     mask set the gate is the identity: the ``open`` mode. ``channel_axis`` is where the consumer's
-    input holds its channels: -1 for a Linear, 1 for a pointwise conv on (B, C, H, W).
+    input holds its channels: -1 for a Linear, 1 for a pointwise conv on (B, C, H, W). Called with
+    ``unit_axis`` it masks a tensor holding one entry per unit along that axis (the logits of each head where a
+    talking-heads mix reads them).
     """
 
     def __init__(self, group: str, units: int, channel_unit: Tensor, min_units: int, channel_axis: int = -1) -> None:
@@ -133,7 +135,7 @@ class UnitGate(nn.Module):
         self.mask: Tensor | None = None
 
     def forward(self, x: Tensor, branch: bool = False, eps: float | None = None, weight: Tensor | None = None,
-                bias: Tensor | None = None) -> Tensor:
+                bias: Tensor | None = None, unit_axis: int | None = None) -> Tensor:
         m = self.mask
         if eps is not None:  # a LayerNorm over the group's channels (the stream): statistics over kept ones
             return self._norm(x, m, eps, weight, bias)
@@ -141,6 +143,9 @@ class UnitGate(nn.Module):
             return x
         if branch:
             return x * (m.detach().sum() > 0).to(x.dtype)
+        if unit_axis is not None:  # one entry per unit along that axis (talking heads: each head's logits)
+            view = [self.units if d == unit_axis % x.dim() else 1 for d in range(x.dim())]
+            return x * m.reshape(view).to(x.dtype)
         full = torch.cat([m, m.new_ones(1)])[self.channel_unit]  # -1: a channel no unit owns
         if self.channel_axis != -1:  # (C,) -> (C, 1, ..., 1): broadcast over the axes after the channels
             full = full.reshape(full.shape + (1,) * (x.dim() - 1 - self.channel_axis))

@@ -103,6 +103,7 @@ class AttentionSite:
     core: str                     # node of sdpa, or of the softmax of an explicit attention
     impl: str                     # "sdpa" | "explicit"
     mode: str                     # "token" (softmax over tokens) | "channel" (XCiT-style, over head dims)
+    #                               | "separable" (MobileViT-v2: a softmax over tokens pools the keys into one vector)
     heads: int
     head_dim: int                 # width of q and k per head
     v_head_dim: int               # width of v per head
@@ -118,9 +119,11 @@ class AttentionSite:
     bias: str | None = None       # "rel_pos_table" | "mask" | "params" | None — what is added to the logits
     block: int | None = None
     prunable: dict[str, str | None] = field(default_factory=dict)  # axis -> None (ok) or the reason not
+    mixes: tuple[str, ...] = ()   # talking heads: the nodes mixing the attention maps across heads, in order
+    head_cores: tuple[str, ...] = ()  # heads run one per chunk (cascaded group attention): the other heads' cores
 
     def __post_init__(self) -> None:
-        if self.impl not in ("sdpa", "explicit") or self.mode not in ("token", "channel"):
+        if self.impl not in ("sdpa", "explicit") or self.mode not in ("token", "channel", "separable"):
             raise ValueError(f"bad attention site {self.name}: impl={self.impl} mode={self.mode}")
         if self.heads < 1 or self.head_dim < 1:
             raise ValueError(f"bad attention site {self.name}: heads={self.heads} head_dim={self.head_dim}")
@@ -178,14 +181,17 @@ class Block:
 
     def token_axis(self, stream: int) -> int:
         """The size of the token axes that scale when the stream's tokens are dropped before this block:
-        its own token count, or the stream's for a reader block (an attention pool: a few queries of its
-        own attending over the stream's ``stream`` tokens)."""
-        return stream if self.reads_stream(stream) else self.tokens_in
+        its own token count, or its key count for a reader block (an attention pool: a few queries of its
+        own attending over the stream's ``stream`` tokens, or over its own queries and the stream's tokens, as
+        CaiT's class attention does)."""
+        return self.attention.tokens_kv if self.reads_stream(stream) else self.tokens_in
 
     def reads_stream(self, stream: int) -> bool:
-        """Its queries are its own (fewer tokens than the stream) and its keys/values are the stream's tokens."""
+        """Its queries are its own (fewer tokens than the stream) and its keys/values are the stream's tokens,
+        alone or after its own queries (``cat(queries, stream)``)."""
         a = self.attention
-        return a is not None and self.tokens_in < stream and a.tokens_q == self.tokens_in and a.tokens_kv == stream
+        return (a is not None and self.tokens_in < stream and a.tokens_q == self.tokens_in
+                and a.tokens_kv in (stream, stream + self.tokens_in))
 
 
 @dataclass(frozen=True)
@@ -250,6 +256,16 @@ class ConstRef:
 
 
 @dataclass(frozen=True)
+class UnitInput:
+    """An input the group's gate masks where it enters ``node`` (argument ``arg``), one entry per unit along
+    ``axis``: the logits of every head entering a talking-heads mix, whose slice the cut removes."""
+
+    node: str
+    arg: int
+    axis: int
+
+
+@dataclass(frozen=True)
 class CoupledGroup:
     """Dimensions that must shrink together: ``blocks.0.attn.qkv.out[6 heads] => blocks.0.attn.proj.in``."""
 
@@ -262,6 +278,7 @@ class CoupledGroup:
     slices: tuple[SliceRef, ...]
     constants: tuple[ConstRef, ...] = ()
     norms: tuple[str, ...] = ()   # embed: the LayerNorms over its channels (statistics over kept channels)
+    unit_inputs: tuple[UnitInput, ...] = ()  # heads: maps entering a talking-heads mix, masked per head
 
     @property
     def branch(self) -> str:

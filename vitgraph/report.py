@@ -70,7 +70,8 @@ def structure_table(g: Viewable, console_width: int = 200) -> str:
     refused = _conv_reasons(g)
     for b in s.blocks:
         a = b.attention
-        kind = ("msa" if a.mode == "token" else "xca") if a is not None else b.mixer or ("skip" if b.mlp else "-")
+        kind = {"token": "msa", "channel": "xca", "separable": "sep"}.get(a.mode, a.mode) if a is not None \
+            else b.mixer or ("skip" if b.mlp else "-")
         head_dim = "-" if a is None else (str(a.head_dim) if a.head_dim == a.v_head_dim
                                           else f"{a.head_dim}/{a.v_head_dim}")
         tokens = str(b.tokens_in) if b.tokens_in == b.tokens_out else f"{b.tokens_in}->{b.tokens_out}"

@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from vitgraph.analysis.attention import find_attention
+from vitgraph.analysis.attention_forms import find_attention_forms
 from vitgraph.analysis.blocks import find_blocks, find_tokens
 from vitgraph.analysis.cost import annotate_costs, assign_factors, one_image_flops
 from vitgraph.analysis.embed import embed_group
@@ -45,7 +46,8 @@ def _tag(gm: fx.GraphModule, structure: Structure) -> None:
         put(a.v, "attn.v", a.block, a.name)
         put(a.q_norm, "attn.q_norm", a.block, a.name)
         put(a.k_norm, "attn.k_norm", a.block, a.name)
-        put(a.core, "attn.core", a.block, a.name)
+        for core in (a.core, *a.head_cores):
+            put(core, "attn.core", a.block, a.name)
         put(a.proj, "attn.proj", a.block, a.name)
     for m in structure.mlps:
         for f in m.fc1:
@@ -71,6 +73,7 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], *, sha
     if not shapes_known:
         propagate_shapes(gm, example_inputs)
     found = _one_site_per_projection(find_attention(gm, batch))
+    found += find_attention_forms(gm, found)  # per-head chunks on conv maps (EfficientViT), separable (MobileViT-v2)
     # value rows per head (attention->conv reads them) exist wherever heads map; *cutting* value dims
     # also needs the projections split apart, which only some graphs allow (prunable["head_dim"])
     value_groups = [g for g in (value_dim_group(gm, f) for f in found) if g is not None]
@@ -137,7 +140,7 @@ def _notes(gm: fx.GraphModule, attention: tuple) -> tuple[str, ...]:
     from vitgraph.analysis.ops import module_path, op_kind
     leaves: dict[str, list[str]] = {}
     notes = []
-    cores = {a.core for a in attention}
+    cores = {c for a in attention for c in (a.core, *a.head_cores)}
     for n in gm.graph.nodes:
         kind = op_kind(n, gm)
         if kind == "module":

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from vitgraph.analysis import index as ix
+from vitgraph.analysis.mixing import Mix, talking_heads
 from vitgraph.analysis.ops import (PRODUCTS, common_prefix, module_path, operands, op_kind, sdpa_mask, sdpa_qkv,
                                    tensor_args)
 from vitgraph.meta import SHAPE, VALUE, AttentionSite, shape_of
@@ -36,6 +37,7 @@ class Found:
     proj_cols: list[list[int]] = field(default_factory=list)  # per head, per value dim: proj input column
     score_inputs: list[fx.Node] = field(default_factory=list)  # tensors added to / multiplying the logits
     out: fx.Node | None = None                                # the per-head outputs (sdpa, or attn @ v)
+    mixes: list[Mix] = field(default_factory=list)            # talking heads, in graph order
 
 
 @dataclass(frozen=True)
@@ -241,16 +243,18 @@ def _output_projection(gm: fx.GraphModule, out: fx.Node, mode: str) -> tuple[fx.
     return proj, []
 
 
-def _head_mixing(gm: fx.GraphModule, impl: str, core: fx.Node, out: fx.Node, proj: fx.Node | None,
-                 score_path: list[fx.Node]) -> fx.Node | None:
-    """A linear across the heads axis on the attention weights (CaiT's talking heads), if any."""
-    mixing = next((p for p in score_path if _kind(p, gm) == "linear"), None)
-    if mixing is None and impl == "explicit":
-        after, _ = _walk_forward(core, gm, "linear", {"dropout", "mul", "div", "shape", "function"}, depth=4)
-        if after is not None and after is not proj and out not in after.users and shape_of(after) is not None \
-                and len(shape_of(after)) == 4:
-            mixing = after
-    return mixing
+def _head_mixing(gm: fx.GraphModule, c: _Core, heads: int) -> list[Mix] | str:
+    """Linears across the heads axis on the attention maps (CaiT's talking heads) between ``q @ k^T`` and
+    ``attn @ v``: the mixes, in graph order (none: an empty list), or why cutting heads through them is not exact."""
+    if c.impl != "explicit":
+        return []
+    before = [p for p in c.score_path if _kind(p, gm) == "linear"]
+    maps = operands(c.out)[0]
+    found, path = _walk_back(maps, gm, "softmax", {"dropout", "mul", "div", "shape", "function", "linear", "add"})
+    after = [p for p in path if _kind(p, gm) == "linear"] if found is c.node else []
+    if not before and not after:
+        return []
+    return talking_heads(gm, c.score_path[0], maps, before, after, heads)
 
 
 def core_io(gm: fx.GraphModule, core: str) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node] | None:
@@ -283,7 +287,7 @@ def find_attention(gm: fx.GraphModule, batch: int) -> list[Found]:
         q_idx, k_idx, v_idx = (arrived[producers[r]].get(t) for r, t in (("q", q), ("k", k), ("v", v)))
         geo = _geometry(impl, q, k, v, q_idx, k_idx, batch)
         proj, proj_cols = _output_projection(gm, out, geo.mode)
-        mixing = _head_mixing(gm, impl, core, out, proj, score_path)
+        mixes = _head_mixing(gm, c, geo.heads)
 
         four = len(qs) >= 4
         q_rows = _per_head_rows(q_idx, geo.heads, geo.ch) if four and q_idx is not None else None
@@ -293,8 +297,8 @@ def find_attention(gm: fx.GraphModule, batch: int) -> list[Found]:
         reason_heads = None
         if proj is None:
             reason_heads = "no output projection consumes the merged heads"
-        elif mixing is not None:
-            reason_heads = f"heads are mixed by {module_path(mixing, gm)} (talking-heads projection)"
+        elif isinstance(mixes, str):
+            reason_heads = mixes
         elif pooled is not None:
             reason_heads = f"q/k/v pass through pooling op %{pooled}"
         elif q_rows is None or k_rows is None or v_rows is None or not proj_cols or any(-1 in c for c in proj_cols):
@@ -314,8 +318,15 @@ def find_attention(gm: fx.GraphModule, batch: int) -> list[Found]:
             v_head_dim=geo.v_head_dim, tokens_q=geo.tokens_q, tokens_kv=geo.tokens_kv, q=q_lin.name,
             k=k_lin.name, v=v_lin.name, proj=proj.name if proj is not None else None, fused=fused,
             q_norm=q_norm.name if q_norm is not None else None, k_norm=k_norm.name if k_norm is not None else None,
-            bias=_strongest_bias(list(c.biases), gm), prunable={"heads": reason_heads, "head_dim": reason_hd})
-        results.append(Found(site, q_rows or [], k_rows or [], v_rows or [], proj_cols, [*c.biases, *c.scales], out))
+            bias=_strongest_bias(list(c.biases), gm), prunable={"heads": reason_heads, "head_dim": reason_hd},
+            mixes=tuple(m.node.name for m in mixes) if not isinstance(mixes, str) else ())
+        mixes = [] if isinstance(mixes, str) else mixes
+        # operands on the logits before the first mix are per head; after it, the mixed maps keep every head
+        score_inputs = [*c.biases, *c.scales]
+        if mixes:
+            logits_path = score_path[:score_path.index(mixes[0].node)]
+            score_inputs = [a for a in score_inputs if any(u in logits_path for u in a.users)]
+        results.append(Found(site, q_rows or [], k_rows or [], v_rows or [], proj_cols, score_inputs, out, mixes))
     return results
 
 

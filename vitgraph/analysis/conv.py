@@ -84,6 +84,8 @@ def conv_sites(g: VitGraph) -> tuple[list[ConvSite], dict[str, str]]:
 
 def _reason(g: VitGraph, nodes: dict[str, fx.Node], b, a, groups, branches) -> str | None:  # noqa: ANN001
     info = g.structure.tokens
+    if a.mode == "separable":
+        return "separable attention has no token-by-token map a convolution could take the place of"
     if a.mode != "token":
         return "it attends over channels, not tokens"
     if info.grid is None or info.layout != "sequence":

@@ -138,6 +138,10 @@ def assign_factors(gm: fx.GraphModule, blocks: Sequence[Block], attention: Seque
             weight_users.setdefault(info.weight, []).append(n.name)
         elif op_kind(n, gm) == "conv" and n.op == "call_module":  # e.g. the patch embedding (embed rows)
             weight_users.setdefault(f"{n.target}.weight", []).append(n.name)
+        elif op_kind(n, gm) in PRODUCTS:  # a product with a parameter (a talking-heads mix)
+            for a in operands(n):
+                if isinstance(a, fx.Node) and a.op == "get_attr":
+                    weight_users.setdefault(str(a.target), []).append(n.name)
     sites = {a.name: a for a in attention}
     parts: dict[str, list[tuple[int, tuple[str, ...]]]] = {}
     for g in groups:
@@ -146,7 +150,7 @@ def assign_factors(gm: fx.GraphModule, blocks: Sequence[Block], attention: Seque
             continue
         users = {u for s in g.slices for u in weight_users.get(s.target, [])}
         if g.kind == "heads":
-            users |= _attention_products(gm, nodes[sites[g.site].core])
+            users |= _attention_products(gm, nodes[sites[g.site].core], skip=sites[g.site].mixes)
         for u in users:
             factors.setdefault(u, []).append(g.name)
     for b in blocks:
@@ -181,13 +185,14 @@ def _value_factors(gm: fx.GraphModule, nodes: Mapping[str, fx.Node], site: Atten
     if op_kind(core, gm) == "sdpa":
         share(site.core, site.v_head_dim / (site.head_dim + site.v_head_dim))
     else:
-        for name in _attention_products(gm, core, sides=("after",)):
+        for name in _attention_products(gm, core, sides=("after",), skip=site.mixes):
             share(name, 1.0)
 
 
-def _attention_products(gm: fx.GraphModule, core: fx.Node, sides: tuple[str, ...] = ("before", "after")
-                        ) -> set[str]:
-    """The core itself, or for an explicit softmax the q@k^T (before) and attn@v (after) matmuls around it."""
+def _attention_products(gm: fx.GraphModule, core: fx.Node, sides: tuple[str, ...] = ("before", "after"),
+                        skip: tuple[str, ...] = ()) -> set[str]:
+    """The core itself, or for an explicit softmax the q@k^T (before) and attn@v (after) matmuls around it
+    (past the talking-heads mixes in ``skip``)."""
     if op_kind(core, gm) == "sdpa":
         return {core.name}
     found = set()
@@ -196,7 +201,7 @@ def _attention_products(gm: fx.GraphModule, core: fx.Node, sides: tuple[str, ...
         frontier = [core]
         for _ in range(6):
             frontier = [m for n in frontier for m in step(n)]
-            hit = next((n for n in frontier if op_kind(n, gm) in PRODUCTS), None)
+            hit = next((n for n in frontier if op_kind(n, gm) in PRODUCTS and n.name not in skip), None)
             if hit is not None:
                 found.add(hit.name)
                 break

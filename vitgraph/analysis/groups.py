@@ -17,7 +17,7 @@ from vitgraph.analysis import index as ix
 from vitgraph.analysis.attention import Found
 from vitgraph.analysis.mlp import unit_columns
 from vitgraph.analysis.ops import PRODUCTS, linear_info, op_kind
-from vitgraph.meta import VALUE, ConstRef, CoupledGroup, Linear, MlpSite, SliceRef, shape_of
+from vitgraph.meta import VALUE, ConstRef, CoupledGroup, Linear, MlpSite, SliceRef, UnitInput, shape_of
 
 _RESHAPES = {"reshape", "view"}
 
@@ -121,12 +121,12 @@ def _axis_code(shape: tuple[int, ...], axis: int) -> torch.Tensor:
     return torch.arange(shape[axis], dtype=torch.float64).view(view).expand(*shape).clone()
 
 
-def _logits_product(gm: fx.GraphModule, core: fx.Node) -> fx.Node | None:
-    """The ``q @ k^T`` product feeding an explicit softmax (through scaling, biases and masks)."""
+def _logits_product(gm: fx.GraphModule, core: fx.Node, mixes: tuple[str, ...] = ()) -> fx.Node | None:
+    """The ``q @ k^T`` product feeding an explicit softmax (through scaling, biases, masks and talking heads)."""
     frontier = [core]
     for _ in range(8):
         frontier = [m for n in frontier for m in n.all_input_nodes]
-        hit = next((n for n in frontier if op_kind(n, gm) in PRODUCTS), None)
+        hit = next((n for n in frontier if op_kind(n, gm) in PRODUCTS and n.name not in mixes), None)
         if hit is not None:
             return hit
     return None
@@ -243,7 +243,8 @@ def head_group(gm: fx.GraphModule, found: Found, data: set[fx.Node]) -> CoupledG
     core_out = found.out
     if core_out is not None and shape_of(core_out) is not None and len(shape_of(core_out)) >= 4:
         env_all.update(ix.propagate(gm, {core_out: _axis_code(shape_of(core_out), 1)}))
-    logits = _logits_product(gm, nodes[site.core]) if site.impl == "explicit" else None
+    slices.extend(_mix_slices(gm, found, env_all))
+    logits = _logits_product(gm, nodes[site.core], site.mixes) if site.impl == "explicit" else None
     if logits is not None and len(shape_of(logits) or ()) >= 4:  # reshapes of the logits (Swin's shift mask)
         shape = shape_of(logits)
         env_all.update(ix.propagate(gm, {logits: _axis_code(shape, len(shape) - 3)}))
@@ -255,9 +256,27 @@ def head_group(gm: fx.GraphModule, found: Found, data: set[fx.Node]) -> CoupledG
             slices.extend(_per_head_sources(gm, extra, head_axis, site.heads, data, env_all))
     consts = _constants(gm, env_all, site.heads, site.head_dim) + _constants(gm, env_all, site.heads, site.v_head_dim)
     unique = {(c.node, c.arg_index): c for c in consts}
+    first = found.mixes[0] if found.mixes else None
     return CoupledGroup(name=f"{site.name}.heads", kind="heads", site=site.name, block=site.block,
                         units=site.heads, unit_width=site.head_dim, slices=_merged(slices),
-                        constants=tuple(unique.values()))
+                        constants=tuple(unique.values()),
+                        unit_inputs=(UnitInput(first.node.name, first.arg, first.in_axis),) if first else ())
+
+
+def _mix_slices(gm: fx.GraphModule, found: Found, env_all: dict[fx.Node, torch.Tensor]) -> list[SliceRef]:
+    """Talking heads: the first mix's weight over its input heads (it consumes the logits of each head, as the
+    output projection consumes its values), the last mix's weight and bias over its output heads (each feeds
+    ``attn @ v`` of one head). The maps in between keep every head: no slice, no reshape constant moves there."""
+    if not found.mixes:
+        return []
+    first, last = found.mixes[0], found.mixes[-1]
+    per_head = tuple((h,) for h in range(found.site.heads))
+    slices = [SliceRef(first.weight, first.w_in, per_head, "weight.in"),
+              SliceRef(last.weight, 1 - last.w_in, per_head, "weight.out")]
+    if last.bias is not None:
+        slices.append(SliceRef(last.bias, 0, per_head, "bias"))
+    env_all.update(ix.propagate(gm, {last.node: _axis_code(shape_of(last.node), last.out_axis)}))
+    return slices
 
 
 def value_dim_group(gm: fx.GraphModule, found: Found) -> CoupledGroup | None:

@@ -134,6 +134,8 @@ def _own_token_barrier(b: Block, tokens: TokenInfo, nodes: dict[str, fx.Node]) -
         return "tokens form a spatial grid here (hierarchical or windowed model)"
     if a is None:
         return "the block has no attention to mask"
+    if a.mode == "separable":
+        return "separable attention pools every token into one context vector: no token-by-token map to mask"
     if a.mode != "token":
         return "channel attention mixes every token into each output"
     if a.tokens_q != 1 and (a.tokens_kv != b.tokens_in or a.tokens_q != b.tokens_in):
