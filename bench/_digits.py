@@ -8,9 +8,9 @@ from __future__ import annotations
 import timm
 import torch
 
-from vitgraph.data import Data, load_data
+from vitgraph.train.data import Data, load_data
 from vitgraph.spec import Train
-from vitgraph.train import fit
+from vitgraph.train.loop import fit
 
 
 

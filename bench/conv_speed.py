@@ -22,8 +22,8 @@ import torch
 
 import vitgraph as vg
 from vitgraph.analysis.cost import flop_counter_flops
-from vitgraph.conv_gates import CHOICES
-from vitgraph.frontend import trace_module
+from vitgraph.gates.conv import CHOICES
+from vitgraph.capture.frontend import trace_module
 from vitgraph.gated import instrument, materialize
 from vitgraph.targets import bench
 

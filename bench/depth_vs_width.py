@@ -1,6 +1,6 @@
 """Width vs depth vs both, at the same FLOPs budget, on the demo's digits ViT.
 
-One dense DeiT (16x16x1, patch 4, embed 128, depth 4; ``vitgraph.demo.demo_model``) is trained once on
+One dense DeiT (16x16x1, patch 4, embed 128, depth 4; ``vitgraph.cli.demo.demo_model``) is trained once on
 scikit-learn's digits, then compressed three ways to ``--flops`` of its dense FLOPs, each with the same
 learned search + distillation fine-tuning (``--steps``, 30 % search):
 
@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 import vitgraph as vg
-from vitgraph.data import Data, load_data
-from vitgraph.demo import DENSE_STEPS, INPUT, demo_model
+from vitgraph.train.data import Data, load_data
+from vitgraph.cli.demo import DENSE_STEPS, INPUT, demo_model
 from vitgraph.spec import Train
 from vitgraph.targets import bench
-from vitgraph.train import evaluate, fit
+from vitgraph.train.loop import evaluate, fit
 
 WIDTH = {"method": "wdpruning", "heads": True, "mlp": True, "align": 16}
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -20,9 +20,10 @@ import time
 import timm
 import torch
 
-from vitgraph.graph import trace
-from vitgraph.latency import LatencyTable, features
-from vitgraph.profile import measure_specs, profile, sample_specs
+from vitgraph.analysis.graph import trace
+from vitgraph.cost.latency import LatencyTable, features
+from vitgraph.cost.profile import measure_specs, profile, sample_specs
+from vitgraph.gated import builder
 
 
 def main() -> None:
@@ -45,10 +46,10 @@ def main() -> None:
         table = LatencyTable.load(args.table)
         table.check(g, args.target, args.batch)
     else:
-        table = profile(g, args.target, args.batch, samples=args.samples, repeats=args.repeats)
+        table = profile(g, args.target, args.batch, builder(g), samples=args.samples, repeats=args.repeats)
     profiled = time.perf_counter() - t0
     rows, dense_ms = measure_specs(g, sample_specs(g, 3 * args.holdout, seed=1), args.target, args.batch,
-                                   args.holdout, args.repeats)
+                                   args.holdout, builder(g), args.repeats)
     dense = table.predict_ms(features(g, []))
     errors = []
     print(f"\n{args.model} on {args.target}, batch {args.batch}, {torch.get_num_threads()} threads: dense "

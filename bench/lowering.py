@@ -13,7 +13,7 @@ import tempfile
 import timm
 import torch
 
-from vitgraph.frontend import trace_module
+from vitgraph.capture.frontend import trace_module
 from vitgraph.targets import bench
 
 

@@ -30,8 +30,8 @@ SPECS = {
 }
 MODELS = ("deit_small_patch16_224", "vit_large_patch16_224", "samvit_base_patch16")
 # each stage: the places its function is looked up from (patched in all), and its label
-STAGES = ((("vitgraph.models:load_model",), "load model"),
-          (("vitgraph.graph:trace", "vitgraph.pipeline:trace"), "trace + analyse"),
+STAGES = ((("vitgraph.capture.models:load_model",), "load model"),
+          (("vitgraph.analysis.graph:trace", "vitgraph.pipeline:trace"), "trace + analyse"),
           (("vitgraph.pipeline:instrument",), "instrument (gates, scores)"),
           (("vitgraph.pipeline:materialize",), "materialize"),
           (("vitgraph.pipeline:_parity",), "parity check"),

@@ -23,7 +23,7 @@ import torch
 
 import vitgraph as vg
 from vitgraph.analysis.cost import flop_counter_flops
-from vitgraph.frontend import trace_module
+from vitgraph.capture.frontend import trace_module
 from vitgraph.targets import bench
 
 

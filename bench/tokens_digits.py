@@ -15,7 +15,7 @@ import json
 
 import vitgraph as vg
 from _digits import trained_digits_vit
-from vitgraph.train import evaluate
+from vitgraph.train.loop import evaluate
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,7 @@ import timm
 import torch
 
 from vitgraph.analysis import analyse
-from vitgraph.frontend import trace_module
+from vitgraph.capture.frontend import trace_module
 
 
 def main(names: list[str], repeats: int = 3) -> None:

@@ -155,9 +155,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 def digits_seed(args: argparse.Namespace, seed: int) -> dict[str, float]:
     """One seed: train a small digits ViT dense, prune every way to the budget, fine-tune alike, top-1 of each."""
-    from vitgraph.data import load_data
+    from vitgraph.train.data import load_data
     from vitgraph.spec import Spec
-    from vitgraph.train import evaluate, fit
+    from vitgraph.train.loop import evaluate, fit
 
     def cfg(steps: int, **extra: Any) -> Any:
         return Spec.from_dict({"train": {"steps": steps, "batch_size": args.batch_size, "seed": seed, **extra}}).train

@@ -27,7 +27,7 @@ from torch import nn
 
 import vitgraph as vg
 from vitgraph.analysis.cost import flop_counter_flops
-from vitgraph.frontend import trace_module
+from vitgraph.capture.frontend import trace_module
 from vitgraph.targets import bench
 
 

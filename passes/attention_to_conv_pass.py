@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from vitgraph.analysis.conv import ConvSite
-from vitgraph.conv_gates import AttentionConv
+from vitgraph.gates.conv import AttentionConv
 from vitgraph.meta import CONV_GATES, submodule_name
 from vitgraph.passes.base import PassResult, VitPass, drop_root, ensure_no_calls
 

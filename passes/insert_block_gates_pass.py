@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from vitgraph.errors import PreconditionError
-from vitgraph.gates import BlockGate
+from vitgraph.gates.units import BlockGate
 from vitgraph.meta import BLOCK_GATES, SHAPE, DepthUnit
 from vitgraph.passes.base import PassResult, VitPass, carrier, require_nodes, require_roles, reroute
 

@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from vitgraph.analysis.conv import ConvSite
-from vitgraph.conv_gates import AttentionConv
+from vitgraph.gates.conv import AttentionConv
 from vitgraph.errors import PreconditionError
 from vitgraph.meta import CONV_GATES, submodule_name
 from vitgraph.passes.base import PassResult, VitPass, require_nodes, reroute

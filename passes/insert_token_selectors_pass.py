@@ -37,7 +37,7 @@ from vitgraph.analysis.tokens import MaskSite, ScoreSource
 from vitgraph.errors import PreconditionError
 from vitgraph.meta import CARRIES, SHAPE, TOKENS, submodule_name
 from vitgraph.passes.base import PassResult, VitPass, require_nodes, reroute
-from vitgraph.token_gates import FinalTokens, KeyMask, LearnedTokenSelector, TokenSelector
+from vitgraph.gates.tokens import FinalTokens, KeyMask, LearnedTokenSelector, TokenSelector
 
 FINAL = f"{TOKENS}.final"
 

@@ -26,7 +26,7 @@ from vitgraph.passes.base import PassResult, VitPass, require_nodes, require_rol
 from vitgraph.analysis.blocks import removable_residual
 from vitgraph.analysis.ops import linear_info
 from vitgraph.errors import PreconditionError
-from vitgraph.gates import UnitGate
+from vitgraph.gates.units import UnitGate
 from vitgraph.meta import GATES, SHAPE, Block, CoupledGroup, Linear, submodule_name
 
 CONSUMER_ROLE = {"heads": "attn.proj", "head_dim": "attn.proj", "mlp": "mlp.fc2"}  # the linear reading a group's units, by group kind

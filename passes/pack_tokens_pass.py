@@ -22,7 +22,7 @@ from torch import nn
 from vitgraph.errors import PostconditionError, PreconditionError
 from vitgraph.meta import TOKENS, submodule_name
 from vitgraph.passes.base import PassResult, VitPass, drop_root, ensure_no_calls
-from vitgraph.token_gates import FinalTokens, KeyMask, LearnedTokenSelector, TokenSelector
+from vitgraph.gates.tokens import FinalTokens, KeyMask, LearnedTokenSelector, TokenSelector
 
 SCORES = "token_scores"
 

@@ -1,9 +1,11 @@
-"""Lowering targets: ONNX (via ONNX Runtime), torch.compile, and self-contained torch.export ``.pt2`` files.
+"""Lowering targets: ONNX (via ONNX Runtime), torch.compile, and self-contained torch.export ``.pt2`` files,
+and ``bench``, which times lowered runners against each other (interleaved medians).
 
 Invariant: every ``lower`` checks its result against eager PyTorch before returning, and raises
 :class:`~vitgraph.errors.ParityError` when the maximum absolute error exceeds ``atol``; exporter
-failures surface as :class:`LoweringError` naming the op that failed. ``bench`` times the lowered
-runners against each other, interleaved.
+failures surface as :class:`LoweringError` naming the op that failed. A target reads any
+``GraphModule``, so this room sits right above capture and imports nothing else of vitgraph but the ground
+floor: the cost room times with it, the pipeline lowers with it.
 
 The submodule ``onnx`` shadows nothing: every module here uses absolute imports, so ``import onnx``
 inside the package still means the ONNX package.

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from vitgraph.errors import ParityError, VitgraphError, user_frame
-from vitgraph.frontend import max_abs_diff
+from vitgraph.capture.frontend import max_abs_diff
 
 __all__ = ["LoweringReport", "LoweringError", "batched_inputs", "check_example_inputs", "model_name", "warn_if_training",
            "verify", "failing_op", "describe_failure", "raised_by", "lowering_error"]

@@ -161,8 +161,8 @@ def _tiny() -> vg.VitGraph:
 
 
 def test_an_axis_defined_in_tests_alone_runs_instrument_fit_materialize():
-    from vitgraph.data import load_data
-    from vitgraph.train import fit
+    from vitgraph.train.data import load_data
+    from vitgraph.train.loop import fit
 
     g = _tiny()
     x = g.example_inputs[0]
@@ -208,7 +208,7 @@ def test_a_cost_term_adds_what_the_dense_graph_lacks():
             return {"adapter": measured} if factors else {}
 
     ctx = AxisContext(g, Spec.from_dict({}))
-    from vitgraph.budget import Pricer
+    from vitgraph.cost.budget import Pricer
 
     pricer = Pricer(g, [Adapter(ctx)])
     assert pricer("eval") == pytest.approx(1.0 + measured / g.structure.flops) and pricer("full") == 1.0

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitgraph.cli import main
+from vitgraph.cli.main import main
 
 HANDMADE = str(Path(__file__).with_name("handmade.py")) + ":handmade_vit"
 TINY_KWARGS = "img_size=32,patch_size=8,depth=2,embed_dim=64,num_heads=2"
@@ -431,7 +431,7 @@ def test_bad_imagefolder(make, needles, tmp_path, capsys):
 def test_mixed_image_sizes_and_modes_are_not_bad_input(tmp_path):
     """Mixed sizes and colour modes load: every image is resized to the model's input and converted to its
     channels (so the CLI's imagefolder cases above fail for the bad file, not for the mix)."""
-    from vitgraph.data import load_data
+    from vitgraph.train.data import load_data
     root = tmp_path / "imgs"
     _images(root, {f"{c}/{i}.png": (20 + 7 * i, 48 - 5 * i) for c in "ab" for i in range(5)})
     _images(root, {"a/grey.png": (50, 17), "b/grey.png": (9, 40)}, mode="L")  # 6 a class: 1 in val
@@ -470,7 +470,7 @@ def test_debug_shows_the_traceback(user_file):
 
 def test_a_vitgraph_bug_is_an_internal_error_not_bad_input(monkeypatch, capsys):
     """An exception no loader turned into bad input exits 1 (not 2), in one paragraph that says how to report it."""
-    import vitgraph.cli as cli
+    import vitgraph.cli.main as cli
 
     def broken(args):
         raise KeyError("blocks.7")

@@ -16,7 +16,7 @@ from tests.test_groups import _graph
 from tests.test_tokens import _model
 from vitgraph.errors import SpecError
 from vitgraph.gated import instrument, materialize
-from vitgraph.graph import block_dict
+from vitgraph.analysis.graph import block_dict
 from vitgraph.spec import Spec
 
 
@@ -134,7 +134,7 @@ def _conv_run(data, out, crash_at: int | None = None, resume: bool = False):
 @pytest.mark.parametrize("crash_at", [2, 6])
 def test_resume_of_a_searched_model_is_bit_exact(tmp_path, crash_at):
     """A crash in the search (concrete samples, BatchNorm statistics, arch optimizer) and one after the freeze."""
-    from vitgraph.data import load_data
+    from vitgraph.train.data import load_data
 
     data = load_data("digits", (1, 16, 16), batch_size=16)
     straight = _conv_run(data, tmp_path / "a")
@@ -151,7 +151,7 @@ def _ddp_conv_worker(rank: int, world: int, port: int, out: str) -> None:
     import timm
 
     from tests.test_train import ddp_rank
-    from vitgraph.train import fit
+    from vitgraph.train.loop import fit
 
     with ddp_rank(rank, world, port) as data:
         m = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=2, in_chans=1, num_classes=10,

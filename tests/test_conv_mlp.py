@@ -158,8 +158,8 @@ def test_one_shot_budget_and_onnx_parity_of_the_compact_graph(tmp_path):
 
 def test_uvc_learns_on_conv_mlps_and_rewrites_exactly():
     """A learned method reads the conv consumers' columns (norms, proximal shrinking) on 4-D weights."""
-    from vitgraph.data import load_data
-    from vitgraph.train import fit
+    from vitgraph.train.data import load_data
+    from vitgraph.train.loop import fit
 
     x = torch.randn(2, 1, 16, 16)
     g = vg.trace(conv_mlp_net(chans=1), x)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitgraph.cli import main
-from vitgraph.outdir import RUN, Output, resumable
+from vitgraph.cli.main import main
+from vitgraph.report.outdir import RUN, Output, resumable
 from vitgraph.spec import Spec
 
 MODEL = [str(Path(__file__).with_name("handmade.py")) + ":handmade_vit",  # seeds its own weights

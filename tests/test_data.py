@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitgraph.data import Data, ToChannels, load_data, stratified_split
+from vitgraph.train.data import Data, ToChannels, load_data, stratified_split
 from vitgraph.errors import DataError, VitgraphError
 
 

@@ -209,7 +209,7 @@ def test_one_shot_depth_skips_by_influence_and_meets_the_budget():
 
 
 def test_learned_gates_and_exits_train_and_land_on_budget(tmp_path):
-    from vitgraph.demo import INPUT, demo_model
+    from vitgraph.cli.demo import INPUT, demo_model
 
     torch.manual_seed(0)
     spec = {"budget": {"flops": 0.5}, "width": {"method": "wdpruning", "align": 16},
@@ -257,8 +257,8 @@ def test_deit_small_without_three_blocks_exports_a_pt2_that_loads_in_a_fresh_pro
 @pytest.mark.parametrize("crash_at", [3, 7], ids=["before-freeze", "after-freeze"])
 def test_resume_with_gates_and_exits_is_bit_exact(tmp_path, crash_at):
     from tests.test_train import Crash, _crash_after
-    from vitgraph.data import load_data
-    from vitgraph.train import fit
+    from vitgraph.train.data import load_data
+    from vitgraph.train.loop import fit
 
     data = load_data("digits", (1, 16, 16), batch_size=16)
     spec = Spec.from_dict({"budget": {"flops": 0.6}, "width": {"method": "wdpruning", "align": 1},

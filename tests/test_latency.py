@@ -7,12 +7,13 @@ import pytest
 import timm
 import torch
 
-from vitgraph import profile as prof
-from vitgraph.cli import main
+from vitgraph.cost import profile as prof
+from vitgraph.gated import builder
+from vitgraph.cli.main import main
 from vitgraph.errors import SpecError
 from vitgraph.gated import instrument, materialize
-from vitgraph.graph import trace
-from vitgraph.latency import FEATURES, LatencyTable, elem_table, features, ops_table
+from vitgraph.analysis.graph import trace
+from vitgraph.cost.latency import FEATURES, LatencyTable, elem_table, features, ops_table
 from vitgraph.pipeline import compress
 from vitgraph.spec import Spec
 
@@ -128,7 +129,7 @@ def test_land_corrects_by_the_measured_error(g, monkeypatch):
 def test_compress_on_a_latency_budget_measures_it(g, tmp_path):
     """End to end on eager: the table from a short profile, the pricer lands on the aim, the report says
     predicted and measured (tiny models on eager time Python overhead: no assertion on the measured ratio)."""
-    table = prof.profile(g, "eager", 1, samples=4, repeats=3, progress=False)
+    table = prof.profile(g, "eager", 1, builder(g), samples=4, repeats=3, progress=False)
     path = table.save(tmp_path / "table.json")
     spec = {"budget": {"latency": 0.8, "target": "eager", "table": str(path), "rounds": 1},
             "width": {"heads": True, "mlp": True}}

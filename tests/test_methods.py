@@ -7,7 +7,7 @@ import torch
 
 import vitgraph as vg
 from vitgraph.gated import instrument, materialize
-from vitgraph.gates import ceil_ste, concrete, gumbel2, least_sum, topk_hard, topk_mask
+from vitgraph.gates.units import ceil_ste, concrete, gumbel2, least_sum, topk_hard, topk_mask
 from vitgraph.spec import Spec
 
 
@@ -89,8 +89,8 @@ def test_wdpruning_thresholds_fall_and_duals_rise_under_the_budget():
     spec = Spec.from_dict({"budget": {"flops": 0.4}, "width": {"method": "wdpruning", "align": 8},
                            "train": {"steps": 30, "search": 1.0, "batch_size": 32}})
     gated = instrument(g, spec)
-    from vitgraph.data import load_data
-    from vitgraph.train import fit
+    from vitgraph.train.data import load_data
+    from vitgraph.train.loop import fit
 
     before = gated.status()["expected"]
     fit(gated, load_data("digits", (1, 16, 16), 32).train, spec.train, progress=False)
@@ -105,8 +105,8 @@ def test_uvc_duals_stay_nonnegative_and_counts_grow():
     spec = Spec.from_dict({"budget": {"flops": 0.5}, "width": {"method": "uvc"},
                            "train": {"steps": 30, "search": 1.0, "batch_size": 32}})
     gated = instrument(g, spec)
-    from vitgraph.data import load_data
-    from vitgraph.train import fit
+    from vitgraph.train.data import load_data
+    from vitgraph.train.loop import fit
 
     fit(gated, load_data("digits", (1, 16, 16), 32).train, spec.train, progress=False)
     assert gated.axes["width"].method.y.min() >= 0 and gated.budget.duals.min() >= 0

@@ -3,7 +3,7 @@ say so; a latency budget sits beside the FLOPs; nothing the figure draws (its ti
 it at 4, 12 or 24 blocks; an old report with none of the newer keys still renders.
 
 Real reports come from one-shot ``vg.compress`` runs on tiny models; the latency and 24-block reports
-are written out by hand in the shape ``vitgraph.pipeline`` and ``vitgraph.profile`` produce.
+are written out by hand in the shape ``vitgraph.pipeline`` and ``vitgraph.cost.profile`` produce.
 """
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import timm
 import torch
 
 import vitgraph as vg
-from vitgraph.report import kept_blocks, report_axes, write_markdown
+from vitgraph.report.kept import kept_blocks, report_axes
+from vitgraph.report.views import write_markdown
 
-plot = pytest.importorskip("vitgraph.report_plot")
+plot = pytest.importorskip("vitgraph.report.plot")
 
 
 def _deit(depth: int, heads: int = 4, embed: int = 64) -> vg.VitGraph:

@@ -16,7 +16,7 @@ from vitgraph.targets import LoweringError, LoweringReport, bench
 from vitgraph.targets import compile as compile_target
 from vitgraph.targets import export as export_target
 from vitgraph.targets import onnx as onnx_target
-from vitgraph.frontend import max_abs_diff, trace_module
+from vitgraph.capture.frontend import max_abs_diff, trace_module
 
 
 @pytest.fixture(scope="module")

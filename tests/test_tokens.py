@@ -195,7 +195,7 @@ def run_tiny_deit(spec: dict, data, out, crash_at: int | None = None, resume: bo
     """A tiny deit (16 px, 64 patches) instrumented with ``spec`` and trained (a checkpoint every step); with
     ``crash_at``, a Crash after that many steps (returns None). Shared by the resume tests of the axes."""
     from tests.test_train import Crash, _crash_after
-    from vitgraph.train import fit
+    from vitgraph.train.loop import fit
 
     torch.manual_seed(0)
     m = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=2, in_chans=1, num_classes=10,
@@ -221,7 +221,7 @@ def _tokens_run(seed: int, data, out, crash_at: int | None = None, resume: bool 
 @pytest.mark.parametrize("method,crash_at", [("attention", 5), ("spvit", 2), ("spvit", 6)])
 def test_resume_with_selectors_is_bit_exact(tmp_path, method, crash_at):
     """spvit: a crash in the search (Gumbel samples, arch optimizer) and one after the freeze."""
-    from vitgraph.data import load_data
+    from vitgraph.train.data import load_data
 
     data = load_data("digits", (1, 16, 16), batch_size=16)
     straight = _tokens_run(0, data, tmp_path / "a", method=method)
@@ -236,7 +236,7 @@ def _ddp_tokens_worker(rank: int, world: int, port: int, out: str, method: str) 
     import os
 
     from tests.test_train import ddp_rank
-    from vitgraph.train import fit
+    from vitgraph.train.loop import fit
 
     with ddp_rank(rank, world, port) as data:
         m = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=2, in_chans=1, num_classes=10,

@@ -13,7 +13,7 @@ import vitgraph as vg
 from tests.test_tokens import FAMILIES, _model
 from vitgraph.gated import instrument, materialize
 from vitgraph.spec import Spec
-from vitgraph.token_gates import KeyMask, LearnedTokenSelector
+from vitgraph.gates.tokens import KeyMask, LearnedTokenSelector
 
 
 def _spec(**tokens) -> Spec:
@@ -118,7 +118,7 @@ def test_training_reaches_the_selectors_through_the_masks_and_materializes(tmp_p
 
     from torch.utils.data import TensorDataset
 
-    from vitgraph.train import fit
+    from vitgraph.train.loop import fit
 
     g = _model("deit")
     spec = Spec.from_dict({"budget": {"flops": 0.6}, "tokens": {"stages": [1, 2]},

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from vitgraph.data import load_data
+from vitgraph.train.data import load_data
 from vitgraph.errors import SpecError, VitgraphError
 from vitgraph.spec import Distill, Train
-from vitgraph.train import (Compressible, GroupConfig, Plan, _optimizer, evaluate, fit, lr_at, param_groups,
+from vitgraph.train.loop import (Compressible, GroupConfig, Plan, _optimizer, evaluate, fit, lr_at, param_groups,
                             task_loss)
 
 

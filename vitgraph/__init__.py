@@ -12,14 +12,18 @@
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
 from typing import Any
 
 from vitgraph.errors import (AnalysisError, InputSizeError, ModelNotFoundError, ParityError, PostconditionError,
                              PreconditionError, SpecError, TraceError, VitgraphError)
-from vitgraph.graph import VitGraph, trace
+from vitgraph.analysis.graph import VitGraph, trace
 from vitgraph.spec import Spec
 from vitgraph.meta import AttentionSite, Block, CoupledGroup, MlpSite, Structure, TokenInfo
-from vitgraph.models import load_model
+from vitgraph.capture.models import load_model
 
 __version__ = "0.1.0"
 
@@ -32,7 +36,7 @@ __all__ = [
 
 _LAZY = {"instrument": "vitgraph.gated", "materialize": "vitgraph.gated", "GatedModel": "vitgraph.gated",
          "Axis": "vitgraph.axes",
-         "fit": "vitgraph.train", "compress": "vitgraph.pipeline", "Result": "vitgraph.pipeline"}
+         "fit": "vitgraph.train.loop", "compress": "vitgraph.pipeline", "Result": "vitgraph.pipeline"}
 
 
 def __getattr__(name: str) -> Any:
@@ -41,3 +45,32 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'vitgraph' has no attribute {name!r}")
+
+
+# Modules that moved into the rooms (issue 26): the old import paths keep working, with a DeprecationWarning.
+_MOVED = {"graph": "analysis.graph", "frontend": "capture.frontend", "models": "capture.models",
+          "budget": "cost.budget", "latency": "cost.latency", "profile": "cost.profile",
+          "token_gates": "gates.tokens", "conv_gates": "gates.conv", "train_state": "train.state",
+          "train_groups": "train.groups", "data": "train.data", "report_plot": "report.plot",
+          "outdir": "report.outdir", "sweep": "cli.sweep", "demo": "cli.demo"}
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``import vitgraph.graph`` gives ``vitgraph.analysis.graph`` (the same module object)."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        old = name.removeprefix("vitgraph.")
+        if name.startswith("vitgraph.") and old in _MOVED:
+            return importlib.util.spec_from_loader(name, self)
+        return None
+
+    def create_module(self, spec: Any) -> Any:
+        new = f"vitgraph.{_MOVED[spec.name.removeprefix('vitgraph.')]}"
+        warnings.warn(f"{spec.name} moved to {new}; import it from there", DeprecationWarning, stacklevel=2)
+        return importlib.import_module(new)
+
+    def exec_module(self, module: Any) -> None:
+        pass  # the module it stands for has run already
+
+
+sys.meta_path.append(_MovedModules())

@@ -6,7 +6,7 @@
     result.save("out/")     # model.pt2, compact.pt, spec.yaml, report.json, report.md, kept.png
 
 With ``out_dir`` the run builds ``out_dir.partial`` (training checkpoints in its ``train/``) and renames it to
-``out_dir`` only when every artifact is written (see ``vitgraph.outdir``); ``resume=True`` continues a killed run.
+``out_dir`` only when every artifact is written (see ``vitgraph.report.outdir``); ``resume=True`` continues a killed run.
 
 Every result is checked: the compact graph must equal the gated graph in ``eval`` mode (the
 decisions it bakes in) and land within ``budget.tolerance`` of ``budget.flops``.
@@ -25,10 +25,10 @@ import torch.fx as fx
 from torch import nn
 
 from vitgraph.errors import ParityError, SpecError
-from vitgraph.frontend import max_abs_diff, require_vit
-from vitgraph.gated import GatedModel, instrument, materialize
-from vitgraph.graph import VitGraph, block_dict, trace
-from vitgraph.outdir import Output, identity
+from vitgraph.capture.frontend import max_abs_diff
+from vitgraph.gated import GatedModel, builder, instrument, materialize
+from vitgraph.analysis.graph import VitGraph, block_dict, require_vit, trace
+from vitgraph.report.outdir import Output, identity
 from vitgraph.spec import Spec
 
 PARITY_ATOL = 1e-4   # gated eval vs compact, fp32, relative to the output's scale
@@ -59,7 +59,7 @@ class Result:
 
     def write(self, folder: Path, *, pt2: bool = True) -> dict[str, str]:
         """The artifacts, straight into ``folder`` (``save`` and ``compress`` make it their staging folder)."""
-        from vitgraph.report import write_markdown
+        from vitgraph.report.views import write_markdown
 
         out = Path(folder)
         files = {}
@@ -86,8 +86,8 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
              data: Any = "none", name: str | None = None, out_dir: str | Path | None = None, resume: bool = False,
              progress: bool = True, latency_targets: tuple[str, ...] = ("eager",)) -> Result:
     """Compress ``model`` as ``spec`` says. ``data``: "none", "digits", "imagefolder:PATH" or a ``Data``."""
-    from vitgraph.data import Data, load_data
-    from vitgraph.train import evaluate, fit
+    from vitgraph.train.data import Data, load_data
+    from vitgraph.train.loop import evaluate, fit
 
     t0 = time.perf_counter()
     spec = _as_spec(spec)
@@ -111,8 +111,8 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
         source = output.begin(resume=resume, identity=identity(g.name, g.gm, size, spec) if trains else None)
     latency = None
     if spec.budget.latency is not None:
-        from vitgraph.profile import table_for
-        latency = table_for(g, spec.budget, progress)
+        from vitgraph.cost.profile import table_for
+        latency = table_for(g, spec.budget, builder(g), progress)
     gated = instrument(g, spec, calibration=calibration, val_data=dataset.val, latency=latency)
 
     fitted = None
@@ -128,12 +128,9 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
     compact = materialize(gated)
     measured = None
     if latency is not None:  # check the prediction by measurement; one-shot specs are corrected by it
-        from vitgraph.profile import land
+        from vitgraph.cost.profile import land
 
-        def build(aimed: Spec) -> tuple[GatedModel, fx.GraphModule]:
-            again = instrument(g, aimed, calibration=calibration, val_data=dataset.val, latency=latency)
-            again.freeze()
-            return again.eval(), materialize(again)
+        build = builder(g, calibration=calibration, val_data=dataset.val, latency=latency)
         gated, compact, measured = land(g, spec, build, gated, compact, progress)
     compressed = trace(compact, gated.example_inputs(), name=f"{g.name} (compressed)")
     parity = _parity(gated, compact, g.example_inputs, gated.serving_batch)
@@ -182,7 +179,7 @@ def _report(g: VitGraph, gated: GatedModel, compressed: VitGraph, spec: Spec, pa
 
 
 def _graph(model: nn.Module | VitGraph, example_inputs: Any, name: str | None) -> VitGraph:
-    from vitgraph.models import default_input_size
+    from vitgraph.capture.models import default_input_size
 
     if isinstance(model, VitGraph):
         return model

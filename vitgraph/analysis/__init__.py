@@ -1,7 +1,10 @@
-"""Structure recognition over a traced ViT graph. ``analyse`` runs every analysis in order.
+"""Structure recognition over a captured ViT graph. ``analyse`` runs every analysis in order; ``graph``
+holds ``VitGraph`` and ``vg.trace`` (capture, then analyse), ``summary`` what ``vitgraph inspect`` prints.
 
 Read-only on the graph: it writes ``node.meta`` (shapes, roles, costs) and returns a
-:class:`~vitgraph.meta.Structure`; it never edits nodes.
+:class:`~vitgraph.meta.Structure`; it never edits nodes. Recognition is by dataflow, never by class names.
+May import capture, targets and the ground floor (errors, meta, spec); nothing here imports a gate, a pass
+or an axis.
 """
 from __future__ import annotations
 

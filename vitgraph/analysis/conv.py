@@ -9,17 +9,21 @@ the input node, the projection output, the parameter names and per-head rows/col
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch.fx as fx
 
 from vitgraph.analysis.blocks import removable_residual
 from vitgraph.analysis.depth import branch_sets
 from vitgraph.analysis.ops import linear_info
-from vitgraph.meta import shape_of
+from vitgraph.meta import Structure, shape_of
 
-if TYPE_CHECKING:
-    from vitgraph.graph import VitGraph
+
+class Traced(Protocol):
+    """What the conv analysis reads of a ``VitGraph`` (which is built from the analyses, so not imported here)."""
+
+    gm: fx.GraphModule
+    structure: Structure
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class ConvSite:
         return self.grid[0] * self.grid[1]
 
 
-def conv_sites(g: VitGraph) -> tuple[list[ConvSite], dict[str, str]]:
+def conv_sites(g: Traced) -> tuple[list[ConvSite], dict[str, str]]:
     """The sites that can become convolutions, and for every other attention the reason it cannot."""
     st, gm = g.structure, g.gm
     info = st.tokens
@@ -82,7 +86,7 @@ def conv_sites(g: VitGraph) -> tuple[list[ConvSite], dict[str, str]]:
     return sites, reasons
 
 
-def _reason(g: VitGraph, nodes: dict[str, fx.Node], b, a, groups, branches) -> str | None:  # noqa: ANN001
+def _reason(g: Traced, nodes: dict[str, fx.Node], b, a, groups, branches) -> str | None:  # noqa: ANN001
     info = g.structure.tokens
     if a.mode == "separable":
         return "separable attention has no token-by-token map a convolution could take the place of"

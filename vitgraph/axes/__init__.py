@@ -3,7 +3,9 @@
 ``AXES`` lists the built-in axes in the order the spec gives them (and their instrument passes
 run): width, conv, exits, tokens, depth. Exits come before the block gates so that an exit after a skipped block
 reads the gated stream. ``build_axes`` asks each axis whether the spec wants it on this model;
-``vg.instrument(..., axes=[MyAxis])`` adds axes of your own (see docs/architecture.md).
+``vg.instrument(..., axes=[MyAxis])`` adds axes of your own (see docs/architecture.md). An axis states its
+decisions as factors a pricer multiplies (``Factors``), never prices itself: it may import analysis, gates,
+passes and the ground floor, never cost, the gated model, training or anything above.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vitgraph.gates import topk_hard, topk_mask
+from vitgraph.gates.units import topk_hard, topk_mask
 
 CostFn = Callable[[Mapping[str, Any]], Any]  # kept fraction per group -> fraction of the dense FLOPs
 

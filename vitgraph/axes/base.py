@@ -34,7 +34,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from vitgraph.graph import VitGraph
+    from vitgraph.analysis.graph import VitGraph
     from vitgraph.passes.base import VitPass
     from vitgraph.spec import Spec
 
@@ -46,7 +46,7 @@ PRICE_MODES = ("eval", "train", "full", "floor")
 
 
 class Pricer(Protocol):
-    """What an axis sees of ``vitgraph.budget.Pricer``: every axis, and the price of a mode
+    """What an axis sees of ``vitgraph.cost.budget.Pricer``: every axis, and the price of a mode
     (with some axes' factors overridden) as a fraction of the dense FLOPs."""
 
     axes: Sequence[Axis]

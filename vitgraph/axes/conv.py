@@ -21,7 +21,7 @@ from vitgraph.analysis.conv import ConvSite, conv_sites
 from vitgraph.analysis.depth import branch_factor
 from vitgraph.analysis.tokens import default_stages
 from vitgraph.axes.base import Axis, AxisContext, Factors, Pricer, Run
-from vitgraph.conv_gates import CHOICES, AttentionConv
+from vitgraph.gates.conv import CHOICES, AttentionConv
 from vitgraph.errors import SpecError
 from vitgraph.meta import CONV_GATES, submodule_name
 from vitgraph.passes.attention_to_conv_pass import AttentionToConvPass

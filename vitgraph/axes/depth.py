@@ -21,7 +21,7 @@ from vitgraph.analysis.depth import branch_factor, depth_units
 from vitgraph.axes.base import Axis, AxisContext, Factors, Pricer, Run
 from vitgraph.axes.importance import influence
 from vitgraph.errors import SpecError
-from vitgraph.gates import BlockGate, gumbel2, ste_step
+from vitgraph.gates.units import BlockGate, gumbel2, ste_step
 from vitgraph.meta import DepthUnit
 from vitgraph.passes.insert_block_gates_pass import InsertBlockGatesPass
 from vitgraph.passes.remove_skipped_blocks_pass import RemoveSkippedBlocksPass

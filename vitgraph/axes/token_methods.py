@@ -1,6 +1,6 @@
 """SPViT's learned token selection (methods.md §3.3-3.4): the keep-ratio loss, token distillation, schedule.
 
-The selectors themselves (``vitgraph.token_gates.LearnedTokenSelector``) sit in the graph; this
+The selectors themselves (``vitgraph.gates.tokens.LearnedTokenSelector``) sit in the graph; this
 method owns what learning them needs:
 
 * the targets rho_s (kept fraction of the patches after stage s), from ``tokens.keep`` or the budget;
@@ -22,8 +22,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from vitgraph.axes.base import Learner
-from vitgraph.graph import VitGraph
-from vitgraph.token_gates import FinalTokens, LearnedTokenSelector
+from vitgraph.analysis.graph import VitGraph
+from vitgraph.gates.tokens import FinalTokens, LearnedTokenSelector
 
 RATIO_WEIGHT = 2.0
 TOKEN_DISTILL_WEIGHT = 0.5

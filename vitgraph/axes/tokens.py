@@ -29,7 +29,7 @@ from vitgraph.errors import SpecError
 from vitgraph.meta import TOKENS, submodule_name
 from vitgraph.passes.insert_token_selectors_pass import FINAL, InsertTokenSelectorsPass, Stage
 from vitgraph.passes.pack_tokens_pass import PackTokensPass
-from vitgraph.token_gates import FinalTokens, LearnedTokenSelector
+from vitgraph.gates.tokens import FinalTokens, LearnedTokenSelector
 
 if TYPE_CHECKING:
     from vitgraph.passes.base import VitPass

@@ -19,8 +19,8 @@ from vitgraph.axes.base import Axis, AxisContext, Factors, Pricer, Run
 from vitgraph.axes.importance import magnitude_importance, taylor_importance
 from vitgraph.axes.width_methods import Site, WidthMethod, build_method
 from vitgraph.errors import SpecError
-from vitgraph.gates import UnitGate
-from vitgraph.graph import VitGraph
+from vitgraph.gates.units import UnitGate
+from vitgraph.analysis.graph import VitGraph
 from vitgraph.meta import GATES, CoupledGroup, submodule_name
 from vitgraph.passes.insert_unit_gates_pass import InsertUnitGatesPass
 from vitgraph.passes.prune_value_dims_pass import PruneValueDimsPass

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from vitgraph.axes.base import Learner
 from vitgraph.errors import SpecError
-from vitgraph.gates import ceil_ste, clamp_ste, concrete, least_sum, ste_step, topk_hard
+from vitgraph.gates.units import ceil_ste, clamp_ste, concrete, least_sum, ste_step, topk_hard
 from vitgraph.axes.allocation import CostFn, Site, allocate, allocate_global
 from vitgraph.spec import WIDTH_ALLOCATIONS
 
@@ -36,7 +36,7 @@ class WidthMethod(Learner):
     """Base: frozen decisions as buffers, budget projection, the mode logic."""
 
     name = "base"
-    budget_form: str | None = None  # how it learns against the budget (see vitgraph.budget.Budget)
+    budget_form: str | None = None  # how it learns against the budget (see vitgraph.cost.budget.Budget)
 
     def __init__(self, sites: Sequence[Site], budget: float, weight: Callable[[str], Tensor]) -> None:
         super().__init__()

@@ -8,10 +8,10 @@ where, under a set of decisions, ``gemm`` is the FLOPs left (the cost model's ro
 number of graph ops left (a deleted block or branch takes its ops with it; a narrower op is still
 one op: at batch 1 latency follows op count, not FLOPs) and ``elem`` the elements the other ops
 still touch (norms, adds, activations, copies shrink with the tokens and channels kept). Each
-feature is a ``vitgraph.budget.Table`` over the pricer's factors, so one weighted sum of them is
+feature is a ``vitgraph.cost.budget.Table`` over the pricer's factors, so one weighted sum of them is
 again a table, and ``Pricer(g, axes, table=LatencyTable.pricer_table)`` prices every axis's
 decisions in milliseconds, differentiably, exactly as it prices FLOPs. The coefficients are
-measured (``vitgraph.profile``): compact models of random decisions on every axis that applies,
+measured (``vitgraph.cost.profile``): compact models of random decisions on every axis that applies,
 timed interleaved with the dense model on the runtime, fitted by non-negative least squares on
 relative error. A table names the model, input size, runtime, batch, thread count and machine it
 was measured for, and refuses to price another model.
@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch.fx as fx
 
-from vitgraph.budget import Pricer, Table, flops_table
+from vitgraph.cost.budget import Pricer, Table, flops_table
 from vitgraph.errors import SpecError
-from vitgraph.graph import VitGraph
+from vitgraph.analysis.graph import VitGraph
 from vitgraph.meta import COST, NodeCost, shape_of
 
 FEATURES = ("const", "ops", "gemm", "elem")

@@ -5,7 +5,7 @@ takes in (and gives out, where a block changes the count), as fractions of the d
 the embedding channels, one fraction for the whole residual stream, as a dashed horizontal line. A
 removed block is a grey hatched slot labelled "removed"; an attention that became a convolution or was
 skipped is shaded and named under its block index. Only the axes the report has are drawn
-(``vitgraph.report.report_axes``).
+(``vitgraph.report.kept.report_axes``).
 
 The figure uses constrained layout and wraps its title to its own width, so nothing it draws falls
 outside it; ``clipped_texts`` lists what would.
@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
-from vitgraph.report import KIND_LABELS, KeptBlock, embed_kept, kept_blocks, report_axes
+from vitgraph.report.kept import KIND_LABELS, KeptBlock, embed_kept, kept_blocks, report_axes
 
 BARS = (("heads", "heads", "tab:blue"), ("head_dim", "value dims / head", "tab:cyan"),
         ("mlp", "MLP units", "tab:orange"))

@@ -27,7 +27,7 @@ import torch
 from vitgraph.errors import VitgraphError
 
 PARTIAL = ".partial"
-CHECKPOINT = "checkpoint.pt"   # as vitgraph.train writes it
+CHECKPOINT = "checkpoint.pt"   # as vitgraph.train.loop writes it
 RUN = "run.json"
 # what compile writes: a DIR holding nothing else is replaced whole; any other DIR gets the artifacts moved in
 ARTIFACTS = frozenset({"model.pt2", "compact.pt", "spec.yaml", "report.json", "report.md", "train"})

@@ -1,17 +1,14 @@
-"""``vg.instrument`` and ``vg.materialize``: the gated graph and its compact rewrite.
-
-``instrument(g, spec)`` builds the axes the spec asks for (``vitgraph.axes``), runs their
-instrument passes on a copy of the traced graph through the pass manager, and wraps the result in
-a ``GatedModel``: an ``nn.Module`` with three modes (``open``: exactly the original; ``train``: the
+"""``GatedModel``: the traced graph with the gates of every axis (built by ``vg.instrument``, see
+``vitgraph.gated.build``): an ``nn.Module`` with three modes (``open``: exactly the original; ``train``: the
 axes' differentiable masks and sampled gates; ``eval``: the hard decisions ``materialize`` bakes
 in) and the hooks the training loop uses (``param_groups``, ``penalties``, ``aux_logits``,
-``after_step``, ``freeze``, ``status``). Every hook loops over the axes; one ``Pricer`` prices all
-their decisions, and one ``Budget`` term (when a method learns against it) constrains them.
+``after_step``, ``freeze``, ``status``). Every hook loops over the axes; the ``Cost`` it is handed prices
+all their decisions (it does not know whether in FLOPs or on a latency table), and one ``Budget`` term
+(when a method learns against it) constrains them.
 """
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,12 +16,10 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from vitgraph.axes import Axis, AxisContext, build_axes
-from vitgraph.budget import BothPricer, Budget, Pricer
+from vitgraph.analysis.graph import VitGraph
+from vitgraph.axes import Axis
+from vitgraph.cost.budget import Budget, Cost
 from vitgraph.errors import SpecError
-from vitgraph.graph import VitGraph
-from vitgraph.latency import LatencyTable
-from vitgraph.passes.manager import PassManager
 from vitgraph.spec import Spec
 
 MODES = ("open", "train", "eval")
@@ -33,16 +28,15 @@ MODES = ("open", "train", "eval")
 class GatedModel(nn.Module):
     """A traced ViT with the gates of its axes, the axes' methods, and the budget over all of them."""
 
-    def __init__(self, gm: fx.GraphModule, graph: VitGraph, spec: Spec, axes: Sequence[Axis],
-                 latency: LatencyTable | None = None) -> None:
+    def __init__(self, gm: fx.GraphModule, graph: VitGraph, spec: Spec, axes: Sequence[Axis], cost: Cost) -> None:
         super().__init__()
         self.gm = gm
         self.graph = graph
         self.spec = spec
         self.axes = nn.ModuleDict({a.name: a for a in axes})
-        self.flops_pricer = Pricer(graph, axes)
-        self.pricer = _budget_pricer(graph, list(axes), spec, self.flops_pricer, latency)  # the budget's units
-        self.latency = latency
+        self.flops_pricer = cost.flops     # the fraction of the dense FLOPs
+        self.pricer = cost.budget          # what the budget constrains (FLOPs, predicted latency, or both)
+        self.latency = cost.latency
         self.budget = Budget.for_axes(spec.budget.fraction, axes)
         self.aux_names = tuple(name for a in axes for name in a.aux_outputs)
         self.learned: float | None = None  # the cost of the learned decisions, before freeze projected them
@@ -202,69 +196,3 @@ class GatedModel(nn.Module):
     def report(self) -> dict[str, Any]:
         """The axes' parts of report.json, one dictionary each (``vg.compress`` merges them key by key)."""
         return {name: axis.report() for name, axis in self.axes.items()}
-
-
-def instrument(g: VitGraph, spec: Spec, *, calibration: Iterable[tuple[Tensor, Tensor]] | None = None,
-               val_data: Any = None, axes: Sequence[type[Axis]] = (), latency: LatencyTable | None = None
-               ) -> GatedModel:
-    """Insert the gates of every axis the spec asks for (and of ``axes``, axes of your own) into a copy
-    of ``g``'s graph. ``calibration``: batches for gradient-based scores; ``val_data``: (image, label)
-    pairs for decisions taken on validation data at freeze (which exit to cut at); ``latency``: the
-    measured table ``budget.latency`` prices with (``vitgraph.profile.table_for``)."""
-    if spec.budget.latency is not None and latency is None:
-        raise SpecError("budget.latency needs a measured latency table: pass latency=vitgraph.profile.table_for(g, "
-                        "spec.budget) (vg.compress does), or use budget.flops")
-    ctx = AxisContext(g, spec, calibration, val_data)
-    built = build_axes(ctx, axes)
-    manager = PassManager(g.example_inputs)
-    gm = manager.run(copy.deepcopy(g.gm), [p for a in built for p in a.instrument_passes()])
-    for axis in built:
-        axis.setup(gm)
-    gated = GatedModel(gm, g, spec, built, latency)
-    _check_budget(g, spec, gated)
-    if all(a.one_shot for a in built):
-        gated.freeze()  # nothing to learn: the one-shot decisions are final now
-    return gated
-
-
-def _check_budget(g: VitGraph, spec: Spec, gated: GatedModel) -> None:
-    """Refuse a budget the allowed decisions cannot reach, before any training."""
-    budget = spec.budget
-    floor = float(gated.pricer("floor"))
-    if budget.fraction < floor - budget.slack:
-        left = [getattr(a, "skipped", None) for a in gated.axes.values()]
-        dense = [f"{k}: {v}" for d in left if isinstance(d, dict) for k, v in d.items()]
-        why = f" (sites left dense: {'; '.join(dense[:2])}" + (f"; {len(dense) - 2} more" if len(dense) > 2 else "") \
-            + ")" if dense else ""
-        raise SpecError(f"{budget.key} {budget.fraction} is impossible for {g.name} with this spec: pruning every "
-                        f"allowed unit still leaves {floor:.3f} of the dense {budget.metric}{why}; raise the budget "
-                        f"or enable more axes")
-    for axis in gated.axes.values():
-        axis.check_budget(gated.pricer)
-
-
-def _budget_pricer(g: VitGraph, axes: list[Axis], spec: Spec, flops: Pricer, latency: LatencyTable | None
-                   ) -> Pricer | BothPricer:
-    """What the budget constrains: FLOPs, the latency table's prediction, or both (latency's units)."""
-    b = spec.budget
-    if b.latency is None or latency is None:
-        return flops
-    latency.check(g, b.target, b.batch, source=b.table or "the cached latency table")
-    timed = latency.pricer(g, axes)
-    return timed if b.flops is None else BothPricer(timed, b.latency, flops, b.flops)
-
-
-def materialize(gated: GatedModel) -> fx.GraphModule:
-    """The compact graph: ``eval`` decisions baked in by every axis's materialize passes, coarse removals
-    (exits, blocks) first, then slicing what is left."""
-    for axis in gated.axes.values():  # the copy's gates must not hold this model's masks or samples
-        axis.apply("open")
-    gm = copy.deepcopy(gated.gm)
-    ordered = sorted(gated.axes.values(), key=lambda a: a.materialize_order)
-    passes = [p for axis in ordered for p in axis.materialize_passes()]
-    # the manager re-records shapes after every pass: they describe the compact graph, not the dense one
-    compact = PassManager(gated.example_inputs()).run(gm, passes)
-    compact.eval()
-    if gated.serving_batch is not None:
-        compact.serving_batch = gated.serving_batch  # read by the targets: export and check at that batch only
-    return compact

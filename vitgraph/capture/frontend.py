@@ -22,10 +22,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from vitgraph.analysis.ops import module_path, op_kind
 from vitgraph.errors import InputSizeError, ModelError, TraceError, first_line, user_frame
 
-__all__ = ["capture_module", "trace_module", "timm_leaves", "VitTracer", "check_exact", "require_vit"]
+__all__ = ["capture_module", "trace_module", "timm_leaves", "VitTracer", "check_exact"]
 
 FRONTENDS = ("export", "fx")
 
@@ -326,52 +325,3 @@ def check_exact(traced_out: Any, reference: Any, name: str, atol: float = 1e-5) 
             "holding that branch a leaf (leaf_modules=[...])."
         )
     return err
-
-
-
-
-def require_vit(g: Any) -> None:
-    """ModelError unless the traced graph (a VitGraph) holds self-attention: the compression axes prune heads,
-    tokens and attention blocks, and a CNN has none of them."""
-    s = g.structure
-    if s.attention:
-        return
-    mixers = sorted({b.mixer for b in s.blocks if b.mixer})
-    found = f"{len(s.blocks)} residual blocks of {', '.join(mixers)}" if mixers else f"{len(s.blocks)} blocks"
-    unrecognised = [n for n in g.gm.graph.nodes if op_kind(n, g.gm) in ("softmax", "sdpa")]
-    if unrecognised:  # attention is there, in a form recognition does not take apart
-        n = unrecognised[0]
-        raise ModelError(
-            f"{g.name}: its graph has attention that vitgraph does not recognise (%{n.name} in "
-            f"{module_path(n, g.gm)}, {len(unrecognised)} such op(s); found {found}): recognition needs q, k and v "
-            "from linear projections, then q @ k^T -> softmax -> @ v or scaled_dot_product_attention, on a "
-            "token axis (convolutional projections, factorised or multi-scale attention are not taken apart), so "
-            "no compression axis can reach it. `vitgraph inspect` lists what is recognised; compress a model "
-            "with plain multi-head attention, e.g. deit_small_patch16_224.")
-    opaque = _opaque_leaves(g.gm)
-    if opaque:  # attention may be there, inside modules the trace could not enter
-        raise ModelError(
-            f"{g.name}: its traced graph has no self-attention vitgraph can see (found {found}); the graph calls "
-            f"{opaque}, modules kept whole because they cannot be traced (timm marks them not traceable, or they "
-            "were passed as leaf_modules), so any attention inside them is out of reach of every compression axis. "
-            "Compress a model whose attention blocks trace, e.g. deit_small_patch16_224; `vitgraph inspect` shows "
-            "what vitgraph recognises in a model.")
-    raise ModelError(f"{g.name} is not a Vision Transformer: its graph has no self-attention (found {found}), so "
-                     "vitgraph has no heads, tokens or attention blocks to compress. Pass a ViT, e.g. the timm name "
-                     "deit_small_patch16_224 or file.py:function returning one; `vitgraph inspect` shows what "
-                     "vitgraph recognises in a model.")
-
-
-def _opaque_leaves(gm: fx.GraphModule) -> str:
-    """'MobileVitBlock x3, ...': the leaf modules, not torch.nn layers, that hold linear or convolution layers
-    (where attention projections would be)."""
-    counts: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        mod = gm.get_submodule(str(node.target))
-        if type(mod).__module__.startswith("torch.nn") or not any(
-                isinstance(m, (nn.Linear, nn.MultiheadAttention, nn.modules.conv._ConvNd)) for m in mod.modules()):
-            continue
-        counts[type(mod).__name__] = counts.get(type(mod).__name__, 0) + 1
-    return ", ".join(f"{k} x{v}" if v > 1 else k for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))

@@ -32,9 +32,9 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from vitgraph.errors import SpecError, VitgraphError
 from vitgraph.spec import Distill, Train
-from vitgraph.train_groups import (GROUPS, GroupConfig, Plan, _optimizer, group_configs, kind,  # noqa: F401 - API
+from vitgraph.train.groups import (GROUPS, GroupConfig, Plan, _optimizer, group_configs, kind,  # noqa: F401 - API
                                    lr_at, param_groups)
-from vitgraph.train_state import (FORMAT, _batches, _Batches, _changed_settings, _load, _Metrics, _restore_model,
+from vitgraph.train.state import (FORMAT, _batches, _Batches, _changed_settings, _load, _Metrics, _restore_model,
                                   _rng_state, _save, _set_rng_state, _Window, _World)
 
 CHECKPOINT = "checkpoint.pt"

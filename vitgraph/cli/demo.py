@@ -33,9 +33,9 @@ def run_demo(out: Path, *, dense_steps: int = DENSE_STEPS, compress_steps: int =
 
     import vitgraph as vg
     from vitgraph import targets
-    from vitgraph.data import load_data
+    from vitgraph.train.data import load_data
     from vitgraph.spec import Train
-    from vitgraph.train import fit
+    from vitgraph.train.loop import fit
 
     t0 = time.perf_counter()
     console = Console()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitgraph.gates import concrete, ste_step
+from vitgraph.gates.units import concrete, ste_step
 
 CHOICES = ("skip", "conv1", "conv3", "msa")   # by the number of nested gates that are on
 ALPHA = 0.01                                   # tap-assignment temperature

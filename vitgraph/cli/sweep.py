@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vitgraph.cli.common import load_graph, model_args, parse_targets
 from vitgraph.errors import SpecError
 
 AXIS_SETS = ("width", "depth", "tokens", "conv", "all")
@@ -37,8 +38,7 @@ IDENTITY = ("model", "dense", "spec", "data", "targets", "batch")
 
 
 def register(sub: Any) -> None:
-    """Add the ``sweep`` subcommand to ``vitgraph.cli``'s subparsers, with ``func=run``."""
-    from vitgraph.cli import _model_args
+    """Add the ``sweep`` subcommand to ``vitgraph.cli.main``'s subparsers, with ``func=run``."""
 
     s = sub.add_parser("sweep", help="compress at a grid of budgets per axis set; table and Pareto plot")
     s.add_argument("model")
@@ -51,7 +51,7 @@ def register(sub: Any) -> None:
     s.add_argument("--latency-batch", type=int, default=1, help="batch size latency is measured at (default 1)")
     s.add_argument("--steps", type=int, help="override train.steps")
     s.add_argument("--quiet", action="store_true", help="no progress and no final table")
-    _model_args(s)
+    model_args(s)
     s.set_defaults(func=run)
 
 
@@ -109,12 +109,11 @@ def axis_spec(base: Any, axes: str, budget: float) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run (or resume) the sweep ``args`` describe; writes sweep.json, sweep.md and sweep.png."""
-    from vitgraph.cli import _load, _targets
-    from vitgraph.data import check_source, load_data
-    from vitgraph.frontend import require_vit
+    from vitgraph.train.data import check_source, load_data
+    from vitgraph.analysis.graph import require_vit
     from vitgraph.spec import Spec
 
-    budgets, axis_sets, targets = parse_budgets(args.budgets), parse_axes(args.axes), _targets(args.targets)
+    budgets, axis_sets, targets = parse_budgets(args.budgets), parse_axes(args.axes), parse_targets(args.targets)
     if not targets:
         raise SpecError("--targets is empty; name one or more of eager, compile, onnx (the first is the plot's x axis)")
     if args.latency_batch < 1:
@@ -129,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             raise SpecError(f"--steps {args.steps} is negative; pass 0 (one-shot) or a number of training steps")
         base = dataclasses.replace(base, train=dataclasses.replace(base.train, steps=args.steps))
     check_source(args.data)  # before the model is built and traced
-    g = _load(args, args.model)
+    g = load_graph(args, args.model)
     require_vit(g)
     doc = {"model": g.name, "dense": {"flops": g.structure.flops, "params": g.structure.params,
                                       "input_size": list(g.input_size)},
@@ -218,7 +217,7 @@ class _Timer:
     def __call__(self, compact: Any, serving_batch: int | None) -> dict[str, dict[str, float]]:
         """``{target: {dense_ms, compressed_ms, ratio, batch}}``; a compact graph that serves one batch size
         only (per-image token counts) is timed, with the dense one, at that batch."""
-        from vitgraph.profile import measure_ratio
+        from vitgraph.cost.profile import measure_ratio
         from vitgraph.targets import bench
 
         batch = serving_batch or self.batch

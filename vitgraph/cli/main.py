@@ -11,43 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from vitgraph import __version__
-from vitgraph.errors import InputSizeError, SpecError, VitgraphError, first_line
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input-size", help="C,H,W of the input (default: what the model was built for)")
-    p.add_argument("--model-kwargs", help="k=v,... passed to timm.create_model or your function")
-    p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs network)")
-    p.add_argument("--checkpoint", help="load weights from this state-dict file")
-    p.add_argument("--batch", type=int, default=2, help="example batch size used for analysis (default 2)")
-
-
-def _load(args: argparse.Namespace, ref: str) -> Any:
-    """Build the model and trace it: returns a VitGraph."""
-    import torch
-
-    from vitgraph.graph import trace
-    from vitgraph.models import default_input_size, load_model, parse_kwargs, parse_size
-
-    model = load_model(ref, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                       model_kwargs=parse_kwargs(args.model_kwargs))
-    size = parse_size(args.input_size) or default_input_size(model)
-    if size is None:
-        raise InputSizeError(f"cannot tell which input size {ref} expects (it has no timm patch_embed.img_size, "
-                             "pretrained_cfg or Hugging Face config to read it from); pass --input-size C,H,W, "
-                             "e.g. --input-size 3,224,224")
-    torch.manual_seed(0)
-    fixed = getattr(model, "serving_batch", None)  # a compact graph that serves one batch size only
-    x = torch.randn(fixed if isinstance(fixed, int) else max(1, args.batch), *size)
-    return trace(model, x, name=getattr(model, "vg_name", None) or ref)
+from vitgraph.cli.common import load_graph, model_args, parse_targets
+from vitgraph.errors import SpecError, VitgraphError, first_line
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    g = _load(args, args.model)
+    g = load_graph(args, args.model)
     seconds = time.perf_counter() - t0
     if args.dot:
-        from vitgraph.report import write_dot
+        from vitgraph.analysis.summary import write_dot
         written = write_dot(g, args.dot)
         if not args.json:
             print("wrote " + ", ".join(map(str, written)))
@@ -62,7 +35,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from vitgraph import targets
 
-    g = _load(args, args.model)
+    g = load_graph(args, args.model)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.target == "onnx":
@@ -77,23 +50,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _targets(text: str) -> tuple[str, ...]:
-    """``--targets eager,onnx`` checked against the targets vitgraph can time."""
-    names = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = set(names) - {"eager", "compile", "onnx"}
-    if unknown:
-        raise VitgraphError(f"--targets: unknown {sorted(unknown)}; choose from eager, compile, onnx")
-    return names
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     from vitgraph.targets import bench
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    target_names = _targets(args.targets)
+    target_names = parse_targets(args.targets)
     rows = []
     for ref in args.models:
-        g = _load(args, ref)
+        g = load_graph(args, ref)
         for b in batches:
             timings = bench.measure(bench.runners(g.gm, g.example_inputs, batch=b, targets=target_names,
                                                   name=ref.replace("/", "_").replace(":", "_")),
@@ -121,8 +85,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from vitgraph.data import check_source
-    from vitgraph.outdir import Output
+    from vitgraph.train.data import check_source
+    from vitgraph.report.outdir import Output
     from vitgraph.pipeline import compress
     from vitgraph.spec import Spec
 
@@ -135,8 +99,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if overrides:
         spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, **overrides))
     Output.at(args.out).check(resume=args.resume, spec=spec)  # path and checkpoint errors before the work
-    targets = _targets(args.targets)
-    g = _load(args, args.model)
+    targets = parse_targets(args.targets)
+    g = load_graph(args, args.model)
     result = compress(g, spec, data=args.data, out_dir=args.out, resume=args.resume, progress=not args.quiet,
                       latency_targets=targets)
     if not result.files:  # a non-zero torchrun rank: rank 0 reports and writes
@@ -179,15 +143,17 @@ def _compile_summary(report: dict[str, Any]) -> str:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from vitgraph.profile import cache_path, profile
+    from vitgraph.cost.profile import cache_path, profile
 
     if args.batch_size < 1 or args.samples < 3 or args.repeats < 1:
         raise VitgraphError(f"profile needs --batch-size >= 1, --samples >= 3 and --repeats >= 1; got "
                             f"{args.batch_size}, {args.samples}, {args.repeats}")
     if args.out and Path(args.out).is_dir():
         raise VitgraphError(f"--out {args.out} is a folder; name the table's JSON file, e.g. {args.out}/table.json")
-    g = _load(args, args.model)
-    table = profile(g, args.target, args.batch_size, samples=args.samples, repeats=args.repeats,
+    g = load_graph(args, args.model)
+    from vitgraph.gated import builder
+
+    table = profile(g, args.target, args.batch_size, builder(g), samples=args.samples, repeats=args.repeats,
                     progress=not args.quiet)
     path = table.save(args.out or cache_path(g, args.target, args.batch_size))
     errors = sorted(table.errors())
@@ -201,7 +167,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from vitgraph.demo import run_demo
+    from vitgraph.cli.demo import run_demo
 
     return run_demo(Path(args.out))
 
@@ -217,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="timm name, file.py:function or module.path:function")
     s.add_argument("--json", action="store_true", help="print the structure as JSON")
     s.add_argument("--dot", help="write a Graphviz drawing of the blocks (and an SVG when `dot` exists)")
-    _model_args(s)
+    model_args(s)
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("export", help="lower a model and verify parity")
@@ -225,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", choices=("onnx", "compile", "pt2"), required=True)
     s.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
     s.add_argument("--atol", type=float, default=1e-4, help="max abs error allowed vs eager (default 1e-4)")
-    _model_args(s)
+    model_args(s)
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("bench", help="latency table: eager, torch.compile, ONNX Runtime")
@@ -234,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--targets", default="eager,onnx")
     s.add_argument("--repeats", type=int, default=20)
     s.add_argument("--json", action="store_true")
-    _model_args(s)
+    model_args(s)
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("compile", help="compress a model with a spec (width/depth/token passes)")
@@ -248,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run checkpointed in OUT.partial/train (killed) or OUT/train")
     s.add_argument("--targets", default="eager", help="latency measured for the report: eager,compile,onnx")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
-    _model_args(s)
+    model_args(s)
     s.set_defaults(func=cmd_compile)
 
     s = sub.add_parser("profile", help="measure a latency table of a model's compact configurations (budget.latency)")
@@ -259,10 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", type=int, default=12, help="compact configurations measured (default 12)")
     s.add_argument("--repeats", type=int, default=10, help="interleaved rounds per measurement")
     s.add_argument("--quiet", action="store_true")
-    _model_args(s)
+    model_args(s)
     s.set_defaults(func=cmd_profile)
 
-    from vitgraph.sweep import register as register_sweep
+    from vitgraph.cli.sweep import register as register_sweep
     register_sweep(sub)
 
     s = sub.add_parser("demo", help="the end-to-end example job")

@@ -5,7 +5,7 @@ applies to it (heads, value dims, MLP units in steps of ``width.align``, embeddi
 blocks, token counts; allocation uniform or global), materializes each, and times each compact
 model interleaved with the dense one on the runtime (``vitgraph.targets.bench``: round-robin,
 medians, ONNX Runtime with spinning off). The measured ratios fit the coefficients of
-``vitgraph.latency.LatencyTable``. Attention -> convolution choices need training to decide, so the
+``vitgraph.cost.latency.LatencyTable``. Attention -> convolution choices need training to decide, so the
 profile does not sample them; their conv branches are priced by their FLOPs and ops.
 
 ``table_for(g, budget)`` is what ``budget.latency`` uses: the file ``budget.table``, else a table
@@ -31,9 +31,11 @@ import torch
 from torch import nn
 
 from vitgraph.errors import SpecError
-from vitgraph.graph import VitGraph
-from vitgraph.latency import LatencyTable, features, machine
+from vitgraph.analysis.graph import VitGraph
+from vitgraph.cost.latency import LatencyTable, features, machine
 from vitgraph.spec import Budget, Spec
+
+Build = Callable[[Spec], tuple[Any, nn.Module]]  # a spec -> (gated model, compact module): how to compile one
 
 SAMPLES = 12      # compact configurations measured per table (plus the dense model)
 REPEATS = 10      # interleaved rounds per measurement
@@ -87,13 +89,11 @@ def sample_specs(g: VitGraph, n: int, seed: int = 0) -> list[dict[str, Any]]:
     return out
 
 
-def measure_specs(g: VitGraph, specs: list[dict[str, Any]], target: str, batch: int, want: int,
+def measure_specs(g: VitGraph, specs: list[dict[str, Any]], target: str, batch: int, want: int, build: Build,
                   repeats: int = REPEATS, progress: bool = True) -> tuple[list[dict[str, Any]], float]:
-    """Compile ``specs`` one-shot in turn (skipping those some axis cannot reach) until ``want`` compact models
-    are timed interleaved with the dense one. Returns their ``{"label", "spec", "features", "ratio"}`` rows
-    and the dense model's median milliseconds."""
-    from vitgraph.gated import instrument, materialize
-
+    """Compile ``specs`` one-shot with ``build`` in turn (skipping those some axis cannot reach) until ``want``
+    compact models are timed interleaved with the dense one. Returns their ``{"label", "spec", "features",
+    "ratio"}`` rows and the dense model's median milliseconds."""
     dense = _runner(g.gm, g, target, batch)
     rows: list[dict[str, Any]] = []
     dense_ms: list[float] = []
@@ -102,9 +102,7 @@ def measure_specs(g: VitGraph, specs: list[dict[str, Any]], target: str, batch: 
         if len(rows) >= want:
             break
         try:
-            gated = instrument(g, Spec.from_dict(raw))
-            gated.freeze()
-            compact = materialize(gated)
+            gated, compact = build(Spec.from_dict(raw))
         except SpecError:  # a random budget some axis set cannot reach: draw the next one
             continue
         ratio, d_ms, _ = measure_ratio(dense, _runner(compact, g, target, batch), repeats)
@@ -115,10 +113,12 @@ def measure_specs(g: VitGraph, specs: list[dict[str, Any]], target: str, batch: 
     return rows, (sorted(dense_ms)[len(dense_ms) // 2] if dense_ms else float("nan"))
 
 
-def profile(g: VitGraph, target: str, batch: int, *, samples: int = SAMPLES, repeats: int = REPEATS,
+def profile(g: VitGraph, target: str, batch: int, build: Build, *, samples: int = SAMPLES, repeats: int = REPEATS,
             seed: int = 0, progress: bool = True) -> LatencyTable:
-    """Measure ``g`` under random compact configurations on ``target`` at ``batch`` and fit its table."""
-    rows, ms = measure_specs(g, sample_specs(g, samples * 2, seed), target, batch, samples, repeats, progress)
+    """Measure ``g`` under random compact configurations (compiled by ``build``, e.g.
+    ``vitgraph.gated.builder(g)``) on ``target`` at ``batch`` and fit its table."""
+    rows, ms = measure_specs(g, sample_specs(g, samples * 2, seed), target, batch, samples, build, repeats,
+                             progress)
     if len(rows) < 3:
         raise SpecError(f"profile: only {len(rows)} random compact configurations of {g.name} compiled; a "
                         f"latency table needs at least 3 (does the model have prunable heads, MLPs or blocks? see "
@@ -154,8 +154,9 @@ def cache_path(g: VitGraph, target: str, batch: int) -> Path:
     return root / f"{safe}-{target}-b{batch}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
 
 
-def table_for(g: VitGraph, budget: Budget, progress: bool = True) -> LatencyTable:
-    """The latency table ``budget.latency`` prices with: ``budget.table``, the cached one, or a new profile."""
+def table_for(g: VitGraph, budget: Budget, build: Build, progress: bool = True) -> LatencyTable:
+    """The latency table ``budget.latency`` prices with: ``budget.table``, the cached one, or a new profile
+    (of models compiled by ``build``)."""
     if budget.table is not None:
         table = LatencyTable.load(budget.table)
         table.check(g, budget.target, budget.batch, source=f"budget.table {budget.table}")
@@ -166,12 +167,12 @@ def table_for(g: VitGraph, budget: Budget, progress: bool = True) -> LatencyTabl
             return LatencyTable.load(path)
         except SpecError:
             pass  # a stale cache entry: measure again
-    table = profile(g, budget.target, budget.batch, progress=progress)
+    table = profile(g, budget.target, budget.batch, build, progress=progress)
     table.save(path)
     return table
 
 
-def land(g: VitGraph, spec: Spec, build: Callable[[Spec], tuple[Any, Any]], gated: Any, compact: nn.Module,
+def land(g: VitGraph, spec: Spec, build: Build, gated: Any, compact: nn.Module,
          progress: bool = True) -> tuple[Any, Any, dict[str, Any]]:
     """Measure ``compact`` against the dense model; while it misses ``budget.latency`` and the spec is
     one-shot, rebuild (``build(spec) -> (gated, compact)``) with the target corrected by the measured error.

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitgraph.gates import gumbel2
+from vitgraph.gates.units import gumbel2
 
 
 def _gather(x: Tensor, index: Tensor) -> Tensor:

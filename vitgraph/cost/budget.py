@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from vitgraph.analysis.depth import branch_sets
 from vitgraph.axes.base import PRICE_MODES, Axis, Decision, Factors
-from vitgraph.graph import VitGraph
+from vitgraph.analysis.graph import VitGraph
 from vitgraph.meta import COST, NodeCost
 
 
@@ -161,3 +161,20 @@ class Budget(nn.Module):
         order) that does: ``width.method uvc`` with block gates learns both under UVC's plain Lagrangian."""
         form = next((a.budget_form for a in axes if a.budget_form is not None), None)
         return None if form is None else Budget(target, form)
+
+
+class Cost:
+    """What a gated model's decisions cost: ``flops`` (the fraction of the dense FLOPs) and ``budget`` (in the
+    units ``budget`` constrains: FLOPs, the latency table's predicted ratio, or both). The gated model asks it
+    for prices and never builds a pricer itself; ``latency`` is the measured table when there is one."""
+
+    def __init__(self, g: VitGraph, axes: Sequence[Axis], spec: Any, latency: Any = None) -> None:
+        self.flops = Pricer(g, axes)
+        self.latency = latency
+        b = spec.budget
+        if b.latency is None or latency is None:
+            self.budget: Pricer | BothPricer = self.flops
+            return
+        latency.check(g, b.target, b.batch, source=b.table or "the cached latency table")
+        timed = latency.pricer(g, list(axes))
+        self.budget = timed if b.flops is None else BothPricer(timed, b.latency, self.flops, b.flops)
