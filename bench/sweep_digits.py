@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from _digits import trained_digits_vit
-from vitgraph.cli.main import main as vitgraph_main
+from vitgraph.cli.commands import main as vitgraph_main
 
 SPEC = Path(__file__).resolve().parent.parent / "examples" / "specs" / "all.yaml"
 

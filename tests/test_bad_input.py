@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitgraph.cli.main import main
+from vitgraph.cli.commands import main
 
 HANDMADE = str(Path(__file__).with_name("handmade.py")) + ":handmade_vit"
 TINY_KWARGS = "img_size=32,patch_size=8,depth=2,embed_dim=64,num_heads=2"
@@ -470,7 +470,7 @@ def test_debug_shows_the_traceback(user_file):
 
 def test_a_vitgraph_bug_is_an_internal_error_not_bad_input(monkeypatch, capsys):
     """An exception no loader turned into bad input exits 1 (not 2), in one paragraph that says how to report it."""
-    import vitgraph.cli.main as cli
+    import vitgraph.cli.commands as cli
 
     def broken(args):
         raise KeyError("blocks.7")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitgraph.cli.main import main
+from vitgraph.cli.commands import main
 
 HANDMADE = str(Path(__file__).with_name("handmade.py")) + ":handmade_vit"
 TINY = ["deit_tiny_patch16_224", "--model-kwargs", "img_size=32,patch_size=8,depth=2,embed_dim=64,num_heads=2"]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from vitgraph.cli.main import main
+from vitgraph.cli.commands import main
 
 TINY = ["deit_tiny_patch16_224", "--model-kwargs", "img_size=32,patch_size=8,depth=3,embed_dim=64,num_heads=4"]
 ONE_SHOT = "budget: {flops: 0.5}\nwidth: {method: magnitude, heads: true, mlp: true}\n"

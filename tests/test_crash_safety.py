@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitgraph.cli.main import main
+from vitgraph.cli.commands import main
 from vitgraph.report.outdir import RUN, Output, resumable
 from vitgraph.spec import Spec
 

@@ -9,7 +9,7 @@ import torch
 
 from vitgraph.cost import profile as prof
 from vitgraph.gated import builder
-from vitgraph.cli.main import main
+from vitgraph.cli.commands import main
 from vitgraph.errors import SpecError
 from vitgraph.gated import instrument, materialize
 from vitgraph.analysis.graph import trace

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import vitgraph.cli.main
+import vitgraph.cli.commands
 from vitgraph import pipeline
 from vitgraph.errors import SpecError
 from vitgraph.spec import Spec
@@ -176,8 +176,8 @@ def test_bad_input_names_the_flag(flags, needle, spec_file, tmp_path):
 
 @pytest.fixture
 def cli_with_sweep(monkeypatch) -> None:
-    """``vitgraph.cli.main.build_parser`` with the sweep subcommand, until cli.py registers it itself."""
-    build = vitgraph.cli.main.build_parser
+    """``vitgraph.cli.commands.build_parser`` with the sweep subcommand, until cli.py registers it itself."""
+    build = vitgraph.cli.commands.build_parser
 
     def with_sweep() -> argparse.ArgumentParser:
         p = build()
@@ -185,11 +185,11 @@ def cli_with_sweep(monkeypatch) -> None:
         if "sweep" not in subs.choices:
             register(subs)
         return p
-    monkeypatch.setattr(vitgraph.cli.main, "build_parser", with_sweep)
+    monkeypatch.setattr(vitgraph.cli.commands, "build_parser", with_sweep)
 
 
 @pytest.mark.parametrize("flags, needle", BAD[:1] + BAD[-2:])
 def test_cli_exits_2(flags, needle, spec_file, tmp_path, capsys, cli_with_sweep):
-    assert vitgraph.cli.main.main(["sweep", *_bad_argv(flags, spec_file, tmp_path)]) == 2
+    assert vitgraph.cli.commands.main(["sweep", *_bad_argv(flags, spec_file, tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"vitgraph sweep: error: {needle}" in err and "Traceback" not in err and err.count("\n") == 1

@@ -1,6 +1,6 @@
 """``python -m vitgraph`` runs the command line."""
 import sys
 
-from vitgraph.cli.main import main
+from vitgraph.cli.commands import main
 
 sys.exit(main())

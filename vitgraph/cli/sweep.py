@@ -38,7 +38,7 @@ IDENTITY = ("model", "dense", "spec", "data", "targets", "batch")
 
 
 def register(sub: Any) -> None:
-    """Add the ``sweep`` subcommand to ``vitgraph.cli.main``'s subparsers, with ``func=run``."""
+    """Add the ``sweep`` subcommand to ``vitgraph.cli.commands``'s subparsers, with ``func=run``."""
 
     s = sub.add_parser("sweep", help="compress at a grid of budgets per axis set; table and Pareto plot")
     s.add_argument("model")
