@@ -1,12 +1,12 @@
 """Materialize: strip the gates and physically remove the units they closed.
 
 For each coupled group with pruned units: every slice (qkv rows and biases, per-head tables,
-norms, fc1 rows, the proj / fc2 input columns) keeps only the kept units' indices, and every
-reshape/view constant of the group moves by ``per_unit`` for each removed unit. A group with no
-unit left loses its whole residual branch: the add becomes its skip input. Then dead nodes and
-unused modules go, so the compact graph holds no trace of the gates. Slices and constants inside
-blocks an earlier rewrite deleted (a stream group spans every block; depth may remove some) are
-left alone: the graph no longer uses them.
+norms, fc1 rows, the depthwise filters between fc1 and fc2, the proj / fc2 input columns) keeps only
+the kept units' indices, and every reshape/view constant of the group moves by ``per_unit`` for
+each removed unit. A group with no unit left loses its whole residual branch: the add becomes its skip
+input. Then dead nodes and unused modules go, so the compact graph holds no trace of the gates. Slices
+and constants inside blocks an earlier rewrite deleted (a stream group spans every block; depth may
+remove some) are left alone: the graph no longer uses them.
 
 Invariant (tests/test_width.py): the gated graph in ``eval`` mode equals the result.
 """
@@ -164,6 +164,9 @@ def _sync_sizes(module: nn.Module) -> None:
     """Keep the size attributes of standard modules true to their new weights (repr, re-tracing)."""
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.in_channels == module.out_channels \
+            and module.weight.shape[1] == 1:  # a depthwise conv: one (1, k, k) filter per channel, kept or cut
+        module.groups = module.in_channels = module.out_channels = module.weight.shape[0]
     elif isinstance(module, nn.Conv2d) and module.groups == 1:  # a pointwise conv: (out, in, 1, 1)
         module.out_channels, module.in_channels = module.weight.shape[:2]
     elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:

@@ -144,7 +144,11 @@ def test_beyond_the_list_pvt_v2_spatial_reduction_and_depthwise_mlp():
     g = traced("pvt_v2_b0")
     assert [b.attention.fused for b in g.blocks] == ["q+kv"] * 8
     assert [b.attention.tokens_kv for b in g.blocks][:2] == [49, 49]   # keys pooled 8x8 in stage 1
-    assert all("depthwise conv" in b.mlp.prunable["mlp"] for b in g.blocks)
+    # the hidden units pass through a depthwise 3x3 conv: each owns its filter, and the view to a map its size
+    assert all(b.mlp.prunable["mlp"] is None for b in g.blocks)
+    mlp = next(gr for gr in g.structure.groups if gr.name == "stages.0.blocks.0.mlp.mlp")
+    assert {"stages.0.blocks.0.mlp.dwconv.weight", "stages.0.blocks.0.mlp.dwconv.bias"} <= {s.target for s in mlp.slices}
+    assert [(c.value, c.per_unit) for c in mlp.constants] == [(256, 1)]
     assert not any(b.token_prunable for b in g.blocks)
 
 

@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from vitgraph.analysis import index as ix
 from vitgraph.analysis.attention import Found
-from vitgraph.analysis.mlp import unit_columns
+from vitgraph.analysis.mlp import depthwise_units, unit_codes
 from vitgraph.analysis.ops import PRODUCTS, linear_info, op_kind
 from vitgraph.meta import VALUE, ConstRef, CoupledGroup, Linear, MlpSite, SliceRef, UnitInput, shape_of
 
@@ -293,27 +293,34 @@ def value_dim_group(gm: fx.GraphModule, found: Found) -> CoupledGroup | None:
 
 
 def mlp_group(gm: fx.GraphModule, site: MlpSite) -> CoupledGroup | None:
+    """fc1's rows (each half of a packed gated fc1), fc2's input columns, and what the units flow through on
+    the way: per-channel BatchNorms, the filters of depthwise convs (PVT-v2), and the reshape sizes holding
+    the unit count (tokens turned into a (B, hidden, H, W) map for the conv and back)."""
     if site.prunable.get("mlp") is not None:
         return None
     nodes = {n.name: n for n in gm.graph.nodes}
     fc2 = nodes[site.fc2]
+    codes = unit_codes([nodes[f] for f in site.fc1], fc2, gm, site.hidden, site.gated)
+    if codes is None:
+        return None
     slices: list[SliceRef] = []
-    for pick in ((0, -1) if site.gated and len(site.fc1) == 1 else (0,)):
-        cols = unit_columns([nodes[f] for f in site.fc1], fc2, gm, pick=pick)
-        if cols is None:
-            return None
-        for lin, col_rows in cols.items():
-            if sum(1 for r in col_rows if r >= 0) != site.hidden:
-                continue
-            info = linear_info(lin, gm)
-            slices.extend(_linear_rows(info, tuple((r,) for r in col_rows)))
-            # Linear+BatchNorm (LeViT), Conv1x1+BatchNorm2d (EfficientFormer): the BN channels the units flow through
-            code = ix.along(_unit_code([[r] for r in col_rows], info.out_features), shape_of(lin), info.channel_axis)
-            slices.extend(_batchnorm_slices(gm, ix.propagate(gm, {lin: code}), site.hidden))
+    env_all: dict[fx.Node, torch.Tensor] = {}
+    for lin, col_rows, env in codes:
+        slices.extend(_linear_rows(linear_info(lin, gm), tuple((r,) for r in col_rows)))
+        # Linear+BatchNorm (LeViT), Conv1x1+BatchNorm2d (EfficientFormer): the BN channels the units flow through
+        slices.extend(_batchnorm_slices(gm, env, site.hidden))
+        env_all.update(env)
+    for conv, units in depthwise_units(gm, [env for _, _, env in codes]).items():
+        per_unit = tuple(tuple(c for c, u in enumerate(units) if u == unit) for unit in range(site.hidden))
+        mod = gm.get_submodule(conv.target)
+        slices.append(SliceRef(f"{conv.target}.weight", 0, per_unit, "weight.out"))
+        if getattr(mod, "bias", None) is not None:
+            slices.append(SliceRef(f"{conv.target}.bias", 0, per_unit, "bias"))
     info2 = linear_info(fc2, gm)
     slices.append(SliceRef(info2.weight, 1, tuple((c,) for c in range(site.hidden)), "weight.in"))
+    consts = {(c.node, c.arg_index): c for c in _constants(gm, env_all, site.hidden, 1)}
     return CoupledGroup(name=f"{site.name}.mlp", kind="mlp", site=site.name, block=site.block,
-                        units=site.hidden, unit_width=1, slices=_merged(slices))
+                        units=site.hidden, unit_width=1, slices=_merged(slices), constants=tuple(consts.values()))
 
 
 __all__ = ["head_group", "mlp_group", "value_dim_group"]

@@ -5,7 +5,9 @@ of an output projection consume it, we do not pattern-match reshape/permute/unbi
 replay the graph's own shape ops on a tensor whose entries are the row numbers (``-1`` for anything
 not from the source) and read the result where it arrives. Element-wise ops that keep the shape
 (norms, activations, scaling, rotary embeddings, dropout) pass indices through unchanged: they move
-no data between positions. Ops that mix positions (linear, matmul, softmax, conv, reductions) stop it.
+no data between positions. Ops that mix positions (linear, matmul, softmax, conv, reductions) stop it;
+on request (``depthwise=True``) a depthwise conv passes a *channel* code (one that varies along the channel
+axis alone): it moves data between positions but keeps every channel apart.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from vitgraph.analysis.ops import op_kind
+from vitgraph.analysis.ops import is_depthwise, op_kind
 from vitgraph.meta import SHAPE, VALUE, shape_of
 
 _PASS_KINDS = {"act", "dropout", "norm", "mul", "div", "add", "function", "module", "method"}
@@ -75,11 +77,13 @@ def _evaluate(node: fx.Node, gm: fx.GraphModule, env: dict[fx.Node, torch.Tensor
 
 
 def propagate(gm: fx.GraphModule, sources: dict[fx.Node, torch.Tensor], *, pick: int = 0,
-              stop: set[fx.Node] | frozenset = frozenset(), limit: int = 400) -> dict[fx.Node, torch.Tensor]:
+              stop: set[fx.Node] | frozenset = frozenset(), limit: int = 400, depthwise: bool = False
+              ) -> dict[fx.Node, torch.Tensor]:
     """Positions of ``sources`` as seen at every node they reach through data-movement ops.
 
     ``pick`` chooses which input an element-wise op with several indexed inputs passes on (0: the
-    first, -1: the last), e.g. the value or the gate half of a gated MLP.
+    first, -1: the last), e.g. the value or the gate half of a gated MLP. ``depthwise``: a depthwise
+    conv passes a channel code on (MLP hidden units), where otherwise it stops every code.
     """
     env: dict[fx.Node, Any] = dict(sources)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -93,6 +97,11 @@ def propagate(gm: fx.GraphModule, sources: dict[fx.Node, torch.Tensor], *, pick:
         seen.add(node)
         steps += 1
         kind = op_kind(node, gm)
+        if depthwise and kind == "conv" and is_depthwise(node, gm):
+            out = _through_depthwise(node, env)
+            if out is None:
+                continue
+            kind = "through"
         if kind in _STOP_KINDS:
             continue
         indexed = [a for a in node.all_input_nodes if a in env]
@@ -101,6 +110,8 @@ def propagate(gm: fx.GraphModule, sources: dict[fx.Node, torch.Tensor], *, pick:
                 out = _evaluate(node, gm, env)
             except Exception:  # an op we cannot replay: positions stop here
                 continue
+        elif kind == "through":
+            pass
         elif kind in _PASS_KINDS:
             out_shape = shape_of(node)
             candidates = [a for a in indexed if isinstance(env[a], torch.Tensor)
@@ -120,6 +131,19 @@ def propagate(gm: fx.GraphModule, sources: dict[fx.Node, torch.Tensor], *, pick:
     for s in sources:
         env.pop(s, None)
     return {n: v for n, v in env.items() if isinstance(v, torch.Tensor)}
+
+
+def _through_depthwise(node: fx.Node, env: dict[fx.Node, Any]) -> torch.Tensor | None:
+    """The code leaving a depthwise conv: its input's code, when that varies along the channel axis (1) alone,
+    spread over the output's positions; None for any other code (token positions do not survive the conv)."""
+    src, out = node.args[0] if node.args else None, shape_of(node)
+    code = env.get(src) if isinstance(src, fx.Node) else None
+    if not isinstance(code, torch.Tensor) or code.dim() < 2 or out is None or len(out) != code.dim():
+        return None
+    channels = torch.tensor(line(code, 1), dtype=torch.float64)
+    if channels.numel() != out[1] or not torch.equal(code, along(channels, tuple(code.shape), 1)):
+        return None
+    return along(channels, out, 1)
 
 
 def row_index(shape: tuple[int, ...], axis: int = -1) -> torch.Tensor:

@@ -179,6 +179,15 @@ def is_linear(node: fx.Node, gm: fx.GraphModule) -> bool:
     return op_kind(node, gm) == "linear" or (node.op == "call_module" and _pointwise(_module(gm, node)))
 
 
+def is_depthwise(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """A conv module with one filter per channel (``groups == in_channels == out_channels``): it mixes
+    positions, never channels, so channel ``c`` out is channel ``c`` in (PVT-v2's and other mobile MLPs)."""
+    if node.op != "call_module":
+        return False
+    mod = _module(gm, node)
+    return isinstance(mod, nn.modules.conv._ConvNd) and mod.groups == mod.in_channels == mod.out_channels
+
+
 PRODUCTS = frozenset({"matmul", "einsum"})  # the two spellings of a batched matrix product
 
 
