@@ -252,7 +252,7 @@ def test_pass_manager_checks_roles_and_cost(monkeypatch):
 def test_the_core_names_no_axis():
     """GatedModel, the pricer, the budget and the loop loop over axes: no axis name in their code."""
     root = Path(__file__).resolve().parents[1] / "vitgraph"
-    for module in ("gated.py", "budget.py", "train.py", "train_state.py"):
+    for module in ("gated/model.py", "cost/budget.py", "train/loop.py", "train/state.py"):
         tree = ast.parse((root / module).read_text())
         names = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
         names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
