@@ -70,24 +70,12 @@ def _create(model_name: str) -> tuple[Any, tuple[int, ...]]:
     return model, tuple(model.pretrained_cfg["input_size"])
 
 
-def _tensors(value: Any) -> list[Any]:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
-
-
 def _checks(g: Any, result: Any, spec: dict[str, Any], x: Any, out: dict[str, Any]) -> list[str]:
     """The budget, FLOPs against FlopCounterMode and the reloaded .pt2; what does not hold, in words."""
     import torch
 
     from vitgraph.analysis.cost import flop_counter_flops
-    from vitgraph.capture.frontend import max_abs_diff
+    from vitgraph.capture.frontend import flat_tensors, max_abs_diff
     from vitgraph.targets import export
 
     report, compact, failures = result.report, result.compact, []
@@ -112,7 +100,7 @@ def _checks(g: Any, result: Any, spec: dict[str, Any], x: Any, out: dict[str, An
         with torch.no_grad():
             expected = compact(fresh)
             err = max_abs_diff(loaded(fresh), expected)
-    scale = max(1.0, max(float(t.abs().max()) for t in _tensors(expected)))
+    scale = max(1.0, max(float(t.abs().max()) for t in flat_tensors(expected)))
     out["pt2_max_abs_err"] = err
     if not err <= PT2_ATOL * scale:
         failures.append(f"reloaded model.pt2 differs from the compact module by {err:.2e} "

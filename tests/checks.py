@@ -42,3 +42,15 @@ def value_dim_mask(site, k: int, gen: torch.Generator) -> torch.Tensor:
     per = site.units // site.segments
     return torch.cat([torch.zeros(per).index_fill_(0, torch.randperm(per, generator=gen)[:k], 1)
                       for _ in range(site.segments)]).bool()
+
+
+def random_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Random BatchNorm statistics and affine terms (in place), so a wrongly sliced channel shows in the output."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.5)
+    return model

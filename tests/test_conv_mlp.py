@@ -18,6 +18,7 @@ from vitgraph.analysis.ops import linear_info
 from vitgraph.gated import instrument, materialize
 from vitgraph.meta import ROLE
 from vitgraph.spec import Spec
+from tests.checks import random_batchnorm
 
 MAGNITUDE = Spec.from_dict({"budget": {"flops": 0.5}, "width": {"method": "magnitude", "align": 1}})
 
@@ -71,15 +72,7 @@ class ConvMlpNet(nn.Module):
 def conv_mlp_net(**kwargs) -> nn.Module:
     """Random weights and BatchNorm statistics, so a wrongly sliced channel shows in the output."""
     torch.manual_seed(0)
-    model = ConvMlpNet(**kwargs).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.5)
-    return model
+    return random_batchnorm(ConvMlpNet(**kwargs).eval())
 
 
 def _graph() -> vg.VitGraph:

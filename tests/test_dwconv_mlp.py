@@ -17,7 +17,7 @@ import vitgraph as vg
 from vitgraph.analysis.cost import flop_counter_flops
 from vitgraph.gated import instrument
 from vitgraph.spec import Spec
-from tests.checks import round_trip
+from tests.checks import random_batchnorm, round_trip
 from tests.handmade import Attention
 
 torch.set_num_threads(1)
@@ -90,12 +90,7 @@ def dw_vit() -> nn.Module:
         for m in model.modules():
             if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups > 1:
                 m.bias.normal_(0, 0.5)
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.5)
-    return model
+    return random_batchnorm(model)
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,7 @@ def _classify_bias(node: object, gm: fx.GraphModule) -> str | None:
     return "mask"
 
 
-def _strongest_bias(biases: list[fx.Node], gm: fx.GraphModule) -> str | None:
+def strongest_bias(biases: list[fx.Node], gm: fx.GraphModule) -> str | None:
     kinds = {_classify_bias(b, gm) for b in biases}
     return next((k for k in ("rel_pos_table", "params", "mask") if k in kinds), None)
 
@@ -318,7 +318,7 @@ def find_attention(gm: fx.GraphModule, batch: int) -> list[Found]:
             v_head_dim=geo.v_head_dim, tokens_q=geo.tokens_q, tokens_kv=geo.tokens_kv, q=q_lin.name,
             k=k_lin.name, v=v_lin.name, proj=proj.name if proj is not None else None, fused=fused,
             q_norm=q_norm.name if q_norm is not None else None, k_norm=k_norm.name if k_norm is not None else None,
-            bias=_strongest_bias(list(c.biases), gm), prunable={"heads": reason_heads, "head_dim": reason_hd},
+            bias=strongest_bias(list(c.biases), gm), prunable={"heads": reason_heads, "head_dim": reason_hd},
             mixes=tuple(m.node.name for m in mixes) if not isinstance(mixes, str) else ())
         mixes = [] if isinstance(mixes, str) else mixes
         # operands on the logits before the first mix are per head; after it, the mixed maps keep every head

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from vitgraph.analysis import index as ix
-from vitgraph.analysis.attention import Found, _strongest_bias
+from vitgraph.analysis.attention import Found, strongest_bias
 from vitgraph.analysis.ops import PRODUCTS, common_prefix, is_linear, linear_info, module_path, op_kind, operands, \
     tensor_args
 from vitgraph.meta import AttentionSite, shape_of
@@ -166,7 +166,7 @@ def _chunked_site(cores: list[_Core], gm: fx.GraphModule) -> Found:
         core=first.softmax.name, impl="explicit", mode="token", heads=sum(c.heads for c in cores),
         head_dim=first.head_dim, v_head_dim=first.v_head_dim, tokens_q=first.tokens_q, tokens_kv=first.tokens_kv,
         q=q_lin.name, k=k_lin.name, v=v_lin.name, proj=first.proj.name, fused=_fused(q_lin, k_lin, v_lin),
-        bias=_strongest_bias([b for c in cores for b in c.biases], gm), prunable={"heads": heads, "head_dim": value},
+        bias=strongest_bias([b for c in cores for b in c.biases], gm), prunable={"heads": heads, "head_dim": value},
         head_cores=tuple(c.softmax.name for c in cores[1:]))
     return Found(site, out=first.out)
 

@@ -270,19 +270,20 @@ def trace_module(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], *,
     ) from first_exc
 
 
-def _flat_tensors(out: Any) -> list[torch.Tensor]:
+def flat_tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor in a model output (a tensor, or dicts / lists / tuples of them), in order."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
-        return [t for v in out.values() for t in _flat_tensors(v)]
+        return [t for v in out.values() for t in flat_tensors(v)]
     if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _flat_tensors(v)]
+        return [t for v in out for t in flat_tensors(v)]
     return []
 
 
 def max_abs_diff(a: Any, b: Any) -> float:
     """Largest absolute difference over all tensors of two (nested) outputs."""
-    ta, tb = _flat_tensors(a), _flat_tensors(b)
+    ta, tb = flat_tensors(a), flat_tensors(b)
     if len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb)):
         return math.inf
     return max((float((x.float() - y.float()).abs().max()) for x, y in zip(ta, tb) if x.numel()), default=0.0)
@@ -317,7 +318,7 @@ def _forward_error(name: str, got: str, exc: BaseException) -> ModelError:
 def check_exact(traced_out: Any, reference: Any, name: str, atol: float = 1e-5) -> float:
     """Raise TraceError unless the traced graph's output on the example equals the eager one."""
     err = max_abs_diff(traced_out, reference)
-    scale = max((float(t.abs().max()) for t in _flat_tensors(reference) if t.numel()), default=1.0)
+    scale = max((float(t.abs().max()) for t in flat_tensors(reference) if t.numel()), default=1.0)
     if not err <= atol * max(1.0, scale):
         raise TraceError(
             f"the traced graph of {name} differs from the eager model (max abs error {err:.3g}): the model "
