@@ -49,12 +49,14 @@ class ConvAxis(Axis):
         spec, g = ctx.spec, ctx.graph
         if not spec.attention.to_conv:
             return None
-        for key, asked in (("width.heads", spec.width.heads and spec.width.enabled),
-                           ("width.embed", spec.width.embed and spec.width.enabled),
-                           ("depth.exits", bool(spec.depth.exits))):
-            if asked:
-                raise SpecError(f"attention.to_conv with {key} is not implemented; set {key} off (the conv axis "
-                                f"already chooses per site between attention, two convolutions and skip)")
+        if spec.width.embed and spec.width.enabled:
+            # the conv weights are derived from the attention's value and output weights when the conv is built,
+            # before the stream's channels are sliced; the new conv layers are not in the embedding group
+            raise SpecError("attention.to_conv with width.embed: the convolutions that replace attention are built "
+                            "from the full-width value and output weights, and the embedding group cannot narrow "
+                            "them; set width.embed false (heads, value dims and MLP units combine with to_conv)")
+        if spec.depth.exits:
+            raise SpecError("attention.to_conv with depth.exits is not supported; drop one of the two")
         sites, refused = conv_sites(g)
         stages = (spec.tokens.stages or default_stages(g.structure.blocks)) if spec.tokens.on else ()
         first = min(stages) if stages else None
