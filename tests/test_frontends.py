@@ -166,3 +166,22 @@ def test_head_mlp_is_a_site_but_not_a_block():
     assert len(g.blocks) == 2
     head_mlp = [m for m in g.structure.mlps if m.block is None]
     assert [m.name for m in head_mlp] == ["pre_logits"] and head_mlp[0].hidden == 32
+
+
+def test_fx_front_end_reads_a_parameter_size_by_dimension():
+    """A compact graph may ask a parameter for one dimension (a per-channel scale cut with its channels,
+    MetaFormer's ``res_scale``); fx's parameter proxy only answered ``size()`` (caformer's re-trace failed)."""
+    from vitgraph.capture.frontend import trace_module
+
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.randn(6))
+
+        def forward(self, x):
+            return x * self.scale.view(1, self.scale.size(0)) + self.scale.size()[0]
+
+    m = Scale()
+    x = torch.randn(2, 6)
+    gm = trace_module(m, (x,))
+    assert torch.equal(gm(x), m(x))

@@ -86,6 +86,14 @@ class _MetaProxy(fx.Proxy):
         return super().__len__()
 
 
+class _ParameterProxy(fx.proxy.ParameterProxy):
+    """fx's parameter proxy answers ``size()`` but not ``size(dim)``, which a compact graph may call on a
+    parameter (a per-channel scale's length that moved with a cut, e.g. MetaFormer's ``res_scale``)."""
+
+    def size(self, dim: int | None = None) -> Any:
+        return self.param.size() if dim is None else self.param.size(dim)
+
+
 class VitTracer(fx.Tracer):
     """fx tracer with extra leaf modules/functions and an optional shape-concrete mode."""
 
@@ -136,7 +144,10 @@ class VitTracer(fx.Tracer):
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
         if self._in_meta:  # plain attribute access while computing meta values
             return attr_val
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
+        rv = super().getattr(attr, attr_val, parameter_proxy_cache)
+        if type(rv) is fx.proxy.ParameterProxy:
+            rv.__class__ = _ParameterProxy
+        return rv
 
     def _meta_value(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
         a = fx.node.map_aggregate(args, _meta_of)
