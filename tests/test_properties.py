@@ -132,11 +132,12 @@ class Axes:
 def refusals(a: Axes, model: Model) -> list[str]:
     """The SpecErrors a combination gets by design, as patterns (empty: accepted); instrument raises the
     first one its axes meet. What vitgraph refuses, and why:
-    - tokens with width.heads: the token scores average over the heads, pruned heads would change them;
-    - tokens with depth.exits; tokens.method spvit with depth.skip_blocks (learned selectors chain keep
+    - tokens.method spvit with depth.exits (an exit would pool the dead tokens the masked graph keeps flowing);
+      tokens.method spvit with depth.skip_blocks (learned selectors chain keep
       flags and key masks through every later block) or with width.embed (the learned scorers read the
       stream head by head; found here: the narrowed graph failed to run, see vitgraph/axes/tokens.py);
-    - attention.to_conv with width.heads, width.embed or depth.exits;
+    - attention.to_conv with width.embed (the convolutions are built from the full-width value and output
+      weights, outside the embedding group) or depth.exits; with heads and value dims it combines;
     - to_conv with tokens: only attentions before the first stage (attention scores: before the block
       that scores it) convert, so a first stage at block 0 (learned) or 1 (attention scores) leaves none;
     - one-shot attention scores cannot stage at block 0 (no attention before it to read);
@@ -160,18 +161,16 @@ def refusals(a: Axes, model: Model) -> list[str]:
          "compresses nothing"),
         ((a.heads or a.head_dim) and not gated and not (a.skip_blocks or a.exits), "no site of this model allows it"),
         (a.conv and hidden, "no attention .* can become a convolution .*could not map every head"),
-        (a.conv and a.heads, "attention.to_conv with width.heads is not implemented"),
-        (a.conv and a.embed, "attention.to_conv with width.embed is not implemented"),
-        (a.conv and a.exits, "attention.to_conv with depth.exits is not implemented"),
+        (a.conv and a.embed, "attention.to_conv with width.embed: the convolutions that replace attention"),
+        (a.conv and a.exits, "attention.to_conv with depth.exits is not supported"),
         (a.conv and tokens and a.stages[0] <= (1 if a.token_method == "attention" else 0),
          "no attention .* can become a convolution .*first token stage"),
         (a.exits and a.embed, "depth.exits with width.embed is not implemented"),
         (a.exits and model.pool == "map", "no exit after block .* differs from the last block's"),
         (tokens and a.token_method == "spvit" and a.skip_blocks,
-         "tokens.method spvit with depth.skip_blocks is not implemented"),
-        (tokens and a.heads, "tokens with width.heads is not implemented"),
-        (tokens and a.exits, "tokens with depth.exits is not implemented"),
-        (tokens and a.token_method == "spvit" and a.embed, "tokens.method spvit with width.embed is not implemented"),
+         "tokens.method spvit with depth.skip_blocks: the learned selectors chain"),
+        (tokens and a.exits and a.token_method == "spvit", "tokens.method spvit with depth.exits: the learned"),
+        (tokens and a.token_method == "spvit" and a.embed, "tokens.method spvit with width.embed: the learned scorers"),
         (tokens and a.token_method == "attention" and a.stages[0] == 0, "before block 0 .*no block before it"),
         (tokens and _pool_skips_prefix(model), "takes .* tokens?, not the .* of the token stream"),
         (tokens and model.pool == "map" and a.token_method == "spvit", "attention is not a self-attention over"),
@@ -214,16 +213,16 @@ def axes_for(draw, model: Model, accepted: bool = True, focus: str = "width") ->
         lowest = 1 if method == "attention" else 0
         if not a.stages:
             a = Axes(**{**a.__dict__, "stages": (draw(st.integers(lowest, depth - 1)),), "keep": (0.5,)})
-        a = Axes(**{**a.__dict__, "conv": a.conv and a.stages[0] > lowest + 1, "exits": (), "heads": False})
+        a = Axes(**{**a.__dict__, "conv": a.conv and a.stages[0] > lowest + 1, "exits": ()})
     elif focus == "conv" and not (model.style == "bmm" and model.family == "handmade"):
-        a = Axes(**{**a.__dict__, "conv": True, "heads": False, "embed": False, "exits": ()})
+        a = Axes(**{**a.__dict__, "conv": True, "embed": False, "exits": ()})
     elif focus == "depth":
         a = Axes(**{**a.__dict__, "skip_blocks": True})
     elif focus == "width":
         a = Axes(**{**a.__dict__, "mlp": a.mlp or not (a.heads or a.head_dim or a.embed)})
     # resolve every refused pair in favour of the coarser axis (see ``refusals``)
     if a.conv or a.stages or model.pool == "map":
-        a = Axes(**{**a.__dict__, "heads": a.heads and not (a.conv or a.stages), "exits": ()})
+        a = Axes(**{**a.__dict__, "embed": a.embed and not a.conv, "exits": ()})
     if a.exits:
         a = Axes(**{**a.__dict__, "embed": False})
     if model.style == "bmm" and model.family == "handmade":  # (no heads to read scores from or convert)
@@ -253,13 +252,16 @@ def decide(gated, draw) -> None:
     """Random decisions on every axis the model has, written where each axis keeps its frozen ones."""
     if "width" in gated.axes:
         method = gated.axes["width"].method
+        # the heads of an attention a token stage reads its scores from keep one at least (as WidthAxis.freeze)
+        needed = {b for a in gated.axes.values() for b in a.needed_blocks()}
         for i, site in enumerate(method.sites):
             gen = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
             if site.kind == "head_dim":  # the same count in every head, each head its own channels
                 per = site.units // site.segments
                 mask = value_dim_mask(site, draw(st.integers(1, per)), gen)
             else:
-                k = max(site.min_units, round(draw(FRACTIONS) * site.units))
+                least = 1 if site.kind == "heads" and gated.graph.structure.group(site.name).block in needed else 0
+                k = max(site.min_units, least, round(draw(FRACTIONS) * site.units))
                 mask = torch.zeros(site.units, dtype=torch.bool)
                 mask[torch.randperm(site.units, generator=gen)[:k]] = True
             getattr(method, f"frozen_{i}").copy_(mask)

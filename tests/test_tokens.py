@@ -142,14 +142,12 @@ def test_refusals_name_the_block_and_the_reason():
         instrument(g, _spec(stages=[7]))
     with pytest.raises(SpecError, match="dynamic with tokens.method attention"):
         instrument(g, _spec(mode="dynamic"))
-    with pytest.raises(SpecError, match="list tokens.keep"):
-        instrument(g, Spec.from_dict({"budget": {"flops": 0.5}, "width": {"heads": False},
-                                      "tokens": {"method": "attention", "stages": [1]}}))
-    with pytest.raises(SpecError, match="tokens with width.heads is not implemented"):
-        instrument(g, Spec.from_dict({"width": {"heads": True}, "tokens": {"method": "attention", "stages": [1]}}))
+    with pytest.raises(SpecError, match="width learns after the token ratios are fixed.*list tokens.keep"):
+        instrument(g, Spec.from_dict({"budget": {"flops": 0.5}, "width": {"method": "wdpruning", "heads": False},
+                                      "tokens": {"method": "attention", "stages": [1]}, "train": {"steps": 2}}))
     with pytest.raises(SpecError, match="one per stage"):
         Spec.from_dict({"tokens": {"stages": [1, 2], "keep": [0.5]}})
-    with pytest.raises(SpecError, match="tokens.method spvit with depth.skip_blocks is not implemented"):
+    with pytest.raises(SpecError, match="tokens.method spvit with depth.skip_blocks: the learned selectors"):
         instrument(g, Spec.from_dict({"width": {"heads": False}, "depth": {"skip_blocks": True},
                                       "tokens": {"method": "spvit", "stages": [1]}}))
 

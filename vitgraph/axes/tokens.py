@@ -22,11 +22,13 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from vitgraph.analysis.depth import cut_factor
 from vitgraph.analysis.tokens import default_stages, mask_sites, score_source
+from vitgraph.axes import joint
 from vitgraph.axes.base import Axis, AxisContext, Factors, Pricer, Run
 from vitgraph.axes.token_methods import SPViT
 from vitgraph.errors import SpecError
-from vitgraph.meta import TOKENS, submodule_name
+from vitgraph.meta import GATES, TOKENS, submodule_name
 from vitgraph.passes.insert_token_selectors_pass import FINAL, InsertTokenSelectorsPass, Stage
 from vitgraph.passes.pack_tokens_pass import PackTokensPass
 from vitgraph.gates.tokens import FinalTokens, LearnedTokenSelector
@@ -55,8 +57,12 @@ class TokenAxis(Axis):
         self.stream = next((g.name for g in ctx.graph.structure.groups if g.kind == "embed"), None)
         self.learned = ctx.spec.tokens.method == "spvit"
         self.dynamic = ctx.spec.tokens.mode == "dynamic"
+        self.calibration = ctx.calibration
+        self.split: dict[str, Any] = {}  # how the budget's reduction was shared (report["budget"])
         self.register_buffer("kept", torch.full((len(stages),), -1, dtype=torch.long))  # K_s; -1: not frozen yet
         self.selectors: list[nn.Module] = []
+        self.head_groups: list[str | None] = []
+        self.head_gates: list[nn.Module | None] = []
         self.final: FinalTokens | None = None
         self.method: SPViT | None = None
 
@@ -102,6 +108,9 @@ class TokenAxis(Axis):
 
     def setup(self, gm: fx.GraphModule) -> None:
         self.selectors = [gm.get_submodule(submodule_name(TOKENS, s.name)) for s in self.stages]
+        # the heads group of each stage's score source, and its gate when width prunes those heads
+        self.head_groups = [self._heads_group(s) for s in self.stages]
+        self.head_gates = [_submodule(gm, submodule_name(GATES, h)) if h else None for h in self.head_groups]
         self.final = gm.get_submodule(FINAL) if self.final_after is not None else None
         if self.learned:
             self.method = SPViT(self.graph, [s for s in self.selectors if isinstance(s, LearnedTokenSelector)],
@@ -110,6 +119,14 @@ class TokenAxis(Axis):
             self.targets = list(self.spec.tokens.keep)
             if not self.learned:
                 self.kept.copy_(torch.tensor(self.counts(list(self.spec.tokens.keep))))
+
+    def _heads_group(self, stage: Stage) -> str | None:
+        """The coupled group of the heads whose attention scores ``stage`` (None: learned, or no such group)."""
+        if stage.source is None:
+            return None
+        a = self.graph.structure.blocks[stage.source.block].attention
+        return next((g.name for g in self.graph.structure.groups if a is not None and g.kind == "heads"
+                     and g.site == a.name), None)
 
     @property
     def targets(self) -> list[float] | None:
@@ -136,6 +153,8 @@ class TokenAxis(Axis):
             else:
                 sel.keep = int(k[s]) if active and self.frozen else None
                 sel.candidates = (k[s - 1] if s and active and self.frozen else self.patches)
+                gate = self.head_gates[s] if s < len(self.head_gates) else None
+                sel.head_gate = (gate,) if active and gate is not None else None
         if self.final is not None:
             packages = sum(self.drops(k)) if self.frozen and not self.learned else 0
             self.final.packages = packages if active and packages else None
@@ -169,12 +188,51 @@ class TokenAxis(Axis):
         return [self.dynamic or k < (kept[s - 1] if s else self.patches) for s, k in enumerate(kept)]
 
     def freeze(self, pricer: Pricer, run: Run) -> None:
+        """K_s from the targets (``tokens.keep``, or what spvit learned toward); else from the budget: the whole
+        of it when no axis decides after this one, else the share the joint allocation picks (``axes.joint``)."""
+        before = float(pricer("eval", {self.name: {}}))
         rho = self.targets
-        self.kept.copy_(torch.tensor(self.counts(rho) if rho is not None else self._from_budget(pricer)))
+        later = self._later(pricer)
+        if rho is not None or not later:
+            self.kept.copy_(torch.tensor(self.counts(rho) if rho is not None else self._from_budget(pricer)))
+            self.split = self._split(later, before, float(pricer("eval")), self.spec.budget.fraction)
+            return
+        target = self.spec.budget.fraction
 
-    def _from_budget(self, pricer: Pricer) -> list[int]:
-        """rho_s = base^s, base bisected so that the priced cost lands nearest the budget."""
-        target, n = self.spec.budget.fraction, len(self.stages)
+        def place(share: float) -> None:
+            self.kept.copy_(torch.tensor(self._from_budget(pricer, before - share * (before - target))))
+
+        inputs = self._batch()
+        with torch.no_grad():
+            reference = self.graph.gm(*inputs)
+        share, trials = joint.split(place, later, pricer, run, inputs, reference, target, self.spec.budget.slack)
+        place(share)
+        final = next(t.cost for t in trials if t.share == share)
+        self.split = self._split(later, before, float(pricer("eval")), final)
+        self.split["criterion"] = "output distortion on " + ("a calibration batch" if self.calibration is not None
+                                                             else "the example inputs (data-free)")
+        self.split["candidates"] = {f"{t.share:.3f}": {"cost": round(t.cost, 4), "distortion": round(t.distortion, 6)}
+                                    for t in trials}
+
+    def _later(self, pricer: Pricer) -> list[Axis]:
+        return [a for a in pricer.axes if not a.frozen and a.freeze_order > self.freeze_order]
+
+    def _split(self, later: list[Axis], before: float, first: float, final: float) -> dict[str, Any]:
+        """This axis's share of the budget's reduction and the later axes' (see ``axes.joint``)."""
+        mine = joint.realised(before, first, final) if later else 1.0
+        return {"split": {self.name: round(mine, 4), **{a.name: round((1.0 - mine) / len(later), 4) for a in later}}}
+
+    def _batch(self) -> tuple[Tensor, ...]:
+        """The batch the joint allocation scores candidates on: the first calibration batch, else the example inputs."""
+        if self.calibration is not None:
+            for x, _ in self.calibration:
+                return (x[:32],)
+        return tuple(self.graph.example_inputs)
+
+    def _from_budget(self, pricer: Pricer, target: float | None = None) -> list[int]:
+        """rho_s = base^s, base bisected so that the priced cost lands nearest ``target`` (the budget)."""
+        target = self.spec.budget.fraction if target is None else target
+        n = len(self.stages)
 
         def at(base: float) -> tuple[float, list[int]]:
             k = self.counts([base ** (s + 1) for s in range(n)])
@@ -191,11 +249,20 @@ class TokenAxis(Axis):
         return best[1]
 
     def check_budget(self, pricer: Pricer) -> None:
-        later = [a.name for a in pricer.axes if not a.frozen and a.freeze_order > self.freeze_order]
-        if later and not self.spec.tokens.keep:
-            raise SpecError(f"tokens.keep is empty, so the token ratios would take the whole budget before "
-                            f"{', '.join(later)} decide; list tokens.keep (one ratio per stage) when combining axes")
+        if self.frozen:  # tokens.keep, one-shot: decided already; the axes after it take the rest
+            before = float(pricer("eval", {self.name: {}}))
+            self.split = self._split(self._later(pricer), before, float(pricer("eval")), self.spec.budget.fraction)
+        learned = [a.name for a in self._later(pricer) if not a.one_shot]
+        if learned and not self.spec.tokens.keep:
+            raise SpecError(f"tokens.keep is empty and {', '.join(learned)} learns after the token ratios are fixed: "
+                            f"the joint split of the budget scores frozen one-shot decisions, and a learned width "
+                            f"has none yet; list tokens.keep (one ratio per stage), or use a one-shot width method "
+                            f"(magnitude, taylor)")
         if self.learned and self.targets is None:  # the keep-ratio loss needs its targets before learning
+            if self._later(pricer):
+                raise SpecError("tokens.method spvit learns toward keep ratios fixed before training, so it cannot "
+                                "share the budget with the widths deciding after it; list tokens.keep (one ratio "
+                                "per stage) when combining axes")
             self.targets = [k / self.patches for k in self._from_budget(pricer)]
 
     # -- pricing ---------------------------------------------------------------------------------
@@ -227,7 +294,7 @@ class TokenAxis(Axis):
         out = {}
         width = self.graph.structure.tokens.embed_dim * (factors.get(self.stream, 1.0) if self.stream else 1.0)
         for i, (s, sel) in enumerate(zip(self.stages, self.selectors)):
-            if f"tokens.stage.{i}" not in factors:
+            if f"tokens.stage.{i}" not in factors or self._cut_before(s, factors):
                 continue
             candidates, before, drops = factors[f"tokens.stage.{i}"]
             if not drops:
@@ -237,7 +304,8 @@ class TokenAxis(Axis):
                 out[s.name] += sel.flops_per_token() * (candidates + before)
             elif s.source is not None and s.source.scale is not None:  # (probabilities: computed anyway)
                 src, n = s.source, self.prefix + candidates + before
-                out[s.name] += 2.0 * src.heads * src.head_dim * n * (self.prefix if self.prefix else n)
+                heads = factors.get(self.head_groups[i], 1.0) if self.head_groups[i] else 1.0  # kept ones only
+                out[s.name] += 2.0 * src.heads * heads * src.head_dim * n * (self.prefix if self.prefix else n)
         return out
 
     OPS_PER_STAGE = 16  # (measured) the runtime ops one static packing stage adds: scores, top-K, gathers, package
@@ -245,7 +313,12 @@ class TokenAxis(Axis):
     def op_terms(self, factors: Factors) -> dict[str, Any]:
         """Each packing stage that drops tokens adds its packaging ops (the latency model's ``ops``)."""
         return {s.name: float(self.OPS_PER_STAGE) for i, s in enumerate(self.stages)
-                if f"tokens.stage.{i}" in factors and factors[f"tokens.stage.{i}"][2]}
+                if f"tokens.stage.{i}" in factors and factors[f"tokens.stage.{i}"][2] and not self._cut_before(s, factors)}
+
+    def _cut_before(self, stage: Stage, factors: Factors) -> bool:
+        """Whether the model is cut at an exit before ``stage``'s block (``cut.<e>`` 0, e < block, 1-based e):
+        the selector goes with the blocks after the exit."""
+        return any(factors.get(cut_factor(e)) == 0 for e in range(1, stage.block))
 
     # -- results ---------------------------------------------------------------------------------
     @property
@@ -279,27 +352,33 @@ class TokenAxis(Axis):
             out["dynamic"] = "the compact graph keeps each image's own tokens (batch 1); kept_tokens are the targets"
         if self.pool_mean:
             out["pooling"] = "mean over the kept content tokens, without packages (not over every patch)"
-        return {"tokens": out}
+        return {"tokens": out, **({"budget": self.split} if self.split else {})}
 
 
 def _refuse_combinations(ctx: AxisContext) -> None:
+    """What cannot combine with token pruning, each with the reason in the model's terms."""
     t, spec = ctx.spec.tokens, ctx.spec
-    for key, asked, alone in (                              ("tokens.mode dynamic with tokens.method attention (top-K by design)",
-                               t.mode == "dynamic" and t.method == "attention", "static"),
-                              # learned selectors chain keep flags and key masks through every later block
-                              ("tokens.method spvit with depth.skip_blocks",
-                               t.method == "spvit" and spec.depth.skip_blocks, ""),
-                              # the scores average over the heads; pruned heads would change them
-                              ("tokens with width.heads", spec.width.heads and spec.width.enabled,
-                               "false (MLP units combine)"),
-                              ("tokens with depth.exits", bool(spec.depth.exits), ""),
-                              # the learned scorers read the stream head by head (a LayerNorm and linears
-                              # per head chunk); the embed group does not narrow them
-                              ("tokens.method spvit with width.embed",
-                               t.method == "spvit" and spec.width.embed and spec.width.enabled, "")):
+    width_on = spec.width.enabled
+    refusals = (
+        (t.mode == "dynamic" and t.method == "attention",
+         "tokens.mode dynamic with tokens.method attention: the one-shot scores keep a fixed top-K per stage, so "
+         "every image keeps the same count; set tokens.mode static (or use tokens.method spvit for per-image counts)"),
+        (t.method == "spvit" and spec.depth.skip_blocks,
+         "tokens.method spvit with depth.skip_blocks: the learned selectors chain their keep flags and key masks "
+         "through every later block, and a skipped block would cut that chain; drop one of the two, or use "
+         "tokens.method attention (one-shot scores combine with block skipping)"),
+        (t.method == "spvit" and bool(spec.depth.exits),
+         "tokens.method spvit with depth.exits: the learned selectors keep dropped tokens flowing (masked as keys), "
+         "and an exit pooling the stream would average them in where the compact graph has gathered them out; "
+         "use tokens.method attention with exits (an exit pools the tokens left, packages included)"),
+        (t.method == "spvit" and spec.width.embed and width_on,
+         "tokens.method spvit with width.embed: the learned scorers split the stream into per-head chunks (a "
+         "LayerNorm and linears per chunk), which narrowing the stream would cut across; use tokens.method "
+         "attention with width.embed, or drop width.embed"),
+    )
+    for asked, why in refusals:
         if asked:
-            fix = f"set it to {alone}" if alone else "drop one of the two"
-            raise SpecError(f"{key} is not implemented; {fix}")
+            raise SpecError(f"{ctx.graph.name}: {why}")
 
 
 def _stage(ctx: AxisContext, b: int, i: int) -> Stage:
@@ -318,3 +397,10 @@ def _stage(ctx: AxisContext, b: int, i: int) -> Stage:
     a = blocks[b].attention
     return Stage(b, blocks[b].name, blocks[b].input, source, info.prefix_tokens, info.tokens - info.prefix_tokens,
                  i, info.embed_dim, a.heads if a is not None else 1)
+
+
+def _submodule(gm: fx.GraphModule, target: str) -> nn.Module | None:
+    try:
+        return gm.get_submodule(target)
+    except AttributeError:
+        return None

@@ -8,6 +8,7 @@ keeps nothing deletes its residual branch (``branch.<i>.<kind>`` = 0).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -178,6 +179,12 @@ class WidthAxis(Axis):
         return not self.sites or bool(self.method.is_frozen)
 
     def freeze(self, pricer: Pricer, run: Run) -> None:
+        # the heads of an attention another axis reads (a token stage's scores) may not all go: keep one at least
+        needed = {b for a in pricer.axes if a is not self for b in a.needed_blocks()}
+        self.method.sites = [replace(s, min_units=max(s.min_units, 1)) if gr.kind == "heads" and gr.block in needed
+                             else s for gr, s in zip(self.groups, self.method.sites)]
+        self.branch = {k: v for k, v in self.branch.items()
+                       if next(s for s in self.method.sites if s.name == k).min_units == 0}
         self.method.freeze(lambda fractions: pricer("eval", {self.name: self.as_factors(fractions)}))
 
     # -- pricing ----------------------------------------------------------------------------------

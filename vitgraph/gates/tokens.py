@@ -50,12 +50,17 @@ class TokenSelector(nn.Module):
     packages]``; the output is ``[prefix ; the top-``keep`` ; the packages ; the new package]``, the
     package being the score-weighted mean of the dropped tokens (none when nothing is dropped).
     Only standard ops with static sizes: it traces, exports (TopK + GatherElements) and batches.
+
+    ``head_gate``: ``(gate,)``, the unit gate of the source attention's heads when width prunes them (None:
+    every head counts). Its mask, when set, restricts the mean to the kept heads: what the compact graph,
+    whose q and k hold only those heads, computes. (A tuple, so the gate is not registered twice.)
     """
 
     def __init__(self, prefix: int, candidates: int, scale: float | None) -> None:
         super().__init__()
         self.prefix, self.candidates, self.scale = prefix, candidates, scale
         self.keep: int | None = None
+        self.head_gate: tuple[nn.Module] | None = None
 
     def scores(self, a: Tensor, b: Tensor | None = None) -> Tensor:
         p = self.prefix
@@ -64,7 +69,11 @@ class TokenSelector(nn.Module):
         else:
             q = a[:, :, :p] if p else a
             probs = torch.softmax((q @ b.transpose(-2, -1)) * self.scale, dim=-1)
-        return probs.mean(dim=(1, 2))
+        heads = self.head_gate[0].mask if self.head_gate is not None else None
+        if heads is None:
+            return probs.mean(dim=(1, 2))
+        w = heads.detach().to(probs.dtype)
+        return (probs.mean(2) * (w / w.sum().clamp_min(1.0))[None, :, None]).sum(1)
 
     def forward(self, x: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
         if self.keep is None or self.keep >= self.candidates:
