@@ -91,7 +91,7 @@ def axis_spec(base: Any, axes: str, budget: float) -> Any:
     if axes == "conv" and base.train.steps == 0:
         raise SpecError("axis set conv: attention.to_conv chooses between attention and convolutions by "
                         "training; set train.steps > 0 (or pass --steps N) and --data digits or imagefolder:PATH")
-    if axes == "width":  # widths alone: heads too (a spec with tokens leaves them off only for the selectors)
+    if axes == "width":  # widths alone: heads and MLP units
         d["width"].update(heads=True, mlp=True, **({} if base.width.enabled else {"method": "magnitude"}))
     elif axes == "conv":
         d["width"].update(PRESETS["spvit_conv"]["width"], head_dim=False, embed=False)
