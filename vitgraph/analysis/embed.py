@@ -201,7 +201,10 @@ class _Walk:
         units = tuple((u,) for u in _chan(self.env[node], -1))
         if sorted(u for (u,) in units) != list(range(self.units)):
             raise _Refused(f"the channels reaching %{user.name} are not the whole stream")
-        order = tuple(tuple(i for i, (u,) in enumerate(units) if u == k) for k in range(self.units))
+        positions: list[list[int]] = [[] for _ in range(self.units)]
+        for i, (u,) in enumerate(units):  # (one pass: a search per channel was quadratic, 3 s on ViT-B)
+            positions[u].append(i)
+        order = tuple(tuple(p) for p in positions)
         self.slices.extend(SliceRef(p, 0, order, "param") for p in params)
         self.norms.append(user.name)
 
