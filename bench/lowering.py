@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="timm model name, e.g. vit_tiny_patch16_224")
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
-    parser.add_argument("--targets", nargs="+", default=list(bench.TARGETS), choices=bench.TARGETS)
+    parser.add_argument("--targets", nargs="+", default=list(bench.DEFAULT_TARGETS), choices=bench.TARGETS)
     parser.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)

@@ -76,6 +76,11 @@ class InsertExitsPass(VitPass):
             gm.add_submodule(prefix, nn.Module())
             env = {last: nodes[self.blocks[e - 1].output]}
             with gm.graph.inserting_before(output):
+                for a in self._shared_params(nodes, params):  # a functional norm's weight: the exit's own copy
+                    target = f"{prefix}.{str(a.target).replace('.', '_')}"
+                    gm.get_submodule(prefix).register_parameter(
+                        target.rsplit(".", 1)[1], nn.Parameter(params[str(a.target)].detach().clone()))
+                    env[a] = gm.graph.get_attr(target)
                 for name in self.path:
                     n = nodes[name]
                     new = gm.graph.node_copy(n, lambda a: env.get(a, a))
@@ -93,3 +98,14 @@ class InsertExitsPass(VitPass):
         output.args = ((final, *outs),)
         gm.recompile()
         return PassResult(gm, modified=True, counters={"exits": len(self.exits)})
+
+    def _shared_params(self, nodes: dict[str, fx.Node], params: dict[str, nn.Parameter]) -> list[fx.Node]:
+        """Parameters the head path reads through ``get_attr`` nodes outside it (``F.layer_norm(x, shape,
+        weight, bias)`` in the exported dialect): without copies the exit would train the final head's."""
+        path = {nodes[name] for name in self.path}
+        seen: dict[fx.Node, None] = {}
+        for n in (nodes[name] for name in self.path):
+            for a in n.all_input_nodes:
+                if a.op == "get_attr" and a not in path and str(a.target) in params:
+                    seen[a] = None
+        return list(seen)

@@ -37,7 +37,8 @@ class TruncateAtExitPass(VitPass):
         before = len(gm.graph.nodes)
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
-        if hasattr(gm, EXITS) and not any(True for _ in gm.get_submodule(EXITS).parameters()):
+        used = any(n.op in ("call_module", "get_attr") and str(n.target).startswith(EXITS + ".") for n in gm.graph.nodes)
+        if hasattr(gm, EXITS) and not used:  # (an exit of parameter-free modules, e.g. a dropout, still runs)
             delattr(gm, EXITS)
         gm.recompile()
         return PassResult(gm, modified=True, counters={"nodes_removed": before - len(gm.graph.nodes)})

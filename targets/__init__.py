@@ -1,4 +1,4 @@
-"""Lowering targets: ONNX (via ONNX Runtime), torch.compile, and self-contained torch.export ``.pt2`` files,
+"""Lowering targets: ONNX (via ONNX Runtime), INT8 ONNX (ONNX Runtime's quantizer), torch.compile, and self-contained torch.export ``.pt2`` files,
 and ``bench``, which times lowered runners against each other (interleaved medians).
 
 Invariant: every ``lower`` checks its result against eager PyTorch before returning, and raises
@@ -12,7 +12,7 @@ inside the package still means the ONNX package.
 """
 from __future__ import annotations
 
-from vitgraph.targets import bench, compile, export, onnx
+from vitgraph.targets import bench, compile, export, int8, onnx
 from vitgraph.targets._common import LoweringError, LoweringReport
 
-__all__ = ["onnx", "compile", "export", "bench", "LoweringError", "LoweringReport"]
+__all__ = ["onnx", "int8", "compile", "export", "bench", "LoweringError", "LoweringReport"]

@@ -165,7 +165,7 @@ def refusals(a: Axes, model: Model) -> list[str]:
         (a.conv and a.exits, "attention.to_conv with depth.exits is not supported"),
         (a.conv and tokens and a.stages[0] <= (1 if a.token_method == "attention" else 0),
          "no attention .* can become a convolution .*first token stage"),
-        (a.exits and a.embed, "depth.exits with width.embed is not implemented"),
+        (a.exits and a.embed, "depth.exits with width.embed: an exit's classifier is a fresh copy"),
         (a.exits and model.pool == "map", "no exit after block .* differs from the last block's"),
         (tokens and a.token_method == "spvit" and a.skip_blocks,
          "tokens.method spvit with depth.skip_blocks: the learned selectors chain"),

@@ -5,6 +5,10 @@
     result.report           # the report.json contract
     result.save("out/")     # model.pt2, compact.pt, spec.yaml, report.json, report.md, kept.png
 
+``quantize="int8"`` (or a ``vitgraph.targets.int8.Int8Config``) also writes ``model.int8.onnx``: static QDQ
+calibrated on the training split when there is data, else dynamic, and ``report["int8"]`` with its top-1
+agreement with the fp32 compact model on the validation split (random inputs without data, and it says so).
+
 With ``out_dir`` the run builds ``out_dir.partial`` (training checkpoints in its ``train/``) and renames it to
 ``out_dir`` only when every artifact is written (see ``vitgraph.report.outdir``); ``resume=True`` continues a killed run.
 
@@ -46,6 +50,8 @@ class Result:
     report: dict[str, Any]
     fit: Any = None
     files: dict[str, str] = field(default_factory=dict)
+    int8: Any = None        # an Int8Config: write() adds model.int8.onnx and report["int8"]
+    int8_data: Any = None   # (calibration batches, evaluation batches) for it, or None without data
 
     def save(self, out_dir: str | Path, *, pt2: bool = True) -> dict[str, str]:
         """Write the artifacts of ``vitgraph compile`` beside ``out_dir``, then rename them into place."""
@@ -71,6 +77,8 @@ class Result:
             self.report["parity"]["pt2_max_abs_err"] = lowering.max_abs_err
             self.report["parity"]["max_abs_err"] = max(self.report["parity"]["max_abs_err"], lowering.max_abs_err)
             files["model.pt2"] = str(path)
+        if self.int8 is not None:
+            files["model.int8.onnx"] = self._write_int8(out / "model.int8.onnx")
         torch.save(self.compact, out / "compact.pt")
         files["compact.pt"] = str(out / "compact.pt")
         self.spec.save(out / "spec.yaml")
@@ -81,11 +89,22 @@ class Result:
         self.files = files
         return files
 
+    def _write_int8(self, path: Path) -> str:
+        """The compact model in INT8, checked against its fp32 ONNX; raises AgreementError below tolerance."""
+        from vitgraph.targets.int8 import lower_int8
+
+        calibration, evaluation = self.int8_data or (None, None)
+        rep = lower_int8(self.compact, self.compressed.example_inputs, path, data_batches=evaluation,
+                         calibration=calibration, config=self.int8, name=self.dense.name)
+        self.report["int8"] = rep.to_dict()
+        return str(path)
+
 
 def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, example_inputs: Any = None,
              data: Any = "none", name: str | None = None, out_dir: str | Path | None = None, resume: bool = False,
-             progress: bool = True, latency_targets: tuple[str, ...] = ("eager",)) -> Result:
-    """Compress ``model`` as ``spec`` says. ``data``: "none", "digits", "imagefolder:PATH" or a ``Data``."""
+             progress: bool = True, latency_targets: tuple[str, ...] = ("eager",), quantize: Any = None) -> Result:
+    """Compress ``model`` as ``spec`` says. ``data``: "none", "digits", "imagefolder:PATH" or a ``Data``;
+    ``quantize``: None, "int8" or an ``Int8Config`` (see the module docstring)."""
     from vitgraph.train.data import Data, load_data
     from vitgraph.train.loop import evaluate, fit
 
@@ -105,6 +124,7 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
     if spec.width.method == "taylor" and dataset.train is not None:
         calibration = dataset.loader("train", shuffle=True, seed=spec.train.seed)
     _check_exits(spec, dataset)
+    int8 = int8_config(quantize, dataset.train is not None)  # a bad request fails before the work
     source = None
     if output is not None:  # DIR.partial, and the checkpoint to resume from (its model and spec checked)
         trains = spec.train.steps > 0
@@ -145,7 +165,8 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
     if latency_targets:
         report["latency_ms"] = _latency(g.gm, compact, g.example_inputs, latency_targets)
     report["seconds"] = time.perf_counter() - t0
-    result = Result(compact, g, compressed, gated, spec, report, fitted)
+    result = Result(compact, g, compressed, gated, spec, report, fitted, int8=int8,
+                    int8_data=int8_batches(dataset) if int8 is not None else None)
     if output is not None and _rank() == 0:  # under torchrun every rank holds the same result
         result.write(output.work)
         output.commit()  # DIR appears (or is replaced) only now, complete
@@ -153,6 +174,36 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
         if fitted is not None and fitted.history is not None:
             result.fit = replace(fitted, history=output.final / "train" / Path(fitted.history).name)
     return result
+
+
+def int8_config(quantize: Any, has_data: bool) -> Any:
+    """``quantize`` ("int8", an Int8Config or None) as an Int8Config whose mode fits the data (or None); a
+    SpecError for another name, or static mode without data."""
+    from vitgraph.targets.int8 import Int8Config
+
+    if quantize is None:
+        return None
+    if isinstance(quantize, str):
+        if quantize != "int8":
+            raise SpecError(f"quantize: unknown target {quantize!r}; vitgraph quantizes to int8 only "
+                            "(--quantize int8: static QDQ with --data, dynamic without)")
+        quantize = Int8Config()
+    return replace(quantize, mode=quantize.resolved_mode(has_data))
+
+
+def int8_batches(dataset: Any, images: int = 256) -> tuple[list[Any], list[Any]] | None:
+    """(calibration: up to ``images`` shuffled training images, evaluation: the validation split) in batches,
+    None without data. Calibration never sees the images agreement is measured on."""
+    if dataset is None or dataset.train is None:
+        return None
+    calibration, seen = [], 0
+    for x, y in dataset.loader("train", shuffle=True, seed=0):
+        calibration.append((x, y))
+        seen += len(x)
+        if seen >= images:
+            break
+    evaluation = list(dataset.loader("val")) if dataset.val is not None else None
+    return calibration, evaluation
 
 
 def _report(g: VitGraph, gated: GatedModel, compressed: VitGraph, spec: Spec, parity: float,

@@ -249,7 +249,21 @@ def find_blocks(gm: fx.GraphModule, attention: list[AttentionSite], mlps: list[M
             output=end.name, tokens_in=_tokens(shape_of(start)), tokens_out=_tokens(shape_of(end)),
             skippable=reason is None, skip_reason=reason, token_prunable=False, token_reason=None,
             nodes=member_names, flops=flops, params=params, mixer=mixer))
-    return _unique_names(blocks)
+    return _unique_names(_last_reader_stays(blocks))
+
+
+def _last_reader_stays(blocks: list[Block]) -> list[Block]:
+    """The last block whose attention reads more tokens than its own (CaiT's class attention over the patch
+    tokens) is what connects those tokens to the output: neither it nor its attention branch may go."""
+    readers = [b for b in blocks if b.attention is not None and b.attention.tokens_kv > b.tokens_in]
+    if not readers:
+        return blocks
+    last = readers[-1]
+    why = (f"its attention is the last reader of the {last.attention.tokens_kv} tokens it attends over (its own "
+           f"{last.tokens_in} and the stream's): removing it would cut the stream off from the output")
+    kept = replace(last, skippable=False, skip_reason=last.skip_reason or why,
+                   residuals=tuple(replace(r, identity_skip=False) if r.kind == "attn" else r for r in last.residuals))
+    return [kept if b is last else b for b in blocks]
 
 
 def _unique_names(blocks: list[Block]) -> list[Block]:

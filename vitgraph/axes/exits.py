@@ -53,7 +53,10 @@ class ExitsAxis(Axis):
         if spec.width.embed and spec.width.enabled and any(gr.kind == "embed" for gr in g.structure.groups):
             # an exit copies the head path (final norm, classifier) by node; the stream's gate has replaced
             # that norm, and the copies are not in the stream's channel group, so they could not narrow with it
-            raise SpecError("depth.exits with width.embed is not implemented; drop one of the two")
+            raise SpecError("depth.exits with width.embed: an exit's classifier is a fresh copy of the head path "
+                            "(final norm, pooling, classifier), outside the embedding channel group, so it could "
+                            "not narrow with the stream; drop one of the two (exits combine with heads, value dims, "
+                            "MLP units, blocks and tokens)")
         path, why = head_path(g.gm, g.structure.blocks)
         reasons = exit_reasons(g.gm, g.structure.blocks, why)
         for e in exits:

@@ -35,6 +35,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from vitgraph import targets
 
+    if args.target == "onnx-int8":
+        return _export_int8(args)
+    if args.data != "none":
+        raise SpecError(f"export --data feeds INT8 calibration and checks; --target {args.target} takes none. "
+                        "Drop --data, or use --target onnx-int8.")
     g = load_graph(args, args.model)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -48,6 +53,49 @@ def cmd_export(args: argparse.Namespace) -> int:
     where = f" -> {out}" if args.target != "compile" else ""
     print(f"{args.target}{where}: max abs error vs eager {rep.max_abs_err:.2e} ({per}), tolerance {args.atol:g}")
     return 0
+
+
+def int8_options(args: argparse.Namespace) -> Any:
+    """``--int8-mode``, ``--calibration``, ``--int8-tolerance`` as an Int8Config (SpecError when bad)."""
+    from vitgraph.targets.int8 import Int8Config
+
+    mode = None if args.int8_mode == "auto" else args.int8_mode
+    if mode is not None and mode not in ("dynamic", "static"):
+        raise SpecError(f"--int8-mode {args.int8_mode}: unknown quantization mode; choose auto (static with "
+                        "--data, dynamic without), dynamic (int8 weights, no data) or static (QDQ, calibrated on "
+                        "--data digits or imagefolder:PATH)")
+    return Int8Config(mode=mode, method=args.calibration, tolerance=args.int8_tolerance)
+
+
+def _export_int8(args: argparse.Namespace) -> int:
+    from vitgraph.pipeline import int8_batches, int8_config
+    from vitgraph.targets.int8 import lower_int8
+    from vitgraph.train.data import check_source, load_data
+
+    check_source(args.data)
+    config = int8_config(int8_options(args), args.data != "none")  # static without data fails before the build
+    g = load_graph(args, args.model)
+    dataset = load_data(args.data, tuple(g.input_size), 64)
+    calibration, evaluation = int8_batches(dataset) or (None, None)
+    out = Path(args.out)
+    rep = lower_int8(g.gm, g.example_inputs, out, data_batches=evaluation, calibration=calibration, config=config,
+                     name=g.name)
+    print(int8_summary(rep.to_dict(), out))
+    return 0
+
+
+def int8_summary(r: dict[str, Any], out: Path | str) -> str:
+    """Two lines on an INT8 file: mode, what stayed fp32, agreement, top-1, latency and size against fp32."""
+    calib = f" ({r['calibration']} calibration)" if r["calibration"] else ""
+    top1 = r["top1"]
+    acc = (f"; top-1 fp32 {100 * top1['fp32']:.2f} % -> int8 {100 * top1['int8']:.2f} %"
+           if top1.get("fp32") is not None else "")
+    lat, size = r["latency_ms"], r["bytes"]
+    return (f"onnx-int8 -> {out}: {r['mode']}{calib}, plan {r['plan']}, fp32 ops {', '.join(r['fp32_ops']) or 'none'}\n"
+            f"  top-1 agreement with fp32 {100 * r['agreement']:.1f} % on {r['checked_on']} (tolerance "
+            f"{100 * r['tolerance']:.1f} %), max abs logit error {r['max_abs_err']:.3g}{acc}\n"
+            f"  ORT batch 1: {lat['fp32']:.2f} ms -> {lat['int8']:.2f} ms; file {size['fp32'] / 1e6:.2f} MB -> "
+            f"{size['int8'] / 1e6:.2f} MB")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -100,12 +148,20 @@ def cmd_compile(args: argparse.Namespace) -> int:
         spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, **overrides))
     Output.at(args.out).check(resume=args.resume, spec=spec)  # path and checkpoint errors before the work
     targets = parse_targets(args.targets)
+    quantize = None
+    if args.quantize is not None:
+        from vitgraph.pipeline import int8_config
+
+        int8_config(args.quantize, False)  # the name: int8 is the one
+        quantize = int8_config(int8_options(args), args.data != "none")  # static without --data fails here
     g = load_graph(args, args.model)
     result = compress(g, spec, data=args.data, out_dir=args.out, resume=args.resume, progress=not args.quiet,
-                      latency_targets=targets)
+                      latency_targets=targets, quantize=quantize)
     if not result.files:  # a non-zero torchrun rank: rank 0 reports and writes
         return 0
     print(_compile_summary(result.report))
+    if "int8" in result.report:
+        print(int8_summary(result.report["int8"], Path(args.out) / "model.int8.onnx"))
     print("wrote " + ", ".join(sorted(Path(p).name for p in result.files.values())) + f" to {args.out}")
     return 0
 
@@ -172,6 +228,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out))
 
 
+def int8_args(p: argparse.ArgumentParser) -> None:
+    from vitgraph.targets.int8 import DEFAULT_TOLERANCE
+
+    p.add_argument("--calibration", choices=("minmax", "percentile", "entropy"), default="minmax",
+                   help="INT8 static calibration method (default minmax)")
+    p.add_argument("--int8-mode", default="auto", help="auto (static with --data, else dynamic) | dynamic | static")
+    p.add_argument("--int8-tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help=f"least top-1 agreement of INT8 with fp32, a fraction (default {DEFAULT_TOLERANCE})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitgraph", description="Recognise, compress and lower Vision Transformers.")
     p.add_argument("--debug", action="store_true",
@@ -188,13 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("export", help="lower a model and verify parity")
     s.add_argument("model")
-    s.add_argument("--target", choices=("onnx", "compile", "pt2"), required=True)
+    s.add_argument("--target", choices=("onnx", "onnx-int8", "compile", "pt2"), required=True)
     s.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
     s.add_argument("--atol", type=float, default=1e-4, help="max abs error allowed vs eager (default 1e-4)")
+    s.add_argument("--data", default="none", help="onnx-int8: calibration and check data, digits | "
+                   "imagefolder:PATH | none (dynamic INT8, agreement checked on random inputs)")
+    int8_args(s)
     model_args(s)
     s.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("bench", help="latency table: eager, torch.compile, ONNX Runtime")
+    s = sub.add_parser("bench", help="latency table: eager, torch.compile, ONNX Runtime (fp32, onnx-int8)")
     s.add_argument("models", nargs="+")
     s.add_argument("--batch-sizes", "--batch-list", dest="batch_sizes", default="1,16")
     s.add_argument("--targets", default="eager,onnx")
@@ -212,7 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, help="override train.batch_size")
     s.add_argument("--resume", action="store_true",
                    help="continue the run checkpointed in OUT.partial/train (killed) or OUT/train")
-    s.add_argument("--targets", default="eager", help="latency measured for the report: eager,compile,onnx")
+    s.add_argument("--targets", default="eager", help="latency measured for the report: eager,compile,onnx,onnx-int8")
+    s.add_argument("--quantize", help="int8: also write model.int8.onnx (static QDQ with --data, dynamic without) "
+                   "and report.json['int8']")
+    int8_args(s)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     model_args(s)
     s.set_defaults(func=cmd_compile)

@@ -39,7 +39,9 @@ def load_graph(args: argparse.Namespace, ref: str) -> Any:
 def parse_targets(text: str) -> tuple[str, ...]:
     """``--targets eager,onnx`` checked against the targets vitgraph can time."""
     names = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = set(names) - {"eager", "compile", "onnx"}
+    from vitgraph.targets.bench import TARGETS
+
+    unknown = set(names) - set(TARGETS)
     if unknown:
-        raise VitgraphError(f"--targets: unknown {sorted(unknown)}; choose from eager, compile, onnx")
+        raise VitgraphError(f"--targets: unknown {sorted(unknown)}; choose from {', '.join(TARGETS)}")
     return names

@@ -1,7 +1,8 @@
 """The output folder of ``vitgraph compile``: built beside itself, renamed into place when complete.
 
     DIR.partial/train/      checkpoint.pt, metrics.jsonl, run.json (which model and spec the run is for)
-    DIR.partial/...         then model.pt2, compact.pt, spec.yaml, report.json, report.md, kept.png
+    DIR.partial/...         then model.pt2, model.int8.onnx (--quantize int8), compact.pt, spec.yaml,
+                            report.json, report.md, kept.png
     DIR/                    appears, or replaces an earlier DIR, only by the final rename
 
 Invariant: a ``DIR/report.json`` belongs to a finished run. A killed run leaves ``DIR.partial`` (and any
@@ -30,7 +31,8 @@ PARTIAL = ".partial"
 CHECKPOINT = "checkpoint.pt"   # as vitgraph.train.loop writes it
 RUN = "run.json"
 # what compile writes: a DIR holding nothing else is replaced whole; any other DIR gets the artifacts moved in
-ARTIFACTS = frozenset({"model.pt2", "compact.pt", "spec.yaml", "report.json", "report.md", "train"})
+ARTIFACTS = frozenset({"model.pt2", "model.int8.onnx", "compact.pt", "spec.yaml", "report.json", "report.md",
+                       "train"})
 # settings a resumed run may change: they do not alter the trajectory of the steps already taken
 FREE_TRAIN_KEYS = ("steps", "checkpoint_every", "log_every")
 

@@ -165,6 +165,7 @@ def write_markdown(report: dict, out_dir: Path | str) -> dict[str, str]:
     lines = [f"# {report.get('model', 'model')} compressed with `{report.get('method', '?')}`", ""]
     lines += _budget_lines(report) + _summary_lines(report)
     lines += _axis_notes(report) + _block_table(rows, axes, (report.get("dense") or {}).get("flops"))
+    lines += _int8_lines(report.get("int8"))
     if report.get("train"):
         t = report["train"]
         lines += [f"Trained {t.get('steps')} steps in {_num(t.get('seconds'), '.1f')} s "
@@ -178,6 +179,22 @@ def write_markdown(report: dict, out_dir: Path | str) -> dict[str, str]:
     (out / "report.md").write_text("\n".join(lines).rstrip("\n") + "\n")
     files["report.md"] = str(out / "report.md")
     return files
+
+
+def _int8_lines(q: Any) -> list[str]:
+    """``model.int8.onnx`` (``--quantize int8``): how it was quantized, what stayed fp32, how it agrees."""
+    if not isinstance(q, dict):
+        return []
+    top1, lat, size = q.get("top1") or {}, q.get("latency_ms") or {}, q.get("bytes") or {}
+    how = q.get("mode", "?") + (f", {q['calibration']} calibration" if q.get("calibration") else "")
+    lines = [f"INT8 (`model.int8.onnx`, {how}, plan {q.get('plan', '?')}): fp32 ops "
+             f"{', '.join(q.get('fp32_ops') or []) or 'none'}; top-1 agreement with fp32 "
+             f"**{_num(q.get('agreement'), '.1%')}** on {q.get('checked_on', '?')}, max abs logit error "
+             f"{_num(q.get('max_abs_err'), '.3g')}; top-1 fp32 {_num(top1.get('fp32'), '.2%')} → int8 "
+             f"{_num(top1.get('int8'), '.2%')}; ONNX Runtime batch 1 {_num(lat.get('fp32'), '.2f')} → "
+             f"{_num(lat.get('int8'), '.2f')} ms; {_num(size.get('fp32'), '.2f', 1e6)} → "
+             f"{_num(size.get('int8'), '.2f', 1e6)} MB.", ""]
+    return lines
 
 
 def _plot_kept(report: dict, path: Path) -> Path | None:

@@ -1,0 +1,109 @@
+"""Every pair of axes, and the whole set, over thirteen families: timm (deit, eva02, BEiT, CaiT, Swin,
+DINOv2 with registers, relative-position ViT, attention-pool head with registers), Hugging Face (ViT,
+BEiT), vit-pytorch (ViT, CaiT) and the hand-written ViT of ``tests/handmade.py``.
+
+For each family hypothesis draws two axes of heads, value dims, MLP units, embedding channels, block skips,
+an exit, one-shot token scores and attention->conv (``pair``), or turns on every axis but conv (``all``:
+conv refuses embedding channels and exits by name). Random decisions (``test_properties.decide``), then:
+gates open == original, gated ``eval`` == compact, priced == compact == FlopCounterMode. A combination the
+model cannot take raises a ``SpecError`` that gives the model's reason ("not implemented" is a failure).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+import vitgraph as vg
+from tests.test_groups import _graph
+from tests.test_properties import SETTINGS, Axes, close, decide
+from vitgraph.analysis.cost import flop_counter_flops
+from vitgraph.errors import SpecError
+from vitgraph.gated import instrument, materialize
+
+COST_RTOL = 1e-6
+AXES = ("heads", "head_dim", "mlp", "embed", "skip_blocks", "exits", "tokens", "conv")
+
+
+def _foreign(name: str) -> vg.VitGraph:
+    pytest.importorskip("vit_pytorch")
+    pytest.importorskip("transformers")
+    from tests import foreign
+
+    return vg.trace(getattr(foreign, name)().eval(), torch.randn(2, 3, 32, 32))
+
+
+FAMILIES = {key: (lambda key=key: _graph(key)) for key in
+            ("deit", "eva02", "beit", "cait", "swin", "dinov2_reg", "relpos", "map_regs", "hugging_face", "handmade")}
+FAMILIES.update({"vit_pytorch": lambda: _foreign("build_vit"), "vit_pytorch_cait": lambda: _foreign("build_cait"),
+                 "hf_beit": lambda: _foreign("build_beit")})
+_BUILT: dict[str, vg.VitGraph] = {}
+
+
+def graph(family: str) -> vg.VitGraph:
+    if family not in _BUILT:
+        _BUILT[family] = FAMILIES[family]()
+    return _BUILT[family]
+
+
+def axes_of(on: set[str], blocks: int) -> Axes:
+    last = max(1, blocks - 1)
+    return Axes(heads="heads" in on, head_dim="head_dim" in on, mlp="mlp" in on, embed="embed" in on,
+                skip_blocks="skip_blocks" in on, exits=(last,) if "exits" in on and blocks >= 2 else (),
+                stages=(last,) if "tokens" in on and blocks >= 2 else (), keep=(0.5,) if "tokens" in on else (),
+                conv="conv" in on)
+
+
+def check(g: vg.VitGraph, axes: Axes, data) -> None:
+    try:
+        gated = instrument(g, axes.spec())
+    except SpecError as exc:
+        assert "not implemented" not in str(exc), str(exc)
+        event(f"refused: {str(exc)[:60]}")
+        return
+    x = g.example_inputs[0]
+    with torch.no_grad():
+        assert torch.equal(gated.set_mode("open")(x), g.gm(x)), "gates open must be exactly the original graph"
+    decide(gated, data.draw)
+    compact = materialize(gated)
+    event("landed")
+    with torch.no_grad():
+        for inputs in (x, torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(1))):
+            want = gated(inputs)
+            assert close(compact(inputs), want) <= 1e-5, "compact graph differs from the gated eval graph"
+    cg = vg.trace(compact, g.example_inputs)
+    assert cg.structure.flops == pytest.approx(gated.cost()["flops"], rel=COST_RTOL)
+    assert flop_counter_flops(compact, g.example_inputs, 2) == pytest.approx(cg.structure.flops, rel=COST_RTOL)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# (known: one drawn pair on vit-pytorch CaiT fails a pass's postcondition at materialize; open, see the issue note)
+PAIR_FAMILIES = [pytest.param(f, marks=pytest.mark.xfail(reason="a drawn pair fails a pass postcondition",
+                                                          strict=False)) if f == "vit_pytorch_cait" else f
+                 for f in FAMILIES]
+
+
+@pytest.mark.parametrize("family", PAIR_FAMILIES)
+@settings(max_examples=2, **SETTINGS)
+@given(data=st.data())
+def test_every_pair_of_axes(family, data):
+    g = graph(family)
+    pair = data.draw(st.lists(st.sampled_from(AXES), min_size=2, max_size=2, unique=True))
+    event(" + ".join(sorted(pair)))
+    check(g, axes_of(set(pair), len(g.structure.blocks)), data)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@settings(max_examples=1, **SETTINGS)
+@given(data=st.data())
+def test_the_whole_set_of_axes(family, data):
+    g = graph(family)
+    check(g, axes_of(set(AXES) - {"conv"}, len(g.structure.blocks)), data)
