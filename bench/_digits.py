@@ -25,3 +25,22 @@ def trained_digits_vit(dense_steps: int, depth: int = 4, size: int = 32
     fit(model, data.train, Train(steps=dense_steps, batch_size=64, lr=2e-3, warmup_steps=30, seed=0),
         progress=False)
     return model.eval(), data, (torch.randn(2, *shape),)
+
+
+def trained_demo_vit(seed: int, dense_steps: int) -> tuple[torch.nn.Module, Data]:
+    """The demo's own ViT (``vitgraph.cli.demo``: 16 px digits, embed 128, 4 blocks) trained dense as the demo
+    trains it, with ``seed`` for the weights, the data order and the split; in eval mode."""
+    from vitgraph.cli.demo import INPUT, demo_model
+
+    torch.manual_seed(seed)
+    data = load_data("digits", INPUT, 64, seed=seed)
+    model = demo_model()
+    fit(model, data.train, Train(steps=dense_steps, batch_size=64, lr=2e-3, warmup_steps=30, seed=seed),
+        progress=False)
+    return model.eval(), data
+
+
+def demo_spec(steps: int, seed: int) -> dict:
+    """The demo's learned spec: WDPruning to 50 % of the FLOPs, 30 % of ``steps`` learning the masks."""
+    return {"preset": "wdpruning", "budget": {"flops": 0.5},
+            "train": {"steps": steps, "search": 0.3, "batch_size": 64, "lr": 5e-4, "seed": seed}}

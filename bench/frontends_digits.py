@@ -17,22 +17,15 @@ import time
 
 import torch
 
+from _digits import demo_spec, trained_demo_vit
+
 
 def one_seed(seed: int, dense_steps: int, steps: int) -> dict[str, float]:
     import vitgraph as vg
-    from vitgraph.cli.demo import INPUT, demo_model
-    from vitgraph.spec import Train
-    from vitgraph.train.data import load_data
-    from vitgraph.train.loop import fit
+    from vitgraph.cli.demo import INPUT
 
-    torch.manual_seed(seed)
-    data = load_data("digits", INPUT, 64, seed=seed)
-    dense = demo_model()
-    fit(dense, data.train, Train(steps=dense_steps, batch_size=64, lr=2e-3, warmup_steps=30, seed=seed),
-        progress=False)
-    dense.eval()
-    spec = {"preset": "wdpruning", "budget": {"flops": 0.5},
-            "train": {"steps": steps, "search": 0.3, "batch_size": 64, "lr": 5e-4, "seed": seed}}
+    dense, data = trained_demo_vit(seed, dense_steps)
+    spec = demo_spec(steps, seed)
     out = {}
     for frontend in ("export", "fx"):
         os.environ["VITGRAPH_FRONTEND"] = frontend

@@ -18,24 +18,15 @@ from pathlib import Path
 import torch
 
 import vitgraph as vg
-from vitgraph.cli.demo import COMPRESS_STEPS, DENSE_STEPS, INPUT, demo_model
+from _digits import demo_spec, trained_demo_vit
+from vitgraph.cli.demo import COMPRESS_STEPS, DENSE_STEPS, INPUT
 from vitgraph.pipeline import int8_batches
-from vitgraph.spec import Train
 from vitgraph.targets import int8
-from vitgraph.train.data import load_data
-from vitgraph.train.loop import fit
 
 
 def one_seed(seed: int, dense_steps: int, compress_steps: int, method: str) -> dict[str, float]:
-    torch.manual_seed(seed)
-    data = load_data("digits", INPUT, 64, seed=seed)
-    model = demo_model()
-    fit(model, data.train, Train(steps=dense_steps, batch_size=64, lr=2e-3, warmup_steps=30, seed=seed),
-        progress=False)
-    model.eval()
-    spec = vg.Spec.from_dict({"preset": "wdpruning", "budget": {"flops": 0.5},
-                              "train": {"steps": compress_steps, "search": 0.3, "batch_size": 64, "lr": 5e-4,
-                                        "seed": seed}})
+    model, data = trained_demo_vit(seed, dense_steps)
+    spec = vg.Spec.from_dict(demo_spec(compress_steps, seed))
     example = (torch.randn(2, *INPUT),)
     result = vg.compress(model, spec, example_inputs=example, data=data, progress=False, latency_targets=())
     calibration, evaluation = int8_batches(data)

@@ -54,3 +54,13 @@ def random_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.5)
     return model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny graphs: one thread is several times faster than two fighting over a shared CPU (a module that
+    imports this fixture runs its tests on one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,6 +12,7 @@ import timm
 import torch
 
 import vitgraph as vg
+from tests.checks import one_thread  # noqa: F401 - an autouse fixture: one torch thread
 from vitgraph.analysis.cost import flop_counter_flops
 from vitgraph.spec import Spec
 
@@ -22,14 +23,6 @@ WIDTHS = {  # width settings combined with tokens
     "embed": {"heads": False, "mlp": False, "embed": True},
     "heads_mlp_embed": {"heads": True, "mlp": True, "embed": True},
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _graph(dead_heads: bool = False) -> vg.VitGraph:

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 import vitgraph as vg
-from tests.checks import value_dim_mask
+from tests.checks import one_thread, value_dim_mask  # noqa: F401 - one_thread: an autouse fixture
 from tests.handmade import HandmadeViT
 from vitgraph.analysis.cost import flop_counter_flops
 from vitgraph.errors import SpecError
@@ -216,8 +216,10 @@ def axes_for(draw, model: Model, accepted: bool = True, focus: str = "width") ->
         a = Axes(**{**a.__dict__, "conv": a.conv and a.stages[0] > lowest + 1, "exits": ()})
     elif focus == "conv" and not (model.style == "bmm" and model.family == "handmade"):
         a = Axes(**{**a.__dict__, "conv": True, "embed": False, "exits": ()})
-    elif focus == "depth":
-        a = Axes(**{**a.__dict__, "skip_blocks": True})
+    elif focus == "depth":  # (learned selectors refuse block skips: the focus keeps the skips, not the selectors)
+        spvit = a.token_method == "spvit"
+        a = Axes(**{**a.__dict__, "skip_blocks": True, "stages": () if spvit else a.stages,
+                    "keep": () if spvit else a.keep})
     elif focus == "width":
         a = Axes(**{**a.__dict__, "mlp": a.mlp or not (a.heads or a.head_dim or a.embed)})
     # resolve every refused pair in favour of the coarser axis (see ``refusals``)
@@ -301,22 +303,32 @@ def close(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def compress(model: Model, axes: Axes, data) -> tuple[vg.VitGraph, object, torch.fx.GraphModule]:
     g = model.build()
+    return (g, *compress_graph(g, instrument(g, axes.spec()), data))
+
+
+def compress_graph(g: vg.VitGraph, gated, data) -> tuple[object, torch.fx.GraphModule]:
+    """Gates open == ``g``; then random decisions (``decide``) and the compact graph."""
     x = g.example_inputs[0]
-    gated = instrument(g, axes.spec())
     with torch.no_grad():
         assert torch.equal(gated.set_mode("open")(x), g.gm(x)), "gates open must be exactly the original graph"
     decide(gated, data.draw)
-    compact = materialize(gated)
-    return g, gated, compact
+    return gated, materialize(gated)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny graphs: one thread is several times faster than two fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def assert_invariants(g: vg.VitGraph, gated, compact: torch.fx.GraphModule) -> None:
+    """Gated ``eval`` == compact at two batch sizes; no gate left; priced == compact == FlopCounterMode."""
+    x = g.example_inputs[0]
+    with torch.no_grad():
+        for inputs in (x, torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(1))):
+            want = gated(inputs)
+            err = close(compact(inputs), want)
+            assert err <= TOL, f"compact graph differs from the gated eval graph by {err:.2e}"
+    code = compact.code
+    assert not [name for name in LEFT_OVER if name in code]
+    cg = vg.trace(compact, g.example_inputs)
+    priced = gated.cost()["flops"]
+    assert cg.structure.flops == pytest.approx(priced, rel=COST_RTOL), "priced cost != compact graph's cost"
+    assert flop_counter_flops(compact, g.example_inputs, 2) == pytest.approx(cg.structure.flops, rel=COST_RTOL)
 
 
 def gated_axes(a: Axes) -> set[str]:
@@ -342,16 +354,7 @@ def test_open_original_eval_compact_and_cost_agree(focus, data):
     x = g.example_inputs[0]
     with torch.no_grad():
         event("the decisions changed the output" if close(gated(x), g.gm(x)) > 1e-3 else "nothing changed")
-        for inputs in (x, torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(1))):
-            want = gated(inputs)
-            err = close(compact(inputs), want)
-            assert err <= TOL, f"compact graph differs from the gated eval graph by {err:.2e}"
-    code = compact.code
-    assert not [name for name in LEFT_OVER if name in code]
-    cg = vg.trace(compact, g.example_inputs)
-    priced = gated.cost()["flops"]
-    assert cg.structure.flops == pytest.approx(priced, rel=COST_RTOL), "priced cost != compact graph's cost"
-    assert flop_counter_flops(compact, g.example_inputs, 2) == pytest.approx(cg.structure.flops, rel=COST_RTOL)
+    assert_invariants(g, gated, compact)
 
 
 @settings(max_examples=40, **SETTINGS)
