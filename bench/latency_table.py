@@ -10,6 +10,7 @@ absolute error (issue 13: median within 10 %)::
     python bench/latency_table.py --target onnx --batch 1 --holdout 20
     python bench/latency_table.py --target onnx --batch 16 --holdout 20 --samples 12
     python bench/latency_table.py --table table.json --holdout 10      # a table from `vitgraph profile`
+    python bench/latency_table.py --target onnx-int8 --holdout 12       # ratios to dense fp32 ONNX
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import timm
 import torch
 
 from vitgraph.analysis.graph import trace
-from vitgraph.cost.latency import LatencyTable, features
+from vitgraph.cost.latency import LatencyTable
 from vitgraph.cost.profile import measure_specs, profile, sample_specs
 from vitgraph.gated import builder
 
@@ -29,7 +30,7 @@ from vitgraph.gated import builder
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="deit_small_patch16_224")
-    p.add_argument("--target", default="onnx", choices=("onnx", "eager", "compile"))
+    p.add_argument("--target", default="onnx", choices=("onnx", "onnx-int8", "eager", "compile"))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--samples", type=int, default=12, help="configurations the table is fitted to")
     p.add_argument("--holdout", type=int, default=20, help="fresh configurations it must predict")
@@ -50,13 +51,13 @@ def main() -> None:
     profiled = time.perf_counter() - t0
     rows, dense_ms = measure_specs(g, sample_specs(g, 3 * args.holdout, seed=1), args.target, args.batch,
                                    args.holdout, builder(g), args.repeats)
-    dense = table.predict_ms(features(g, []))
+    rows = [r for r in rows if r["spec"] is not None]  # (onnx-int8 measures the dense model quantized first)
     errors = []
     print(f"\n{args.model} on {args.target}, batch {args.batch}, {torch.get_num_threads()} threads: dense "
-          f"{dense_ms:.2f} ms; table from {len(table.samples) - 1} configurations ({profiled:.0f} s)")
+          f"{dense_ms:.2f} ms; table from {len(table.samples)} configurations ({profiled:.0f} s)")
     print(f"{'configuration':36s} {'measured':>9s} {'predicted':>9s} {'error':>7s}")
     for r in rows:
-        r["predicted"] = table.predict_ms(r["features"]) / dense
+        r["predicted"] = table.predict_ratio(r["features"])
         errors.append(abs(r["predicted"] - r["ratio"]) / r["ratio"])
         print(f"{r['label']:36s} {r['ratio']:9.3f} {r['predicted']:9.3f} {100 * errors[-1]:6.1f}%")
     errors.sort()

@@ -29,13 +29,14 @@ DEFAULT_TARGETS = ("eager", "compile", "onnx")
 
 def runners(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, batch: int = 1,
             targets: Sequence[str] = DEFAULT_TARGETS, workdir: str | os.PathLike | None = None,
-            atol: float = 1e-4, name: str | None = None) -> dict[str, Callable[[], Any]]:
+            atol: float = 1e-4, name: str | None = None, int8_plan: str = "auto") -> dict[str, Callable[[], Any]]:
     """Zero-argument runners of ``module`` at ``batch`` on each target, ready for :func:`measure`.
 
     Every lowered runner is parity-checked first (on the same batch size; ``onnx-int8``: its fp32 file, then
     top-1 agreement of the dynamic INT8 file with it, see :mod:`vitgraph.targets.int8`). ``workdir`` keeps the
     ONNX files; without it the file lives in a temporary directory removed once the session holds
-    the model. All runners see the same inputs.
+    the model. ``int8_plan``: which ops ``onnx-int8`` quantizes ("auto": measured, see ``int8.PLANS``).
+    All runners see the same inputs.
     """
     from vitgraph.targets import compile as compile_target
     from vitgraph.targets import onnx as onnx_target
@@ -58,7 +59,7 @@ def runners(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, batch:
                 path = Path(workdir if workdir is not None else scratch) / f"{name}.onnx"
                 onnx_target.lower(module, example, path, atol=atol, check_batches=(batch,), name=name)
                 if target == "onnx-int8":
-                    path = _int8(path, name)
+                    path = _int8(path, name, int8_plan)
                 sess = onnx_target.session(path, threads=torch.get_num_threads())  # loaded: file may go
             feed = {i.name: x.detach().cpu().numpy() for i, x in zip(sess.get_inputs(), inputs)}
             out[target] = lambda sess=sess, feed=feed: sess.run(None, feed)
@@ -98,11 +99,11 @@ def _under_inference_mode(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ..
     return runner
 
 
-def _int8(fp32: Path, name: str) -> Path:
+def _int8(fp32: Path, name: str, plan: str = "auto") -> Path:
     """The dynamic INT8 file beside ``fp32``, its agreement with fp32 checked (random inputs)."""
     from vitgraph.targets import int8
 
     path = fp32.with_name(f"{name}.int8.onnx")
-    report = int8.quantize(fp32, path, mode="dynamic")
+    report = int8.quantize(fp32, path, mode="dynamic", plan=plan)
     int8.check(report, fp32, None, name=name, repeats=3)
     return path

@@ -172,3 +172,65 @@ def test_profile_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["profile", *TINY, "--target", "tpu"])
     assert e.value.code == 2
+
+
+def test_a_quantized_table_prices_against_the_dense_fp32_model(g):
+    """On onnx-int8 the dense row is the INT8 gain (its measured ratio to dense fp32): open decisions price at
+    that ratio, not 1, and every price scales with it (budget.latency 0.3 is 0.3 of dense fp32)."""
+    dense = features(g, [])
+    fp32 = _table(g, samples=[{"label": "dense", "features": dense, "ratio": 1.0}])
+    int8 = _table(g, samples=[{"label": "dense", "features": dense, "ratio": 0.5}])
+    int8.target = "onnx-int8"
+    spec = Spec.from_dict({"budget": {"flops": 0.6, "tolerance": 0.1}, "width": {"heads": True, "mlp": True}})
+    gated = instrument(g, spec)
+    axes = list(gated.axes.values())
+    for mode in ("full", "eval"):
+        assert float(int8.pricer(g, axes)(mode)) == pytest.approx(0.5 * float(fp32.pricer(g, axes)(mode)))
+    assert float(int8.pricer(g, [])("eval")) == pytest.approx(0.5)
+    assert int8.predict_ratio(dense) == pytest.approx(0.5) and int8.errors() == [pytest.approx(0.0)]
+
+
+def test_land_on_int8_times_the_dense_model_in_fp32(g, monkeypatch):
+    """The measured-feedback check holds the INT8 compact model to the dense model on fp32 ONNX Runtime."""
+    timed = []
+    monkeypatch.setattr(prof, "_runner", lambda module, g, target, batch, *a: timed.append(target) or (lambda: 0))
+    monkeypatch.setattr(prof, "measure_ratio", lambda d, c, r=0: (0.31, 10.0, 3.1))
+    spec = Spec.from_dict({"budget": {"latency": 0.3, "target": "onnx-int8"}, "width": {"heads": True}})
+
+    class Fake:
+        pricer = staticmethod(lambda mode="eval": 0.3)
+    _, _, report = prof.land(g, spec, lambda s: (Fake(), None), Fake(), None, progress=False)
+    assert timed == ["onnx", "onnx-int8"]
+    assert report["runtime"] == "onnx-int8" and report["reference"] == "onnx" and report["within"]
+
+
+def g_of(cli_model):
+    """The graph the CLI builds for ``TINY`` (name, kwargs): what its tables are checked against."""
+    kwargs = dict(kv.split("=") for kv in cli_model[2].split(","))
+    torch.manual_seed(0)
+    return trace(timm.create_model(cli_model[0], **{k: int(v) for k, v in kwargs.items()}).eval(),
+                 (torch.randn(1, 3, 32, 32),), name=cli_model[0])
+
+
+def test_profile_and_compile_on_int8(tmp_path, capsys):
+    """`profile --target onnx-int8` measures the dense INT8 gain first; a latency budget on it lands, is
+    reported against dense fp32, and writes the dynamic INT8 file it was measured on."""
+    table = tmp_path / "t.json"
+    assert main(["profile", *TINY, "--target", "onnx-int8", "--batch", "1", "--samples", "3", "--repeats", "2",
+                 "--quiet", "--out", str(table)]) == 0
+    loaded = LatencyTable.load(table)
+    assert loaded.target == "onnx-int8" and loaded.samples[0]["label"] == "dense" and len(loaded.samples) == 4
+    assert loaded.dense_ratio() == loaded.samples[0]["ratio"] != 1.0
+    assert "of dense fp32 onnx" in capsys.readouterr().out
+    width = {"heads": True, "mlp": True}
+    axes = list(instrument(g_of(TINY), Spec.from_dict({"width": width})).axes.values())
+    pricer = loaded.pricer(g_of(TINY), axes)  # a reachable aim whatever the (noisy, 3-sample) fit
+    aim = round((float(pricer("floor")) + float(pricer("full"))) / 2, 3)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps({"budget": {"latency": aim, "target": "onnx-int8", "table": str(table),
+                                           "rounds": 0}, "width": width}))
+    assert main(["compile", *TINY, "--spec", str(spec), "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    lat = report["budget"]["latency"]
+    assert lat["runtime"] == "onnx-int8" and lat["reference"] == "onnx" and report["int8"]["mode"] == "dynamic"
+    assert (tmp_path / "out" / "model.int8.onnx").is_file()

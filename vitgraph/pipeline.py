@@ -8,6 +8,7 @@
 ``quantize="int8"`` (or a ``vitgraph.targets.int8.Int8Config``) also writes ``model.int8.onnx``: static QDQ
 calibrated on the training split when there is data, else dynamic, and ``report["int8"]`` with its top-1
 agreement with the fp32 compact model on the validation split (random inputs without data, and it says so).
+A latency budget on ``budget.target: onnx-int8`` writes the dynamic INT8 file it was measured on, unasked.
 
 With ``out_dir`` the run builds ``out_dir.partial`` (training checkpoints in its ``train/``) and renames it to
 ``out_dir`` only when every artifact is written (see ``vitgraph.report.outdir``); ``resume=True`` continues a killed run.
@@ -124,6 +125,9 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
     if spec.width.method == "taylor" and dataset.train is not None:
         calibration = dataset.loader("train", shuffle=True, seed=spec.train.seed)
     _check_exits(spec, dataset)
+    if quantize is None and spec.budget.latency is not None and spec.budget.target == "onnx-int8":
+        from vitgraph.targets.int8 import Int8Config
+        quantize = Int8Config(mode="dynamic")  # the budget was measured on dynamic INT8: deploy that file
     int8 = int8_config(quantize, dataset.train is not None)  # a bad request fails before the work
     source = None
     if output is not None:  # DIR.partial, and the checkpoint to resume from (its model and spec checked)

@@ -23,7 +23,7 @@ WIDTH_METHODS = ("magnitude", "taylor", "wdpruning", "uvc", "spvit")
 TOKEN_METHODS = ("spvit", "attention")
 ONE_SHOT = ("magnitude", "taylor")
 WIDTH_ALLOCATIONS = ("uniform", "global")
-LATENCY_TARGETS = ("onnx", "eager", "compile")
+LATENCY_TARGETS = ("onnx", "onnx-int8", "eager", "compile")  # onnx-int8: dynamic INT8, against dense fp32 ONNX
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Budget:
     flops: float | None = 0.5    # target fraction of the dense model's FLOPs (None: latency only)
     tolerance: float = 0.03      # the compact model lands within +- this fraction of the dense FLOPs
     latency: float | None = None  # target fraction of the dense model's measured latency on `target`
-    target: str = "onnx"         # where latency is measured: onnx | eager | compile
+    target: str = "onnx"         # where latency is measured: onnx | onnx-int8 | eager | compile
     batch: int = 1               # the batch size latency is measured at
     latency_tolerance: float = 0.05  # the measured latency ratio lands within +- this
     table: str | None = None     # a `vitgraph profile` table (JSON); None: the cached one, or profile now

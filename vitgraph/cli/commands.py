@@ -13,6 +13,7 @@ from typing import Any
 from vitgraph import __version__
 from vitgraph.cli.common import load_graph, model_args, parse_targets
 from vitgraph.errors import SpecError, VitgraphError, first_line
+from vitgraph.spec import LATENCY_TARGETS
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -188,7 +189,8 @@ def _compile_summary(report: dict[str, Any]) -> str:
     lat = budget.get("latency")
     if lat:
         verdict = "within" if lat["within"] else "OUTSIDE"
-        lines.append(f"  latency {lat['runtime']} batch {lat['batch']}: measured {lat['measured']:.3f} of dense "
+        of = "dense" if lat.get("reference", lat["runtime"]) == lat["runtime"] else f"dense on {lat['reference']}"
+        lines.append(f"  latency {lat['runtime']} batch {lat['batch']}: measured {lat['measured']:.3f} of {of} "
                      f"({lat['dense_ms']:.2f} -> {lat['compressed_ms']:.2f} ms), predicted {lat['predicted']:.3f}, "
                      f"{verdict} the target {lat['target']} +- {lat['tolerance']}"
                      + (f" after {len(lat['rounds'])} measured rounds" if lat["adjusted"] else ""))
@@ -199,7 +201,7 @@ def _compile_summary(report: dict[str, Any]) -> str:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from vitgraph.cost.profile import cache_path, profile
+    from vitgraph.cost.profile import cache_path, profile, reference
 
     if args.batch_size < 1 or args.samples < 3 or args.repeats < 1:
         raise VitgraphError(f"profile needs --batch-size >= 1, --samples >= 3 and --repeats >= 1; got "
@@ -213,11 +215,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
                     progress=not args.quiet)
     path = table.save(args.out or cache_path(g, args.target, args.batch_size))
     errors = sorted(table.errors())
-    print(f"{g.name} on {args.target}, batch {args.batch_size}: dense {table.dense_ms:.2f} ms; "
-          f"{len(table.samples) - 1} compact configurations fitted with median error "
+    of = "dense fp32 onnx" if reference(args.target) != args.target else "dense"
+    print(f"{g.name} on {args.target}, batch {args.batch_size}: {of} {table.dense_ms:.2f} ms; "
+          f"{len(table.samples)} configurations (the dense one included) fitted with median error "
           f"{100 * errors[len(errors) // 2]:.1f} % (max {100 * errors[-1]:.1f} %)")
     for s in table.samples:
-        print(f"  {s['label']:32s} measured {s['ratio']:.3f} of dense")
+        print(f"  {s['label']:32s} measured {s['ratio']:.3f} of {of}")
     print(f"wrote {path}")
     return 0
 
@@ -291,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("profile", help="measure a latency table of a model's compact configurations (budget.latency)")
     s.add_argument("model")
-    s.add_argument("--target", choices=("onnx", "eager", "compile"), default="onnx")
+    s.add_argument("--target", choices=LATENCY_TARGETS, default="onnx",
+                   help="onnx-int8: dynamic INT8, its ratios to the dense fp32 ONNX model")
     s.add_argument("--batch-size", dest="batch_size", type=int, default=1, help="batch size to measure at")
     s.add_argument("--out", help="table file (default: the cache budget.latency reads)")
     s.add_argument("--samples", type=int, default=12, help="compact configurations measured (default 12)")

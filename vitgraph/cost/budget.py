@@ -58,13 +58,15 @@ class Pricer:
 
     def __init__(self, g: VitGraph, axes: Sequence[Axis],
                  table: Callable[[VitGraph, Mapping[str, frozenset[str]]], Table] = flops_table,
-                 terms: Mapping[str, float] | None = None) -> None:
+                 terms: Mapping[str, float] | None = None, scale: float = 1.0) -> None:
         self.axes = list(axes)
         sets = branch_sets(g.gm, g.structure.blocks)
         for axis in self.axes:
             sets.update(axis.set_factors())
         self.terms = table(g, sets)
-        self.dense = sum(cost for _, cost in self.terms)
+        # the dense graph's price over the reference's: 1 for FLOPs; a table measured on a quantized runtime
+        # prices against the dense fp32 model, whose price is the dense graph's over its measured ratio
+        self.dense = sum(cost for _, cost in self.terms) / scale
         # the axes' hooks adding what the dense graph lacks, and the table's units per unit of each
         self.terms_of = {"cost_terms": 1.0} if terms is None else dict(terms)
 

@@ -182,15 +182,25 @@ class LatencyTable:
                 rows[factors] += self.coef[name] * value
         return [(k, v) for k, v in rows.items() if v]
 
+    def dense_ratio(self) -> float:
+        """The dense model on this runtime over the reference it is measured against: 1, except on a quantized
+        runtime (``onnx-int8``), whose ratios are to the dense fp32 model (the dense row measures the INT8 gain)."""
+        first = self.samples[0] if self.samples else {}
+        return float(first.get("ratio", 1.0)) if first.get("label") == "dense" else 1.0
+
     def pricer(self, g: VitGraph, axes: list[Any]) -> Pricer:
-        """Prices decisions as a fraction of the dense model's predicted latency."""
+        """Prices decisions as a fraction of the dense reference model's predicted latency."""
         return Pricer(g, axes, table=self.pricer_table,
-                      terms={"cost_terms": self.coef["gemm"], "op_terms": self.coef["ops"]})
+                      terms={"cost_terms": self.coef["gemm"], "op_terms": self.coef["ops"]}, scale=self.dense_ratio())
 
     def errors(self) -> list[float]:
         """Relative error of the fitted model on each sample's measured ratio."""
-        dense = self.predict_ms(self.samples[0]["features"]) if self.samples else 1.0
-        return [abs(self.predict_ms(s["features"]) / dense - s["ratio"]) / s["ratio"] for s in self.samples]
+        return [abs(self.predict_ratio(s["features"]) - s["ratio"]) / s["ratio"] for s in self.samples]
+
+    def predict_ratio(self, feats: Mapping[str, float]) -> float:
+        """The predicted latency under ``feats`` over the dense reference's (fp32 for a quantized runtime)."""
+        dense = self.predict_ms(self.samples[0]["features"]) / self.dense_ratio() if self.samples else self.dense_ms
+        return self.predict_ms(feats) / dense
 
     @staticmethod
     def fit_coef(samples: list[dict[str, Any]], dense_ms: float) -> dict[str, float]:

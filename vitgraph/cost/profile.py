@@ -5,7 +5,8 @@ applies to it (heads, value dims, MLP units in steps of ``width.align``, embeddi
 blocks, token counts; allocation uniform or global), materializes each, and times each compact
 model interleaved with the dense one on the runtime (``vitgraph.targets.bench``: round-robin,
 medians, ONNX Runtime with spinning off). The measured ratios fit the coefficients of
-``vitgraph.cost.latency.LatencyTable``. Attention -> convolution choices need training to decide, so the
+``vitgraph.cost.latency.LatencyTable``. On ``onnx-int8`` (dynamic INT8) every ratio, the dense model's
+own included, is to the dense fp32 ONNX model: the budget is a fraction of what the user runs today. Attention -> convolution choices need training to decide, so the
 profile does not sample them; their conv branches are priced by their FLOPs and ops.
 
 ``table_for(g, budget)`` is what ``budget.latency`` uses: the file ``budget.table``, else a table
@@ -41,11 +42,18 @@ SAMPLES = 12      # compact configurations measured per table (plus the dense mo
 REPEATS = 10      # interleaved rounds per measurement
 
 
-def _runner(module: nn.Module, g: VitGraph, target: str, batch: int) -> Callable[[], Any]:
+def _runner(module: nn.Module, g: VitGraph, target: str, batch: int, int8_plan: str = "auto"
+            ) -> Callable[[], Any]:
     from vitgraph.targets import bench
 
     example = tuple(x[:1] for x in g.example_inputs)
-    return bench.runners(module, example, batch=batch, targets=(target,), atol=1e-3)[target]
+    return bench.runners(module, example, batch=batch, targets=(target,), atol=1e-3, int8_plan=int8_plan)[target]
+
+
+def reference(target: str) -> str:
+    """The runtime a target's ratios are measured against: itself, except that a quantized runtime is held
+    to the dense fp32 model (``budget.latency: 0.3`` on onnx-int8 means 0.3 of dense fp32 ONNX Runtime)."""
+    return "onnx" if target == "onnx-int8" else target
 
 
 def measure_ratio(dense: Callable[[], Any], compact: Callable[[], Any], repeats: int = REPEATS
@@ -94,22 +102,29 @@ def measure_specs(g: VitGraph, specs: list[dict[str, Any]], target: str, batch: 
     """Compile ``specs`` one-shot with ``build`` in turn (skipping those some axis cannot reach) until ``want``
     compact models are timed interleaved with the dense one. Returns their ``{"label", "spec", "features",
     "ratio"}`` rows and the dense model's median milliseconds."""
-    dense = _runner(g.gm, g, target, batch)
+    dense = _runner(g.gm, g, reference(target), batch)
     rows: list[dict[str, Any]] = []
     dense_ms: list[float] = []
     task = _progress(progress, f"profiling {g.name} on {target}, batch {batch}", want)
+    plan = "auto"
+    if target != reference(target):  # the dense model quantized: the INT8 gain, and the op plan every sample keeps
+        plan = _int8_plan(g, batch)
+        ratio, d_ms, _ = measure_ratio(dense, _runner(g.gm, g, target, batch, plan), repeats)
+        dense_ms.append(d_ms)
+        rows.append({"label": "dense", "spec": None, "features": features(g, []), "ratio": ratio})
+    base = len(rows)
     for raw in specs:
-        if len(rows) >= want:
+        if len(rows) - base >= want:
             break
         try:
             gated, compact = build(Spec.from_dict(raw))
         except SpecError:  # a random budget some axis set cannot reach: draw the next one
             continue
-        ratio, d_ms, _ = measure_ratio(dense, _runner(compact, g, target, batch), repeats)
+        ratio, d_ms, _ = measure_ratio(dense, _runner(compact, g, target, batch, plan), repeats)
         dense_ms.append(d_ms)
         rows.append({"label": _label(raw), "spec": raw, "features": features(g, list(gated.axes.values())),
                      "ratio": ratio})
-        task(len(rows))
+        task(len(rows) - base)
     return rows, (sorted(dense_ms)[len(dense_ms) // 2] if dense_ms else float("nan"))
 
 
@@ -119,14 +134,29 @@ def profile(g: VitGraph, target: str, batch: int, build: Build, *, samples: int 
     ``vitgraph.gated.builder(g)``) on ``target`` at ``batch`` and fit its table."""
     rows, ms = measure_specs(g, sample_specs(g, samples * 2, seed), target, batch, samples, build, repeats,
                              progress)
-    if len(rows) < 3:
+    if len(rows) - (target != reference(target)) < 3:
         raise SpecError(f"profile: only {len(rows)} random compact configurations of {g.name} compiled; a "
                         f"latency table needs at least 3 (does the model have prunable heads, MLPs or blocks? see "
                         f"'vitgraph inspect')")
-    rows.insert(0, {"label": "dense", "features": features(g, []), "ratio": 1.0})
+    if target == reference(target):
+        rows.insert(0, {"label": "dense", "features": features(g, []), "ratio": 1.0})
     return LatencyTable(model=g.name, input_size=list(g.input_size), target=target, batch=batch,
                         threads=torch.get_num_threads(), machine=machine(), dense_flops=g.structure.flops,
                         dense_ms=ms, coef=LatencyTable.fit_coef(rows, ms), samples=rows)
+
+
+def _int8_plan(g: VitGraph, batch: int) -> str:
+    """The INT8 op plan ``int8.quantize`` picks by measurement for the dense model, kept for every sample (one
+    measurement of the plans instead of one per sample: narrower widths do not change which ops quantize)."""
+    import tempfile
+
+    from vitgraph.targets import int8, onnx as onnx_target
+
+    example = tuple(x[:1] for x in g.example_inputs)
+    with tempfile.TemporaryDirectory(prefix="vitgraph-profile-") as tmp:
+        fp32 = Path(tmp) / "dense.onnx"
+        onnx_target.lower(g.gm, example, fp32, atol=1e-3, check_batches=(batch,), name=g.name)
+        return int8.quantize(fp32, Path(tmp) / "dense.int8.onnx", mode="dynamic").plan
 
 
 def _label(spec: dict[str, Any]) -> str:
@@ -179,7 +209,7 @@ def land(g: VitGraph, spec: Spec, build: Build, gated: Any, compact: nn.Module,
     Returns the final (gated, compact) and ``report.json``'s ``budget.latency``."""
     b = spec.budget
     goal = float(b.latency)  # type: ignore[arg-type]
-    dense = _runner(g.gm, g, b.target, b.batch)
+    dense = _runner(g.gm, g, reference(b.target), b.batch)
     rounds: list[dict[str, float]] = []
     aim = goal
     while True:
@@ -198,7 +228,8 @@ def land(g: VitGraph, spec: Spec, build: Build, gated: Any, compact: nn.Module,
         except SpecError:
             break  # the corrected target is out of the axes' reach: keep the measured model and say so
     last = rounds[-1]
-    report = {"target": goal, "tolerance": b.latency_tolerance, "runtime": b.target, "batch": b.batch,
+    report = {"target": goal, "tolerance": b.latency_tolerance, "runtime": b.target, "reference": reference(b.target),
+              "batch": b.batch,
               "predicted": last["predicted"], "measured": last["measured"], "dense_ms": last["dense_ms"],
               "compressed_ms": last["compressed_ms"], "rounds": rounds, "adjusted": len(rounds) > 1,
               "within": abs(last["measured"] - goal) <= b.latency_tolerance}
