@@ -342,9 +342,11 @@ def lower_int8(module: nn.Module, example_inputs: Sequence[torch.Tensor], path: 
 
 
 def check(report: Int8Report, fp32: Path, data: list[Any] | None, *, threads: int | None = None,
-          name: str = "model", repeats: int = 20, where: Path | None = None) -> Int8Report:
+          name: str = "model", repeats: int = 20, where: Path | None = None, images: int = fd.CHECK_IMAGES
+          ) -> Int8Report:
     """Fill ``report``'s agreement, max abs logit error, top-1 (with labels) and batch-1 latency (fp32 and
-    int8 timed interleaved); raise :class:`AgreementError` below the tolerance."""
+    int8 timed interleaved); raise :class:`AgreementError` below the tolerance. Without data the agreement is
+    checked on ``images`` random images."""
     from vitgraph.targets import onnx as onnx_target
     from vitgraph.targets._timing import measure
 
@@ -352,7 +354,7 @@ def check(report: Int8Report, fp32: Path, data: list[Any] | None, *, threads: in
     sessions = {"fp32": onnx_target.session(fp32, threads=threads),
                 "int8": onnx_target.session(report.path, threads=threads)}
     input_name, _, fixed = fd.model_input(fp32)
-    feeds = fd.feeds(data, input_name, fixed=fixed) if data else random_feeds(fp32)
+    feeds = fd.feeds(data, input_name, fixed=fixed) if data else random_feeds(fp32, images)
     labels = fd.labels(data) if data else None
     logits = {k: fd.logits(s, feeds) for k, s in sessions.items()}
     images = len(logits["fp32"])

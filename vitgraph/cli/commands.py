@@ -13,6 +13,7 @@ from typing import Any
 from vitgraph import __version__
 from vitgraph.cli.common import load_graph, model_args, parse_targets
 from vitgraph.errors import SpecError, VitgraphError, first_line
+from vitgraph.cost.profile import SAMPLES
 from vitgraph.spec import LATENCY_TARGETS
 
 
@@ -298,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx-int8: dynamic INT8, its ratios to the dense fp32 ONNX model")
     s.add_argument("--batch-size", dest="batch_size", type=int, default=1, help="batch size to measure at")
     s.add_argument("--out", help="table file (default: the cache budget.latency reads)")
-    s.add_argument("--samples", type=int, default=12, help="compact configurations measured (default 12)")
+    s.add_argument("--samples", type=int, default=SAMPLES, help=f"compact configurations measured (default {SAMPLES})")
     s.add_argument("--repeats", type=int, default=10, help="interleaved rounds per measurement")
     s.add_argument("--quiet", action="store_true")
     model_args(s)

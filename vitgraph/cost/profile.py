@@ -38,7 +38,7 @@ from vitgraph.spec import Budget, Spec
 
 Build = Callable[[Spec], tuple[Any, nn.Module]]  # a spec -> (gated model, compact module): how to compile one
 
-SAMPLES = 12      # compact configurations measured per table (plus the dense model)
+SAMPLES = 8       # compact configurations measured per table (plus the dense model): 4 coefficients to fit
 REPEATS = 10      # interleaved rounds per measurement
 
 
