@@ -121,8 +121,8 @@ def compress(model: nn.Module, spec: Spec | dict[str, Any] | str | Path, *, exam
     size = tuple(g.input_size)
     dataset = data if isinstance(data, Data) else load_data(str(data), size, spec.train.batch_size,
                                                              seed=spec.train.seed)
-    calibration = None
-    if spec.width.method == "taylor" and dataset.train is not None:
+    calibration = None  # taylor scores and the joint split of the budget read it (see axes.joint)
+    if dataset.train is not None:
         calibration = dataset.loader("train", shuffle=True, seed=spec.train.seed)
     _check_exits(spec, dataset)
     if quantize is None and spec.budget.latency is not None and spec.budget.target == "onnx-int8":
