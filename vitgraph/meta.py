@@ -155,6 +155,7 @@ class Residual:
     drop_path: str | None = None
     identity_skip: bool = True    # the skip operand is the branch's own input (no projection/pooling)
     skip_scale: str | None = None  # a learned res-scale multiplying the shortcut (MetaFormer's res_scale)
+    removable: bool = True         # the branch may be deleted (not when it is all that links tokens to the output)
 
 
 @dataclass(frozen=True)

@@ -262,7 +262,7 @@ def _last_reader_stays(blocks: list[Block]) -> list[Block]:
     why = (f"its attention is the last reader of the {last.attention.tokens_kv} tokens it attends over (its own "
            f"{last.tokens_in} and the stream's): removing it would cut the stream off from the output")
     kept = replace(last, skippable=False, skip_reason=last.skip_reason or why,
-                   residuals=tuple(replace(r, identity_skip=False) if r.kind == "attn" else r for r in last.residuals))
+                   residuals=tuple(replace(r, removable=False) if r.kind == "attn" else r for r in last.residuals))
     return [kept if b is last else b for b in blocks]
 
 
@@ -410,9 +410,9 @@ def branch_members(gm: fx.GraphModule, block: Block, residual: Residual) -> set[
 
 
 def removable_residual(block: Block | None, kind: str) -> Residual | None:
-    """The residual of ``block`` whose branch is the ``kind`` ("attn" | "mlp") site alone and whose
-    shortcut is a plain identity: deleting that branch leaves exactly the stream."""
+    """The residual of ``block`` whose branch is the ``kind`` ("attn" | "mlp") site alone, whose shortcut is a
+    plain identity (deleting that branch leaves exactly the stream) and which nothing else needs (``removable``)."""
     for r in block.residuals if block is not None else ():
-        if r.kind == kind and r.identity_skip and r.skip_scale is None:
+        if r.kind == kind and r.identity_skip and r.skip_scale is None and r.removable:
             return r
     return None
