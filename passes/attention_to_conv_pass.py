@@ -6,6 +6,11 @@
 * ``conv1``: Linear(C, d) with the BatchNorm folded in -> ReLU -> Linear(d, C) on the patch tokens.
 * ``skip``: the residual add becomes its shortcut; the branch is gone.
 
+With the embedding channels gated (``stream``: their group) the layers are built at the stream's full width
+and their call nodes declare the group's slices they follow (``GROUP_SLICES``: the first layer's input
+channels are the value projection's input columns, the second's output channels and bias the output
+projection's rows); the width axis's ``RemovePrunedUnitsPass``, which runs later, narrows them with the stream.
+
 The tap assignment is evaluated once and baked into the new weights; q and k (and the whole attention)
 of a converted site go dead and are removed, with their modules. New modules are plain ``torch.nn``
 ones registered beside the attention (``<site>_conv``).
@@ -21,10 +26,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from vitgraph.analysis.conv import ConvSite
+from vitgraph.analysis.conv import ConvSite, stream_slices
+from vitgraph.errors import PreconditionError
 from vitgraph.gates.conv import AttentionConv
-from vitgraph.meta import CONV_GATES, submodule_name
+from vitgraph.meta import CONV_GATES, CoupledGroup, SliceRef, submodule_name
 from vitgraph.passes.base import PassResult, VitPass, drop_root, ensure_no_calls
+from vitgraph.passes.remove_pruned_units_pass import GROUP_SLICES
 
 
 def _fold(weight: torch.Tensor, bias: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,9 +56,11 @@ def _shortcut(add: fx.Node, gate: fx.Node) -> fx.Node:
 class AttentionToConvPass(VitPass):
     """After: no ``vg_conv`` modules; each site computes its decision."""
 
-    def __init__(self, sites: Sequence[ConvSite], decisions: Mapping[str, str]) -> None:
+    def __init__(self, sites: Sequence[ConvSite], decisions: Mapping[str, str], stream: CoupledGroup | None = None
+                 ) -> None:
         self.sites = {submodule_name(CONV_GATES, s.name): s for s in sites}
         self.decisions = dict(decisions)
+        self.stream = stream
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         counters = {"msa": 0, "conv3": 0, "conv1": 0, "skip": 0}
@@ -73,6 +82,8 @@ class AttentionToConvPass(VitPass):
             else:
                 with gm.graph.inserting_before(node):
                     out = self._conv(gm, node, gate, site, choice)
+                if self.stream is not None:
+                    self._follow(gm, site)
                 node.replace_all_uses_with(out)
             gm.graph.erase_node(node)
         drop_root(gm, CONV_GATES)
@@ -108,7 +119,8 @@ class AttentionToConvPass(VitPass):
             first.weight.copy_(w)
             first.bias.copy_(b)
             second.weight.copy_(o.sum(0)[:, :, None, None])
-            grid = g.call_method("reshape", (g.call_method("transpose", (pat, 1, 2)), -1, c_in, gh, gw))
+            # (no channel count in the graph: the stream may narrow later)
+            grid = g.call_method("unflatten", (g.call_method("transpose", (pat, 1, 2)), 2, (gh, gw)))
             container.add_module("0", first)
             gm.add_submodule(home, container)
             h = g.call_module(f"{home}.0", (grid,))
@@ -122,6 +134,20 @@ class AttentionToConvPass(VitPass):
             return y
         pre = g.call_function(operator.getitem, (u, (slice(None), slice(None, p))))
         return g.call_function(torch.cat, ([pre, y], 1))
+
+    def _follow(self, gm: fx.GraphModule, site: ConvSite) -> None:
+        """Declare on the site's new layer calls the stream group's slices they follow (see the module doc)."""
+        found = stream_slices(site, self.stream)
+        if isinstance(found, str):
+            raise PreconditionError(f"{self.name}: {site.name}: {found}; leave the site out of the conv axis")
+        cols, rows, bias = found
+        home = f"{site.name}_conv"
+        follows = {f"{home}.0": (SliceRef(f"{home}.0.weight", 1, cols.indices, "weight.in"),),
+                   f"{home}.1": (SliceRef(f"{home}.1.weight", 0, rows.indices, "weight.out"),)
+                   + ((SliceRef(f"{home}.1.bias", 0, bias.indices, "bias"),) if bias is not None else ())}
+        for n in gm.graph.nodes:
+            if n.op == "call_module" and n.target in follows:
+                n.meta[GROUP_SLICES] = {self.stream.name: follows[n.target]}
 
     def ensures(self, gm: fx.GraphModule) -> None:
         super().ensures(gm)

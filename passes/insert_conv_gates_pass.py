@@ -7,7 +7,8 @@ Before (block 3's attention branch)::
     blocks_3_attn_proj = self.blocks.3.attn.proj(reshape_7)
     blocks_3_ls1 = self.blocks.3.ls1(blocks_3_attn_proj)
 
-After::
+After (the convolutions read what the value projection reads: the normalised block input, or, with
+``width.embed``, that input through the embedding channels' gate, so a dropped channel feeds no conv)::
 
     blocks_3_attn_proj = self.blocks.3.attn.proj(reshape_7)
     conv = self.vg_conv.blocks_3_attn(blocks_3_norm1, blocks_3_attn_proj,
@@ -42,7 +43,7 @@ class InsertConvGatesPass(VitPass):
     def requires(self, gm: fx.GraphModule) -> None:
         if hasattr(gm, CONV_GATES):
             raise PreconditionError(f"{self.name}: the graph already has conv gates ({CONV_GATES})")
-        require_nodes(gm, [n for s in self.sites for n in (s.u, s.proj, s.add)], self.name, "attention site")
+        require_nodes(gm, [n for s in self.sites for n in (s.v, s.proj, s.add)], self.name, "attention site")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         if not self.sites:
@@ -57,6 +58,6 @@ class InsertConvGatesPass(VitPass):
             with gm.graph.inserting_before(proj):
                 params = [gm.graph.get_attr(p) if p is not None else None
                           for p in (s.v_weight, s.v_bias, s.o_weight, s.o_bias)]
-            reroute(gm, proj, target, (nodes[s.u], proj, *params))
+            reroute(gm, proj, target, (nodes[s.v].args[0], proj, *params))
         gm.recompile()
         return PassResult(gm, modified=True, counters={"sites": len(self.sites)})

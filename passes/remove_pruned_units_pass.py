@@ -6,7 +6,9 @@ the kept units' indices, and every reshape/view constant of the group moves by `
 each removed unit. A group with no unit left loses its whole residual branch: the add becomes its skip
 input. Then dead nodes and unused modules go, so the compact graph holds no trace of the gates. Slices
 and constants inside blocks an earlier rewrite deleted (a stream group spans every block; depth may
-remove some) are left alone: the graph no longer uses them.
+remove some) are left alone: the graph no longer uses them. Layers an earlier rewrite added on a group's
+channels (the convolutions that replace attention, on the stream's) declare the slices they follow on their
+call nodes (``node.meta[GROUP_SLICES]``: group name -> slices) and are sliced with the group.
 
 Invariant (tests/test_width.py): the gated graph in ``eval`` mode equals the result.
 """
@@ -25,6 +27,8 @@ from vitgraph.passes.base import PassResult, VitPass, drop_root, ensure_no_calls
 from vitgraph.passes.insert_unit_gates_pass import branch_add
 from vitgraph.errors import PreconditionError
 from vitgraph.meta import GATES, Block, ConstRef, CoupledGroup, submodule_name
+
+GROUP_SLICES = "vg.group_slices"  # on a call an earlier rewrite added: {group name: the SliceRefs it follows}
 
 
 class RemovePrunedUnitsPass(VitPass):
@@ -68,7 +72,7 @@ class RemovePrunedUnitsPass(VitPass):
             counters["units_removed"] += removed
             if removed == 0 or not units:
                 continue
-            group = live(group)
+            group = _with_followers(gm, live(group))
             slice_group(gm, group, units)
             rewrite_constants(gm, group, removed, self.name)
         drop_root(gm, GATES)
@@ -113,6 +117,12 @@ class RemovePrunedUnitsPass(VitPass):
     def ensures(self, gm: fx.GraphModule) -> None:
         super().ensures(gm)
         ensure_no_calls(gm, GATES, self.name, "gate")
+
+
+def _with_followers(gm: fx.GraphModule, group: CoupledGroup) -> CoupledGroup:
+    """``group`` plus the slices live calls declare they follow (``GROUP_SLICES``)."""
+    extra = tuple(s for n in gm.graph.nodes for s in n.meta.get(GROUP_SLICES, {}).get(group.name, ()))
+    return dataclasses.replace(group, slices=group.slices + extra) if extra else group
 
 
 def _in_use(target: str, used: set[str]) -> bool:

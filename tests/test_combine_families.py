@@ -4,7 +4,7 @@ BEiT), vit-pytorch (ViT, CaiT) and the hand-written ViT of ``tests/handmade.py``
 
 For each family hypothesis draws two axes of heads, value dims, MLP units, embedding channels, block skips,
 an exit, one-shot token scores and attention->conv (``pair``), or turns on every axis but conv (``all``:
-conv refuses embedding channels and exits by name). Random decisions (``test_properties.decide``), then:
+conv refuses embedding channels by name). Random decisions (``test_properties.decide``), then:
 gates open == original, gated ``eval`` == compact, priced == compact == FlopCounterMode. A combination the
 model cannot take raises a ``SpecError`` that gives the model's reason ("not implemented" is a failure).
 """

@@ -108,9 +108,7 @@ def test_refusals_and_search_moves_toward_the_budget():
         instrument(_graph("beit"), _spec())
     with pytest.raises(SpecError, match="can become a convolution .*(pooled attention|no static patch grid)"):
         instrument(_graph("mvitv2"), _spec())  # pooled keys and values
-    g = _model("deit")
-    with pytest.raises(SpecError, match="with width.embed: the convolutions"):
-        instrument(g, Spec.from_dict({"attention": {"to_conv": True}, "width": {"heads": False, "embed": True}}))
+    g = _model("deit")  # (width.embed combines: tests/test_combine_conv.py)
     gated = instrument(g, Spec.from_dict({"preset": "spvit_conv"}))
     gated.train()
     out = gated(g.example_inputs[0])

@@ -35,7 +35,7 @@ SETTINGS = dict(deadline=None, derandomize=True, phases=[Phase.explicit, Phase.r
                                                                          HealthCheck.data_too_large])
 COST_RTOL = 1e-6   # the gates are float32: the pricer's products round a little
 TOL = 1e-5         # fp32, relative to the output's scale
-LEFT_OVER = ("vg_gates", "vg_blocks", "vg_tokens", "vg_conv")  # (a chosen exit stays as vg_exits.exit<e>)
+LEFT_OVER = ("vg_gates", "vg_blocks", "vg_tokens", "vg_conv")  # (a chosen exit takes the head's names)
 GRIDS = ((16, 4), (16, 8), (32, 8), (32, 4))                  # (image, patch): 16, 4, 16, 64 patches
 
 
@@ -133,20 +133,16 @@ def refusals(a: Axes, model: Model) -> list[str]:
     """The SpecErrors a combination gets by design, as patterns (empty: accepted); instrument raises the
     first one its axes meet. What vitgraph refuses, and why:
     - tokens.method spvit with depth.exits (an exit would pool the dead tokens the masked graph keeps flowing);
-      tokens.method spvit with depth.skip_blocks (learned selectors chain keep
-      flags and key masks through every later block) or with width.embed (the learned scorers read the
-      stream head by head; found here: the narrowed graph failed to run, see vitgraph/axes/tokens.py);
-    - attention.to_conv with width.embed (the convolutions are built from the full-width value and output
-      weights, outside the embedding group) or depth.exits; with heads and value dims it combines;
+      (with depth.skip_blocks and width.embed it combines: tests/test_combine_spvit.py; not with width.embed
+      and width.head_dim together: the scorers are packed after the widths, and the key masks still stand in
+      for the attention core the value-dim cut rewrites);
+    - attention.to_conv combines with heads, value dims, embedding channels and exits;
     - to_conv with tokens: only attentions before the first stage (attention scores: before the block
       that scores it) convert, so a first stage at block 0 (learned) or 1 (attention scores) leaves none;
     - one-shot attention scores cannot stage at block 0 (no attention before it to read);
     - width.heads or head_dim alone where no attention shows its heads (one head is not separable; the
       handmade ``bmm`` style folds the heads into the batch), with nothing else to gate; and to_conv and
       one-shot token scores there;
-    - depth.exits with width.embed (an exit copies the head path, whose final norm the stream's gate has
-      replaced, and the copies would not narrow with the stream; found here: instrument failed with a
-      PreconditionError, see vitgraph/axes/exits.py);
     - an attention-pool head (global_pool "map") is a block of its own, seeing its one latent query:
       depth.exits (no other block's output has its shape) and tokens.method spvit (its key masks need a
       self-attention) are refused; one-shot token scores drop tokens that reach the pool as fewer keys,
@@ -161,16 +157,12 @@ def refusals(a: Axes, model: Model) -> list[str]:
          "compresses nothing"),
         ((a.heads or a.head_dim) and not gated and not (a.skip_blocks or a.exits), "no site of this model allows it"),
         (a.conv and hidden, "no attention .* can become a convolution .*could not map every head"),
-        (a.conv and a.embed, "attention.to_conv with width.embed: the convolutions that replace attention"),
-        (a.conv and a.exits, "attention.to_conv with depth.exits is not supported"),
         (a.conv and tokens and a.stages[0] <= (1 if a.token_method == "attention" else 0),
          "no attention .* can become a convolution .*first token stage"),
-        (a.exits and a.embed, "depth.exits with width.embed: an exit's classifier is a fresh copy"),
         (a.exits and model.pool == "map", "no exit after block .* differs from the last block's"),
-        (tokens and a.token_method == "spvit" and a.skip_blocks,
-         "tokens.method spvit with depth.skip_blocks: the learned selectors chain"),
         (tokens and a.exits and a.token_method == "spvit", "tokens.method spvit with depth.exits: the learned"),
-        (tokens and a.token_method == "spvit" and a.embed, "tokens.method spvit with width.embed: the learned scorers"),
+        (tokens and a.token_method == "spvit" and a.embed and a.head_dim,
+         "tokens.method spvit with width.embed and width.head_dim: the learned scorers"),
         (tokens and a.token_method == "attention" and a.stages[0] == 0, "before block 0 .*no block before it"),
         (tokens and _pool_skips_prefix(model), "takes .* tokens?, not the .* of the token stream"),
         (tokens and model.pool == "map" and a.token_method == "spvit", "attention is not a self-attention over"),
@@ -207,38 +199,32 @@ def axes_for(draw, model: Model, accepted: bool = True, focus: str = "width") ->
     # one axis family is the example's focus: it stays on, and the refused pairs go against the others
     open_pool = model.pool != "map" and depth >= 2
     if focus == "exits" and open_pool:
-        a = Axes(**{**a.__dict__, "exits": a.exits or (draw(st.integers(1, depth - 1)),), "conv": False,
-                    "stages": (), "keep": (), "embed": False})
+        a = Axes(**{**a.__dict__, "exits": a.exits or (draw(st.integers(1, depth - 1)),), "stages": (), "keep": ()})
     elif focus == "tokens" and depth >= 2 and not _pool_skips_prefix(model):
         lowest = 1 if method == "attention" else 0
         if not a.stages:
             a = Axes(**{**a.__dict__, "stages": (draw(st.integers(lowest, depth - 1)),), "keep": (0.5,)})
         a = Axes(**{**a.__dict__, "conv": a.conv and a.stages[0] > lowest + 1, "exits": ()})
     elif focus == "conv" and not (model.style == "bmm" and model.family == "handmade"):
-        a = Axes(**{**a.__dict__, "conv": True, "embed": False, "exits": ()})
-    elif focus == "depth":  # (learned selectors refuse block skips: the focus keeps the skips, not the selectors)
-        spvit = a.token_method == "spvit"
-        a = Axes(**{**a.__dict__, "skip_blocks": True, "stages": () if spvit else a.stages,
-                    "keep": () if spvit else a.keep})
+        a = Axes(**{**a.__dict__, "conv": True})
+    elif focus == "depth":
+        a = Axes(**{**a.__dict__, "skip_blocks": True})
     elif focus == "width":
         a = Axes(**{**a.__dict__, "mlp": a.mlp or not (a.heads or a.head_dim or a.embed)})
     # resolve every refused pair in favour of the coarser axis (see ``refusals``)
-    if a.conv or a.stages or model.pool == "map":
-        a = Axes(**{**a.__dict__, "embed": a.embed and not a.conv, "exits": ()})
-    if a.exits:
-        a = Axes(**{**a.__dict__, "embed": False})
+    if a.stages or model.pool == "map":
+        a = Axes(**{**a.__dict__, "exits": ()})
     if model.style == "bmm" and model.family == "handmade":  # (no heads to read scores from or convert)
         a = Axes(**{**a.__dict__, "conv": False, "stages": (), "keep": ()})
     if a.conv:
-        a = Axes(**{**a.__dict__, "embed": False})
         if a.stages and a.stages[0] <= (1 if a.token_method == "attention" else 0):
             a = Axes(**{**a.__dict__, "stages": (), "keep": ()})
     if a.stages and model.pool == "map":  # (the pool reads fewer keys; spvit's key masks need self-attention)
         a = Axes(**{**a.__dict__, "token_method": "attention"})
         if a.stages[0] < 1:
             a = Axes(**{**a.__dict__, "stages": (), "keep": ()})
-    if a.stages and a.token_method == "spvit":
-        a = Axes(**{**a.__dict__, "skip_blocks": False, "embed": False})
+    if a.stages and a.token_method == "spvit" and a.embed:  # (see ``refusals``)
+        a = Axes(**{**a.__dict__, "head_dim": False})
     if a.stages and a.skip_blocks:  # (listed token ratios fix the tokens at instrument; depth alone must then
         a = Axes(**{**a.__dict__, "mlp": True})  # reach the budget in whole blocks, or instrument refuses it)
     if refusals(a, model):  # compresses nothing, or single heads alone

@@ -4,7 +4,8 @@ A site qualifies when it attends globally over the prefix tokens plus a complete
 grid, in a (batch, tokens, channels) stream, with no bias or mask on its logits, with every head's
 value rows and output-projection columns mapped (the value-dim group), and with its branch ending in
 a plain residual add (so ``skip`` can delete it). ``ConvSite`` carries everything the passes need:
-the input node, the projection output, the parameter names and per-head rows/columns, the grid.
+the value projection (whose input the convolutions read), the projection output, the parameter names and
+per-head rows/columns, the grid. ``stream_slices`` maps the convolutions' channels onto the embedding group.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch.fx as fx
 from vitgraph.analysis.blocks import removable_residual
 from vitgraph.analysis.depth import branch_sets
 from vitgraph.analysis.ops import linear_info
-from vitgraph.meta import Structure, shape_of
+from vitgraph.meta import CoupledGroup, SliceRef, Structure, shape_of
 
 
 class Traced(Protocol):
@@ -32,7 +33,8 @@ class ConvSite:
 
     name: str                    # the attention's module path, e.g. "blocks.3.attn"
     block: int
-    u: str                       # the normalised block input the attention reads
+    v: str                       # the value projection: the convolutions read its input (the normalised
+                                 # block input, through the embedding channels' gate when they are gated)
     proj: str                    # the output projection node (the branch output the conv replaces)
     add: str                     # the residual add (``skip`` replaces it by its shortcut)
     v_weight: str
@@ -77,9 +79,8 @@ def conv_sites(g: Traced) -> tuple[list[ConvSite], dict[str, str]]:
         v_rows = tuple(tuple(r for u in rows.indices[h * per:(h + 1) * per] for r in u) for h in range(a.heads))
         o_cols = tuple(tuple(c for u in cols.indices[h * per:(h + 1) * per] for c in u) for h in range(a.heads))
         proj = linear_info(nodes[a.proj], gm)
-        v = nodes[a.v]
         res = removable_residual(b, "attn")
-        sites.append(ConvSite(a.name, b.index, v.args[0].name, a.proj, res.add, rows.target,
+        sites.append(ConvSite(a.name, b.index, a.v, a.proj, res.add, rows.target,
                               bias.target if bias is not None else None, v_rows, cols.target,
                               proj.bias if proj.bias not in (None, "<computed>") else None, o_cols, a.heads, per,
                               info.embed_dim, info.prefix_tokens, info.grid, branches[f"branch.{b.index}.attn"]))
@@ -108,3 +109,16 @@ def _reason(g: Traced, nodes: dict[str, fx.Node], b, a, groups, branches) -> str
             + (info.tokens, info.embed_dim):
         return "its value projection does not read the (batch, tokens, channels) stream"
     return None
+
+
+def stream_slices(site: ConvSite, stream: CoupledGroup) -> tuple[SliceRef, SliceRef, SliceRef | None] | str:
+    """The embedding group's slices the site's convolutions follow (``width.embed``): the value projection's
+    input columns (the first layer's input channels), the output projection's rows and bias (the second
+    layer's output channels and bias); or why the group does not hold them."""
+    held = {(s.target, s.what): s for s in stream.slices}
+    cols, rows = held.get((site.v_weight, "weight.in")), held.get((site.o_weight, "weight.out"))
+    bias = held.get((site.o_bias, "bias")) if site.o_bias is not None else None
+    if cols is None or rows is None or (site.o_bias is not None and bias is None):
+        return ("the embedding group does not hold its value projection's input columns and output projection's "
+                "rows, so its convolutions could not narrow with the stream")
+    return cols, rows, bias

@@ -7,7 +7,9 @@ Instrument: ``InsertConvGatesPass`` (an ``AttentionConv`` on each site's project
 ``quadratic`` form, shared with the MLP units of the ``spvit`` width method), the tap assignment and
 BatchNorms with the weights; freeze: the eval decisions; materialize: ``AttentionToConvPass``.
 Pricing: the set factor ``msa.<i>`` scales every node of block i's attention branch (1 = kept); the
-conv branches are cost terms: conv3 = 20 S C d FLOPs, conv1 = 4 S C d.
+conv branches are cost terms: conv3 = 20 S C d FLOPs, conv1 = 4 S C d, C times the embedding group's kept
+fraction when ``width.embed`` narrows the stream (the convs' input and output channels are stream channels:
+they read the value projection's gated input, and the materialized layers are sliced with the group).
 """
 from __future__ import annotations
 
@@ -17,13 +19,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from vitgraph.analysis.conv import ConvSite, conv_sites
+from vitgraph.analysis.conv import ConvSite, conv_sites, stream_slices
 from vitgraph.analysis.depth import branch_factor
 from vitgraph.analysis.tokens import default_stages
 from vitgraph.axes.base import Axis, AxisContext, Factors, Pricer, Run
 from vitgraph.gates.conv import CHOICES, AttentionConv
 from vitgraph.errors import SpecError
-from vitgraph.meta import CONV_GATES, submodule_name
+from vitgraph.meta import CONV_GATES, CoupledGroup, submodule_name
 from vitgraph.passes.attention_to_conv_pass import AttentionToConvPass
 from vitgraph.passes.insert_conv_gates_pass import InsertConvGatesPass
 
@@ -38,9 +40,11 @@ class ConvAxis(Axis):
     freeze_order = 25        # after depth, before tokens and the widths that close the budget
     materialize_order = 25
 
-    def __init__(self, ctx: AxisContext, sites: list[ConvSite], refused: dict[str, str]) -> None:
+    def __init__(self, ctx: AxisContext, sites: list[ConvSite], refused: dict[str, str],
+                 stream: CoupledGroup | None = None) -> None:
         super().__init__(ctx)
         self.sites, self.refused = sites, refused
+        self.stream = stream  # the embedding group the convolutions narrow with (width.embed), or None
         self.register_buffer("choice", torch.full((len(sites),), -1, dtype=torch.long))  # index in CHOICES
         self.gates: list[AttentionConv] = []
 
@@ -49,15 +53,13 @@ class ConvAxis(Axis):
         spec, g = ctx.spec, ctx.graph
         if not spec.attention.to_conv:
             return None
-        if spec.width.embed and spec.width.enabled:
-            # the conv weights are derived from the attention's value and output weights when the conv is built,
-            # before the stream's channels are sliced; the new conv layers are not in the embedding group
-            raise SpecError("attention.to_conv with width.embed: the convolutions that replace attention are built "
-                            "from the full-width value and output weights, and the embedding group cannot narrow "
-                            "them; set width.embed false (heads, value dims and MLP units combine with to_conv)")
-        if spec.depth.exits:
-            raise SpecError("attention.to_conv with depth.exits is not supported; drop one of the two")
         sites, refused = conv_sites(g)
+        stream = next((gr for gr in g.structure.groups if gr.kind == "embed"), None) \
+            if spec.width.embed and spec.width.enabled else None
+        if stream is not None:  # each conv's channels must be ones the group slices
+            why = {s.name: r for s in sites if isinstance(r := stream_slices(s, stream), str)}
+            refused.update(why)
+            sites = [s for s in sites if s.name not in why]
         stages = (spec.tokens.stages or default_stages(g.structure.blocks)) if spec.tokens.on else ()
         first = min(stages) if stages else None
         if first is not None:  # token pruning breaks the grid: only blocks before the first stage convert
@@ -69,7 +71,7 @@ class ConvAxis(Axis):
             why = "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:3])
             raise SpecError(f"attention.to_conv: no attention of {g.name} can become a convolution ({why}); "
                             f"see 'vitgraph inspect'")
-        return cls(ctx, sites, refused)
+        return cls(ctx, sites, refused, stream)
 
     def instrument_passes(self) -> list[VitPass]:
         return [InsertConvGatesPass(self.sites)]
@@ -142,7 +144,7 @@ class ConvAxis(Axis):
             if f"conv.{s.block}" not in factors:
                 continue
             k1, k3, km = factors[f"conv.{s.block}"]
-            scd = s.patches * s.channels * s.dim
+            scd = s.patches * s.channels * s.dim * (factors.get(self.stream.name, 1.0) if self.stream else 1.0)
             kept = factors.get(f"block.{s.block}", 1.0) * factors.get(branch_factor(s.block, "attn"), 1.0)
             out[s.name] = (k3 * (1 - km) * 20.0 * scd + k1 * (1 - k3) * 4.0 * scd) * kept
         return out
@@ -158,7 +160,7 @@ class ConvAxis(Axis):
         return {s.name: g.decision() for s, g in zip(self.sites, self.gates)}
 
     def materialize_passes(self) -> list[VitPass]:
-        return [AttentionToConvPass(self.sites, self.decisions())]
+        return [AttentionToConvPass(self.sites, self.decisions(), self.stream)]
 
     def status(self, pricer: Pricer) -> dict[str, float]:
         d = list(self.decisions().values())

@@ -4,8 +4,14 @@ Instrument: a fresh copy of the model's own head path after each block of ``dept
 (``InsertExitsPass``); the graph returns ``(final, *exits)`` and each exit's logits get the task
 loss. Freeze: the exit is ``depth.exit``, or the shallowest whose validation top-1 is within
 ``depth.exit_tolerance`` of the final head's and from which the budget is still reachable.
-Materialize: the model is cut there (``TruncateAtExitPass``). Factors: ``cut.<e>`` = 0 removes
-everything after block e but the head, which the exit's copy replaces.
+Materialize: the model is cut there (``TruncateAtExitPass``), and the exit takes the head's names.
+Factors: ``cut.<e>`` = 0 removes everything after block e but the head, which the exit's copy
+replaces (so the exit is priced as the head, at the stream's kept width); ``block.<i>`` = 0 for the
+blocks cut away.
+
+With ``width.embed`` the exit calls the stream's gate where the head does (for the final norm, over
+the kept channels, and on the classifier's input), and once cut it holds the head's names, which the
+stream's channel group slices: the exit narrows with the stream.
 """
 from __future__ import annotations
 
@@ -50,13 +56,6 @@ class ExitsAxis(Axis):
         exits = tuple(sorted(set(spec.depth.exits)))
         if not exits:
             return None
-        if spec.width.embed and spec.width.enabled and any(gr.kind == "embed" for gr in g.structure.groups):
-            # an exit copies the head path (final norm, classifier) by node; the stream's gate has replaced
-            # that norm, and the copies are not in the stream's channel group, so they could not narrow with it
-            raise SpecError("depth.exits with width.embed: an exit's classifier is a fresh copy of the head path "
-                            "(final norm, pooling, classifier), outside the embedding channel group, so it could "
-                            "not narrow with the stream; drop one of the two (exits combine with heads, value dims, "
-                            "MLP units, blocks and tokens)")
         path, why = head_path(g.gm, g.structure.blocks)
         reasons = exit_reasons(g.gm, g.structure.blocks, why)
         for e in exits:
@@ -71,7 +70,7 @@ class ExitsAxis(Axis):
         return cls(ctx, exits, path)
 
     def instrument_passes(self) -> list[VitPass]:
-        return [InsertExitsPass(self.exits, self.graph.structure.blocks, self.path)]
+        return [InsertExitsPass(self.exits, self.graph.structure.blocks)]
 
     def exit_after(self) -> int | None:
         """The block (1-based) the model is cut after, or None (the final head)."""
@@ -105,7 +104,7 @@ class ExitsAxis(Axis):
         budget = self.spec.budget
 
         def reachable(e: int) -> bool:  # the cut model, nothing else removed, still reaches down to the budget
-            return float(pricer("full", {self.name: {cut_factor(e): 0.0}})) >= budget.fraction - budget.slack
+            return float(pricer("full", {self.name: self.cut(e)})) >= budget.fraction - budget.slack
 
         chosen = choose_exit(self.exits, [self.top1[f"exit{e}"] for e in self.exits], self.top1["final"],
                              self.spec.depth.exit_tolerance, reachable)
@@ -135,7 +134,12 @@ class ExitsAxis(Axis):
         # a fixed exit is priced from the start: the budget is met with it
         e = self.exit_after() if self.frozen else self.fixed if self.fixed is not None else \
             min(self.exits) if mode == "floor" else None
-        return {} if e is None else {cut_factor(e): 0.0}
+        return {} if e is None else self.cut(e)
+
+    def cut(self, e: int) -> Factors:
+        """Cutting after block e: the cut's node set, and every block from e on (0-based), so that what another
+        axis adds inside a cut block (an attention's convolutions, ``cost_terms``) goes with it."""
+        return {cut_factor(e): 0.0, **{f"block.{b.index}": 0.0 for b in self.graph.structure.blocks if b.index >= e}}
 
     # -- results ---------------------------------------------------------------------------------
     def decisions(self) -> dict[str, int | None]:
