@@ -29,9 +29,8 @@ from torch import nn
 from vitgraph.analysis.conv import ConvSite, stream_slices
 from vitgraph.errors import PreconditionError
 from vitgraph.gates.conv import AttentionConv
-from vitgraph.meta import CONV_GATES, CoupledGroup, SliceRef, submodule_name
+from vitgraph.meta import CONV_GATES, GROUP_SLICES, CoupledGroup, SliceRef, submodule_name
 from vitgraph.passes.base import PassResult, VitPass, drop_root, ensure_no_calls
-from vitgraph.passes.remove_pruned_units_pass import GROUP_SLICES
 
 
 def _fold(weight: torch.Tensor, bias: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,9 +26,8 @@ from torch import nn
 from vitgraph.passes.base import PassResult, VitPass, drop_root, ensure_no_calls, require_nodes
 from vitgraph.passes.insert_unit_gates_pass import branch_add
 from vitgraph.errors import PreconditionError
-from vitgraph.meta import GATES, Block, ConstRef, CoupledGroup, submodule_name
+from vitgraph.meta import GATES, GROUP_SLICES, Block, ConstRef, CoupledGroup, submodule_name
 
-GROUP_SLICES = "vg.group_slices"  # on a call an earlier rewrite added: {group name: the SliceRefs it follows}
 
 
 class RemovePrunedUnitsPass(VitPass):

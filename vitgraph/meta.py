@@ -17,6 +17,7 @@ ROLE = "vg.role"      # Role: what the node is in the recognised structure
 COST = "vg.cost"      # NodeCost: FLOPs and parameter count of the node
 CARRIES = "vg.carries"  # str: on a call an instrument pass put into a stream, the stream node it passes on
 LEAF_FLOPS = "vg.leaf_flops"  # FLOPs FlopCounterMode measured inside an opaque leaf call (whole batch)
+GROUP_SLICES = "vg.group_slices"  # on a call a rewrite added: {channel group name: the SliceRefs it follows}
 
 # -- graph-wide names the instrument passes give their submodules ----------------------------------
 GATES = "vg_gates"         # every width (unit) gate: vg_gates.<group with "." -> "_">
