@@ -91,3 +91,25 @@ def test_every_pair_of_axes(family, data):
 def test_the_whole_set_of_axes(family, data):
     g = graph(family)
     check(g, axes_of(set(AXES) - {"conv"}, len(g.structure.blocks)), data)
+
+
+def test_all_yaml_turns_on_every_axis_and_lands():
+    """examples/specs/all.yaml: conv, heads, value dims, MLP units, embedding channels, block gates, exits and
+    tokens in one learned spec, a few steps on digits (an 8-block 16-px ViT, so exits 6 and 7 exist)."""
+    import timm
+    import yaml
+    from pathlib import Path
+
+    raw = yaml.safe_load((Path(__file__).parent.parent / "examples" / "specs" / "all.yaml").read_text())
+    w, d = raw["width"], raw["depth"]
+    assert all(w[k] for k in ("heads", "head_dim", "mlp", "embed")) and d["skip_blocks"] and d["exits"]
+    assert raw["tokens"]["keep"] and raw["preset"] == "spvit_conv"  # (the preset turns attention.to_conv on)
+    raw["train"] = {**raw["train"], "steps": 6, "batch_size": 16}
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, num_classes=10,
+                              embed_dim=64, depth=8, num_heads=4).eval()
+    result = vg.compress(model, raw, example_inputs=(torch.randn(2, 1, 16, 16),), data="digits", progress=False,
+                         latency_targets=())
+    report = result.report
+    assert set(result.gated.axes) >= {"width", "depth", "exits", "tokens", "conv"}
+    assert abs(report["budget"]["achieved"] - 0.5) <= 0.03 and report["parity"]["max_abs_err"] < 1e-4
