@@ -20,7 +20,6 @@ import copy
 import json
 import statistics
 
-import torch
 
 from _digits import trained_digits_vit
 

@@ -6,14 +6,15 @@ per prefix query, or the learned scorer's linears, moved to ``token_scores.<stag
 vary, and no vitgraph module (``dynamic``: the kept tokens are gathered per image, batch 1). A
 selector that keeps everything is removed; so is every key mask (the attention over the gathered
 tokens needs none: it becomes the plain attention call again), and the final-tokens module unless a
-mean-pooling head must not see the packages.
+mean-pooling head must not see the packages. With ``channels`` (width.embed narrowed the stream first), a
+learned scorer reads each head's kept channels through its own LayerNorm and linear (``narrow``).
 
 Invariant (tests/test_tokens.py): the gated graph in ``eval`` mode equals the result.
 """
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch.fx as fx
 import torch.nn.functional as F
@@ -30,9 +31,13 @@ SCORES = "token_scores"
 class PackTokensPass(VitPass):
     """After: no ``vg_tokens`` modules; ``kept[stage] = (candidates, K)`` (None: keep all) is inlined."""
 
-    def __init__(self, kept: Mapping[str, tuple[int, int] | None], dynamic: bool = False) -> None:
+    def __init__(self, kept: Mapping[str, tuple[int, int] | None], dynamic: bool = False,
+                 channels: Sequence[int] | None = None) -> None:
         self.kept = {submodule_name(TOKENS, k): v for k, v in kept.items()}
         self.dynamic = dynamic
+        # width.embed: the stream's kept channels (dense numbering), narrowed already (this pass runs after
+        # the widths): the learned scorers read them head by head (``LearnedTokenSelector.narrow``)
+        self.channels = sorted(int(c) for c in channels) if channels is not None else None
 
     def requires(self, gm: fx.GraphModule) -> None:
         # a selector an earlier pass deleted with its blocks (a cut at an exit before it) is left alone
@@ -58,6 +63,9 @@ class PackTokensPass(VitPass):
             elif isinstance(module, LearnedTokenSelector):
                 active = kept is not None and (self.dynamic or kept[1] < kept[0])
                 module.compact = (kept[0], kept[1], int(self.dynamic)) if active else None
+                module.stream_gate = None  # (the gates are gone: a narrowed stream is read through ``narrow``)
+                if active and self.channels is not None and len(self.channels) < module.embed[1].in_features * module.heads:
+                    module.narrow(self.channels)
             else:  # the final tokens: drop the packages before a mean pool
                 assert isinstance(module, FinalTokens)
                 module.packages, module.record = (packages if module.pool_mean else None), False

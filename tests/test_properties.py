@@ -223,6 +223,8 @@ def axes_for(draw, model: Model, accepted: bool = True, focus: str = "width") ->
         a = Axes(**{**a.__dict__, "token_method": "attention"})
         if a.stages[0] < 1:
             a = Axes(**{**a.__dict__, "stages": (), "keep": ()})
+    if a.conv and a.stages and a.stages[0] <= (1 if a.token_method == "attention" else 0):  # (after the map pool's
+        a = Axes(**{**a.__dict__, "stages": (), "keep": ()})                                 # switch to attention)
     if a.stages and a.token_method == "spvit" and a.embed:  # (see ``refusals``)
         a = Axes(**{**a.__dict__, "head_dim": False})
     if a.stages and a.skip_blocks:  # (listed token ratios fix the tokens at instrument; depth alone must then

@@ -147,8 +147,8 @@ def test_refusals_name_the_block_and_the_reason():
                                       "tokens": {"method": "attention", "stages": [1]}, "train": {"steps": 2}}))
     with pytest.raises(SpecError, match="one per stage"):
         Spec.from_dict({"tokens": {"stages": [1, 2], "keep": [0.5]}})
-    with pytest.raises(SpecError, match="tokens.method spvit with depth.skip_blocks: the learned selectors"):
-        instrument(g, Spec.from_dict({"width": {"heads": False}, "depth": {"skip_blocks": True},
+    with pytest.raises(SpecError, match="tokens.method spvit with depth.exits: the learned selectors"):
+        instrument(g, Spec.from_dict({"width": {"heads": False}, "depth": {"exits": [2]},
                                       "tokens": {"method": "spvit", "stages": [1]}}))
 
 

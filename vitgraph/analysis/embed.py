@@ -34,6 +34,8 @@ class _Refused(Exception):
 def _chan(code: torch.Tensor, axis: int) -> list[int]:
     """Per position along ``axis``: the code found there anywhere along the other axes (-1: none)."""
     moved = code.movedim(axis, -1)
+    if moved.numel() == 0:  # a zero-width slice (a narrowed token scorer's empty chunk) holds no channel
+        return [-1] * moved.shape[-1]
     return [int(v) for v in moved.reshape(-1, moved.shape[-1]).max(0).values.tolist()]
 
 

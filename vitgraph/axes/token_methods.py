@@ -8,7 +8,8 @@ method owns what learning them needs:
   the original patch count, while the selectors learn;
 * token distillation: the MSE between the student's final kept patch tokens and the teacher's tokens
   at the same positions (teacher = the dense traced model, run here on the same images; the loop's
-  own distillation covers the logits), weighted 0.5;
+  own distillation covers the logits), weighted 0.5, over the stream's kept channels when width.embed
+  gates them (a pruned channel is read by no one);
 * the ``arch`` group: every selector parameter.
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ class SPViT(Learner):
         self.register_buffer("rho", torch.full((len(self.selectors),), -1.0))
         self._teacher = (_trunk(graph, final is not None),)
         self._inputs: tuple[Any, ...] = ()
+        self.stream_gate: tuple[nn.Module, ...] = ()  # width.embed: (the stream's unit gate,); its mask weighs the MSE
 
     def targets(self) -> list[float] | None:
         return None if bool((self.rho < 0).any()) else [float(r) for r in self.rho.tolist()]
@@ -76,8 +78,12 @@ class SPViT(Learner):
             t = teacher.to(x.device)(*inputs)
         p, s = self.prefix, self.patches
         d = alive[:, p:p + s, None] if alive is not None else x.new_ones(x.shape[0], s, 1)
-        err = ((x[:, p:p + s] - t[:, p:p + s].to(x.dtype)) ** 2 * d).sum()
-        return err / (d.sum() * x.shape[-1]).clamp_min(1.0)
+        err = (x[:, p:p + s] - t[:, p:p + s].to(x.dtype)) ** 2 * d
+        mask = self.stream_gate[0].mask if self.stream_gate else None
+        if mask is not None:  # a pruned stream channel is read by no one: it is not distilled either
+            c = mask.detach().to(x.dtype)
+            return (err * c).sum() / (d.sum() * c.sum()).clamp_min(1.0)
+        return err.sum() / (d.sum() * x.shape[-1]).clamp_min(1.0)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"arch": [p for s in self.selectors for p in s.parameters()]}

@@ -13,6 +13,11 @@ bisected on the pricer so that the model lands on its budget, FLOPs or latency (
 Instrument: ``InsertTokenSelectorsPass``; materialize: ``PackTokensPass`` (``static``: top-K,
 fixed shapes; ``dynamic``: per-image gather, batch 1). Factors: ``tokens.<i>``, the fraction of the
 dense token count entering block i; cost terms: the scorers.
+
+Learned selectors combine with ``depth.skip_blocks``: the keep flags go from selector to selector and to the key
+masks directly, never through the stream, so a skipped block (stream passed through) cuts nothing, and a stage's
+own block may go (its selector stays, in front of the next block). With ``width.embed`` the scorers read each
+head's kept channels (``LearnedTokenSelector.narrow``), so this axis then materializes after the widths (45).
 """
 from __future__ import annotations
 
@@ -65,6 +70,8 @@ class TokenAxis(Axis):
         self.head_gates: list[nn.Module | None] = []
         self.final: FinalTokens | None = None
         self.method: SPViT | None = None
+        self.stream_gate: tuple[nn.Module, ...] = ()  # (the stream's unit gate,) under width.embed (a tuple: not registered)
+        self._peers: tuple[Axis, ...] = ()  # the other axes (a tuple: not registered): who decides the stream's channels
 
     @classmethod
     def from_spec(cls, ctx: AxisContext) -> TokenAxis | None:
@@ -112,9 +119,24 @@ class TokenAxis(Axis):
         self.head_groups = [self._heads_group(s) for s in self.stages]
         self.head_gates = [_submodule(gm, submodule_name(GATES, h)) if h else None for h in self.head_groups]
         self.final = gm.get_submodule(FINAL) if self.final_after is not None else None
+        # width.embed narrows the stream: the learned scorers read its kept channels (masked here, narrowed in
+        # the compact graph), so they are packed after the widths have sliced the stream
+        gate = _submodule(gm, submodule_name(GATES, self.stream)) if self.stream else None
+        self.stream_gate = (gate,) if gate is not None else ()
+        if self.learned and self.stream_gate:
+            for stage, sel in zip(self.stages, self.selectors):
+                if not isinstance(sel, LearnedTokenSelector):
+                    continue
+                if gate.units != stage.dim:  # (the stream's channels are its units, in order)
+                    raise SpecError(f"tokens.method spvit with width.embed: {self.graph.name}'s stream group "
+                                    f"{self.stream} has {gate.units} units, not the {stage.dim} channels the scorer "
+                                    f"before {stage.name} reads; drop width.embed or use tokens.method attention")
+                sel.stream_gate = self.stream_gate
+            self.materialize_order = 45  # (instance value) after the widths' 40
         if self.learned:
             self.method = SPViT(self.graph, [s for s in self.selectors if isinstance(s, LearnedTokenSelector)],
                                 self.final, self.patches, self.prefix)
+            self.method.stream_gate = self.stream_gate
         if self.spec.tokens.keep:  # decided by the spec: learned axes search with the tokens already cut
             self.targets = list(self.spec.tokens.keep)
             if not self.learned:
@@ -249,6 +271,7 @@ class TokenAxis(Axis):
         return best[1]
 
     def check_budget(self, pricer: Pricer) -> None:
+        self._peers = tuple(a for a in pricer.axes if a is not self)
         if self.frozen:  # tokens.keep, one-shot: decided already; the axes after it take the rest
             before = float(pricer("eval", {self.name: {}}))
             self.split = self._split(self._later(pricer), before, float(pricer("eval")), self.spec.budget.fraction)
@@ -301,7 +324,8 @@ class TokenAxis(Axis):
                 continue
             out[s.name] = 2.0 * candidates * width
             if isinstance(sel, LearnedTokenSelector):
-                out[s.name] += sel.flops_per_token() * (candidates + before)
+                stream = factors.get(self.stream, 1.0) if self.stream_gate else 1.0
+                out[s.name] += sel.flops_per_token(stream) * (candidates + before)
             elif s.source is not None and s.source.scale is not None:  # (probabilities: computed anyway)
                 src, n = s.source, self.prefix + candidates + before
                 heads = factors.get(self.head_groups[i], 1.0) if self.head_groups[i] else 1.0  # kept ones only
@@ -340,7 +364,18 @@ class TokenAxis(Axis):
         k = self.kept.tolist()
         kept = {s.name: ((k[i - 1] if i else self.patches), k[i]) if k[i] >= 0 else None
                 for i, s in enumerate(self.stages)}
-        return [PackTokensPass(kept, self.dynamic and self.frozen)]
+        return [PackTokensPass(kept, self.dynamic and self.frozen, self._stream_channels())]
+
+    def _stream_channels(self) -> list[int] | None:
+        """The stream's kept channels, as the axis deciding them (width.embed) keeps them; None: all."""
+        if not self.learned or not self.stream_gate:
+            return None
+        for axis in self._peers:
+            kept = axis.decisions()
+            if isinstance(kept, dict) and self.stream in kept:
+                return list(kept[self.stream])
+        raise SpecError(f"tokens: the stream's channels are gated ({self.stream}) but no axis decides them; "
+                        f"build the model with vg.instrument, which hands the token axis its sibling axes")
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.spec.tokens.method, "mode": self.spec.tokens.mode,
@@ -363,18 +398,15 @@ def _refuse_combinations(ctx: AxisContext) -> None:
         (t.mode == "dynamic" and t.method == "attention",
          "tokens.mode dynamic with tokens.method attention: the one-shot scores keep a fixed top-K per stage, so "
          "every image keeps the same count; set tokens.mode static (or use tokens.method spvit for per-image counts)"),
-        (t.method == "spvit" and spec.depth.skip_blocks,
-         "tokens.method spvit with depth.skip_blocks: the learned selectors chain their keep flags and key masks "
-         "through every later block, and a skipped block would cut that chain; drop one of the two, or use "
-         "tokens.method attention (one-shot scores combine with block skipping)"),
         (t.method == "spvit" and bool(spec.depth.exits),
          "tokens.method spvit with depth.exits: the learned selectors keep dropped tokens flowing (masked as keys), "
          "and an exit pooling the stream would average them in where the compact graph has gathered them out; "
          "use tokens.method attention with exits (an exit pools the tokens left, packages included)"),
-        (t.method == "spvit" and spec.width.embed and width_on,
-         "tokens.method spvit with width.embed: the learned scorers split the stream into per-head chunks (a "
-         "LayerNorm and linears per chunk), which narrowing the stream would cut across; use tokens.method "
-         "attention with width.embed, or drop width.embed"),
+        (t.method == "spvit" and spec.width.embed and spec.width.head_dim and width_on,
+         "tokens.method spvit with width.embed and width.head_dim: the learned scorers read the narrowed stream, so "
+         "their selectors are packed after the widths are sliced, and until then the key masks they put in every "
+         "later attention stand in for the attention core that value-dim pruning rewrites; drop width.head_dim or "
+         "width.embed, or use tokens.method attention"),
     )
     for asked, why in refusals:
         if asked:

@@ -111,26 +111,76 @@ class LearnedTokenSelector(nn.Module):
         self.always_package = False  # dynamic decisions: append the package even when it is empty (static count)
         self.compact: tuple[int, int, int] | None = None  # (candidates, keep, dynamic) for the gathered form
         self.last: Tensor | None = None  # the keep decisions of the last train forward (B, patches)
+        # width.embed: the stream's unit gate (a tuple: not registered twice), whose mask (one entry per stream
+        # channel) restricts what the scorer reads to the kept channels; ``narrow`` builds the compact form
+        self.stream_gate: tuple[nn.Module] | None = None
+        self.chunks: nn.ModuleList | None = None
+        self.bounds: tuple[tuple[int, int], ...] | None = None  # each head's kept channels in the narrowed stream
 
-    def flops_per_token(self) -> int:
-        """FLOPs of the linears for one content token (what FlopCounterMode counts)."""
-        return sum(2 * m.in_features * m.out_features * (1 if i == 0 else self.heads)
+    def flops_per_token(self, stream: float = 1.0) -> float:
+        """FLOPs of the linears for one content token (what FlopCounterMode counts); ``stream``: the kept
+        fraction of the stream's channels, which the first scorer linear reads (narrowed: d x kept columns)."""
+        return sum(2 * m.in_features * m.out_features * (1 if i == 0 else self.heads) * (stream if i == 1 else 1)
                    for i, seq in enumerate((self.head_net, self.embed, self.decide))
                    for m in seq if isinstance(m, nn.Linear))
+
+    def narrow(self, channels: list[int]) -> None:
+        """The compact scorer over the stream narrowed to ``channels`` (sorted, dense numbering): head i's chunk
+        is the kept channels of its slice, contiguous in the narrowed stream, and reads them through its own
+        LayerNorm and linear, the shared ones' entries for those channels (a chunk with none kept: the bias)."""
+        norm, lin = self.embed[0], self.embed[1]
+        d = lin.in_features
+        chunks, bounds, start = [], [], 0
+        for i in range(self.heads):
+            idx = torch.tensor([c - i * d for c in channels if i * d <= c < (i + 1) * d], dtype=torch.long)
+            n = idx.numel()
+            ln: nn.Module = nn.Identity()
+            if n:
+                ln = nn.LayerNorm(n, eps=norm.eps, elementwise_affine=norm.weight is not None)
+                if norm.weight is not None:
+                    ln.weight.data.copy_(norm.weight.data[idx])
+                    ln.bias.data.copy_(norm.bias.data[idx])
+            part = nn.Linear(max(n, 1), d, bias=lin.bias is not None)  # (a zero-column init warns: set below)
+            part.weight, part.in_features = nn.Parameter(lin.weight.data[:, idx].clone()), n
+            if lin.bias is not None:
+                part.bias.data.copy_(lin.bias.data)
+            chunks.append(nn.Sequential(ln, part))
+            bounds.append((start, start + n))
+            start += n
+        self.chunks, self.bounds = nn.ModuleList(chunks), tuple(bounds)
+
+    def _heads(self, content: Tensor) -> tuple[Tensor, Tensor]:
+        """Per head: the mean of its channels (B, n, H) and the embedded slice (B, n, H, d), over the kept
+        channels of each head's slice when the stream is narrowed (``bounds``) or masked (``stream_gate``)."""
+        if self.bounds is not None:
+            parts = [content[..., a:z] for a, z in self.bounds]
+            means = torch.stack([x.sum(-1) / max(1, z - a) for x, (a, z) in zip(parts, self.bounds)], -1)
+            return means, self.embed[2](torch.stack([c(x) for c, x in zip(self.chunks, parts)], 2))
+        h = content.reshape(content.shape[0], content.shape[1], self.heads, -1)
+        mask = self.stream_gate[0].mask if self.stream_gate is not None else None
+        if mask is None:
+            return h.mean(-1), self.embed(h)
+        m = mask.to(h.dtype).reshape(self.heads, -1)     # what the narrowed graph reads: kept channels only
+        k = m.sum(-1, keepdim=True).clamp_min(1.0)
+        mean = (h * m).sum(-1, keepdim=True) / k
+        norm = self.embed[0]
+        dev = (h - mean) * m
+        y = dev * torch.rsqrt((dev * dev).sum(-1, keepdim=True) / k + norm.eps)
+        y = y * norm.weight + norm.bias if norm.weight is not None else y
+        return mean.squeeze(-1), self.embed[2](self.embed[1](y * m))
 
     def logits(self, content: Tensor, alive: Tensor | None) -> tuple[Tensor, Tensor]:
         """(keep probability pi_keep (B, n), weighted log-probabilities ell (B, n, 2)) of content tokens;
         the global half of the scorer averages over the ``alive`` ones (all when None)."""
-        h = content.reshape(content.shape[0], content.shape[1], self.heads, -1)
-        w = self.head_net(h.mean(-1))                                  # (B, n, H)
-        e = self.embed(h)                                              # (B, n, H, d)
+        means, e = self._heads(content)                                # (B, n, H), (B, n, H, d)
+        w = self.head_net(means)                                       # (B, n, H)
         g = e[..., self.local:]
         if alive is None:
             g = g.mean(1, keepdim=True)
         else:
             a = alive[:, :, None, None]
             g = (g * a).sum(1, keepdim=True) / a.sum(1, keepdim=True).clamp_min(1.0)
-        a2 = self.decide(torch.cat([e[..., :self.local], g.expand(-1, h.shape[1], -1, -1)], -1))
+        a2 = self.decide(torch.cat([e[..., :self.local], g.expand(-1, e.shape[1], -1, -1)], -1))
         w = w.unsqueeze(-1)
         total = w.sum(2)
         pi = (w * a2.softmax(-1)).sum(2) / total
