@@ -10,6 +10,9 @@ Two methods (methods.md §3), both placed before the blocks of ``tokens.stages``
 
 K_s = round(rho_s x patches), rho_s from ``tokens.keep`` or, when empty, rho_s = base^s with base
 bisected on the pricer so that the model lands on its budget, FLOPs or latency (scorer costs included).
+Learned selectors with a learned width and no ``tokens.keep`` share one budget: the width's Lagrangian prices
+their expected keep (``train`` factors) with the widths', no keep-ratio loss; at freeze K_s is what they learned
+(``token_methods.on_budget``), the widths close the rest.
 Instrument: ``InsertTokenSelectorsPass``; materialize: ``PackTokensPass`` (``static``: top-K,
 fixed shapes; ``dynamic``: per-image gather, batch 1). Factors: ``tokens.<i>``, the fraction of the
 dense token count entering block i; cost terms: the scorers.
@@ -31,7 +34,7 @@ from vitgraph.analysis.depth import cut_factor
 from vitgraph.analysis.tokens import default_stages, mask_sites, score_source
 from vitgraph.axes import joint
 from vitgraph.axes.base import Axis, AxisContext, Factors, Pricer, Run
-from vitgraph.axes.token_methods import SPViT
+from vitgraph.axes.token_methods import SPViT, on_budget, refuse_combinations
 from vitgraph.errors import SpecError
 from vitgraph.meta import GATES, TOKENS, submodule_name
 from vitgraph.passes.insert_token_selectors_pass import FINAL, InsertTokenSelectorsPass, Stage
@@ -78,7 +81,7 @@ class TokenAxis(Axis):
         t, g = ctx.spec.tokens, ctx.graph
         if not t.on:
             return None
-        _refuse_combinations(ctx)
+        refuse_combinations(ctx)
         blocks, info = g.structure.blocks, g.structure.tokens
         if info.pooling not in POOLINGS:
             raise SpecError(f"tokens: {g.name}'s head pools its tokens as {info.pooling!r}, not from prefix tokens, "
@@ -192,10 +195,15 @@ class TokenAxis(Axis):
         return self.method.losses(not self.frozen) if self.method is not None else {}
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return self.method.param_groups() if self.method is not None else {}
+        return self._own(self.method.param_groups()) if self.method is not None else {}
 
     def optim_defaults(self, search_steps: int) -> dict[str, dict[str, Any]]:
-        return self.method.optim_defaults(search_steps) if self.method is not None else {}
+        return self._own(self.method.optim_defaults(search_steps)) if self.method is not None else {}
+
+    def _own(self, groups: dict[str, Any]) -> dict[str, Any]:
+        """The selectors' ``arch`` group, as ``arch:tokens`` when another axis learns in ``arch`` (its settings)."""
+        clash = any("arch" in a.param_groups() for a in self._peers)
+        return {("arch:tokens" if k == "arch" and clash else k): v for k, v in groups.items()}
 
     # -- freezing --------------------------------------------------------------------------------
     @property
@@ -215,6 +223,9 @@ class TokenAxis(Axis):
         before = float(pricer("eval", {self.name: {}}))
         rho = self.targets
         later = self._later(pricer)
+        if rho is None and self._shares(later):  # learned under the widths' budget: start from what was learned
+            self._freeze_learned(pricer, later, before)
+            return
         if rho is not None or not later:
             self.kept.copy_(torch.tensor(self.counts(rho) if rho is not None else self._from_budget(pricer)))
             self.split = self._split(later, before, float(pricer("eval")), self.spec.budget.fraction)
@@ -235,6 +246,26 @@ class TokenAxis(Axis):
                                                              else "the example inputs (data-free)")
         self.split["candidates"] = {f"{t.share:.3f}": {"cost": round(t.cost, 4), "distortion": round(t.distortion, 6)}
                                     for t in trials}
+
+    def _freeze_learned(self, pricer: Pricer, later: list[Axis], before: float) -> None:
+        """K_s from the keep fractions the selectors learned under the shared budget, moved only where the later
+        axes could not close the gap from there (``on_budget``); the split is the learned one."""
+        target = self.spec.budget.fraction
+
+        def cost(rho: list[float], mode: str) -> float:
+            return float(pricer("eval", {self.name: self.as_factors(self.counts(rho)),
+                                         **{a.name: a.factors(mode) for a in later}}))
+        learned = self.method.learned()  # (set up: spvit)
+        rho = on_budget(learned or [1.0] * len(self.stages), cost, target)
+        self.kept.copy_(torch.tensor(self.counts(rho)))
+        self.split = self._split(later, before, cost(rho, "full"), target)
+        self.split.update(how="learned: one Lagrangian priced the selectors' expected keep and the widths' "
+                              "expected units; the widths close the rest at freeze",
+                          learned_keep=[round(r, 4) for r in learned] if learned else None,
+                          keep=[round(k / self.patches, 4) for k in self.kept.tolist()])
+
+    def _shares(self, later: list[Axis]) -> bool:  # learned selectors and a learned axis after them: one budget
+        return self.learned and not self.spec.tokens.keep and any(not a.one_shot for a in later)
 
     def _later(self, pricer: Pricer) -> list[Axis]:
         return [a for a in pricer.axes if not a.frozen and a.freeze_order > self.freeze_order]
@@ -276,29 +307,29 @@ class TokenAxis(Axis):
             before = float(pricer("eval", {self.name: {}}))
             self.split = self._split(self._later(pricer), before, float(pricer("eval")), self.spec.budget.fraction)
         learned = [a.name for a in self._later(pricer) if not a.one_shot]
-        if learned and not self.spec.tokens.keep:
+        if learned and not self.spec.tokens.keep and not self.learned:
             raise SpecError(f"tokens.keep is empty and {', '.join(learned)} learns after the token ratios are fixed: "
                             f"the joint split of the budget scores frozen one-shot decisions, and a learned width "
-                            f"has none yet; list tokens.keep (one ratio per stage), or use a one-shot width method "
-                            f"(magnitude, taylor)")
-        if self.learned and self.targets is None:  # the keep-ratio loss needs its targets before learning
-            if self._later(pricer):
+                            f"has none yet; list tokens.keep (one ratio per stage), use a one-shot width method "
+                            f"(magnitude, taylor), or tokens.method spvit (learns under the width's budget)")
+        if self.learned and self.targets is None and not self._shares(self._later(pricer)):
+            if self._later(pricer):  # the keep-ratio loss needs its targets before learning
                 raise SpecError("tokens.method spvit learns toward keep ratios fixed before training, so it cannot "
-                                "share the budget with the widths deciding after it; list tokens.keep (one ratio "
-                                "per stage) when combining axes")
+                                "share the budget with one-shot widths deciding after it; list tokens.keep (one "
+                                "ratio per stage), or use a learned width method (wdpruning, uvc)")
             self.targets = [k / self.patches for k in self._from_budget(pricer)]
 
     # -- pricing ---------------------------------------------------------------------------------
-    def as_factors(self, kept: list[int]) -> Factors:
+    def as_factors(self, kept: list[Any], drops: list[bool] | None = None) -> Factors:
         """tokens.<i>: the tokens entering block i (prefix + kept + packages so far) over the dense count;
         ``tokens.stage.<s>`` (no node's factor; for ``cost_terms``): stage s's candidates, the packages
         before it, and whether it packs."""
         out: Factors = {}
         starts = [s.block for s in self.stages] + [len(self.graph.structure.blocks)]
         packages = 0
-        for s, (k, drops) in enumerate(zip(kept, self.drops(kept))):
-            out[f"tokens.stage.{s}"] = (kept[s - 1] if s else self.patches, packages, drops)
-            packages += drops
+        for s, (k, drop) in enumerate(zip(kept, self.drops(kept) if drops is None else drops)):
+            out[f"tokens.stage.{s}"] = (kept[s - 1] if s else self.patches, packages, drop)
+            packages += drop
             for i in range(starts[s], starts[s + 1]):
                 out[f"tokens.{i}"] = (self.prefix + k + packages) / self.tokens
         return out
@@ -309,6 +340,11 @@ class TokenAxis(Axis):
         if mode == "floor":
             return self.as_factors([1] * len(self.stages))
         rho = self.targets
+        if rho is None and self.method is not None:  # a shared budget: what the selectors learn (train: differentiable)
+            expected = self.method.expected
+            if mode == "train" and expected is not None:
+                return self.as_factors([e * self.patches for e in expected], [True] * len(self.stages))
+            rho = self.method.learned()
         return self.as_factors(self.counts(rho)) if rho is not None and mode in ("eval", "train") else {}
 
     def cost_terms(self, factors: Factors) -> dict[str, Any]:
@@ -388,29 +424,6 @@ class TokenAxis(Axis):
         if self.pool_mean:
             out["pooling"] = "mean over the kept content tokens, without packages (not over every patch)"
         return {"tokens": out, **({"budget": self.split} if self.split else {})}
-
-
-def _refuse_combinations(ctx: AxisContext) -> None:
-    """What cannot combine with token pruning, each with the reason in the model's terms."""
-    t, spec = ctx.spec.tokens, ctx.spec
-    width_on = spec.width.enabled
-    refusals = (
-        (t.mode == "dynamic" and t.method == "attention",
-         "tokens.mode dynamic with tokens.method attention: the one-shot scores keep a fixed top-K per stage, so "
-         "every image keeps the same count; set tokens.mode static (or use tokens.method spvit for per-image counts)"),
-        (t.method == "spvit" and bool(spec.depth.exits),
-         "tokens.method spvit with depth.exits: the learned selectors keep dropped tokens flowing (masked as keys), "
-         "and an exit pooling the stream would average them in where the compact graph has gathered them out; "
-         "use tokens.method attention with exits (an exit pools the tokens left, packages included)"),
-        (t.method == "spvit" and spec.width.embed and spec.width.head_dim and width_on,
-         "tokens.method spvit with width.embed and width.head_dim: the learned scorers read the narrowed stream, so "
-         "their selectors are packed after the widths are sliced, and until then the key masks they put in every "
-         "later attention stand in for the attention core that value-dim pruning rewrites; drop width.head_dim or "
-         "width.embed, or use tokens.method attention"),
-    )
-    for asked, why in refusals:
-        if asked:
-            raise SpecError(f"{ctx.graph.name}: {why}")
 
 
 def _stage(ctx: AxisContext, b: int, i: int) -> Stage:
