@@ -218,8 +218,7 @@ class TokenAxis(Axis):
         return [self.dynamic or k < (kept[s - 1] if s else self.patches) for s, k in enumerate(kept)]
 
     def freeze(self, pricer: Pricer, run: Run) -> None:
-        """K_s from the targets (``tokens.keep``, or what spvit learned toward); else from the budget: the whole
-        of it when no axis decides after this one, else the share the joint allocation picks (``axes.joint``)."""
+        """K_s from the targets (``tokens.keep``, or spvit's), else the budget's share (all, or ``axes.joint``'s)."""
         before = float(pricer("eval", {self.name: {}}))
         rho = self.targets
         later = self._later(pricer)
