@@ -107,6 +107,27 @@ def test_latency_spec_keys():
             Spec.from_dict({"budget": bad})
 
 
+def test_land_interpolates_once_the_goal_is_bracketed(g, monkeypatch):
+    """Measured on deit_small onnx-int8 (aim 0.3 -> 0.378, rescaled aim 0.238 -> 0.184): a third round that
+    rescales again overshoots back to 0.369; between the two bracketing aims it lands."""
+    spec = Spec.from_dict({"budget": {"latency": 0.3, "rounds": 2}, "width": {"heads": True, "mlp": True}})
+    measured = iter([0.378, 0.184, 0.29])
+    monkeypatch.setattr(prof, "_runner", lambda *a, **k: (lambda: None))
+    monkeypatch.setattr(prof, "measure_ratio", lambda d, c, r=0: (next(measured), 10.0, 1.0))
+    aims = []
+
+    class Fake:
+        pricer = staticmethod(lambda mode="eval": 0.3)
+
+    def build(aimed):
+        aims.append(aimed.budget.latency)
+        return Fake(), None
+    _, _, report = prof.land(g, spec, build, Fake(), None, progress=False)
+    first = 0.3 * 0.3 / 0.378
+    assert aims == pytest.approx([first, first + (0.3 - 0.184) / (0.378 - 0.184) * (0.3 - first)], abs=1e-4)
+    assert report["within"] and [r["aim"] for r in report["rounds"]] == [0.3, round(first, 4), round(aims[1], 4)]
+
+
 def test_land_corrects_by_the_measured_error(g, monkeypatch):
     """A measurement that misses the target moves the next compile's aim by the measured error."""
     spec = Spec.from_dict({"budget": {"latency": 0.6, "rounds": 2}, "width": {"heads": True, "mlp": True}})
