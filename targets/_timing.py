@@ -8,7 +8,7 @@ A drift does not land on all runtimes alike, though: on the 2-core machine this 
 of a few seconds slow dense fp32 ONNX Runtime by ~25 % and its INT8 model by ~65 %, so a ratio
 measured inside one is off by a third. With ``steady=NAME`` a round counts only when that runner (the
 reference) ran within ``slack`` of its fastest round; timing goes on until ``repeats`` such rounds
-(or ``4 * repeats`` rounds in all, then the ``repeats`` rounds with the fastest reference count).
+(or ``STEADY_CAP * repeats`` rounds in all, then the ``repeats`` rounds with the fastest reference count).
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ import numpy as np
 from vitgraph.targets._common import LoweringError
 
 __all__ = ["Timing", "measure"]
+
+STEADY_CAP = 4  # with ``steady``, rounds timed at most per round asked for
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def measure(runners: dict[str, Callable[[], Any]], *, warmup: int = 3, repeats: 
         spent = time.perf_counter() - start
         if timed and done >= repeats and (min_time is None or spent >= min_time):
             break
-        if timed and steady and len(samples[steady]) >= 4 * repeats:
+        if timed and steady and len(samples[steady]) >= STEADY_CAP * repeats:
             break
         if timed and max_time is not None and done >= 3 and spent >= max_time:
             break
@@ -104,6 +106,6 @@ def _steady_rounds(samples: dict[str, list[float]], steady: str, slack: float, r
         return []
     best = min(ref)
     keep = [i for i, ms in enumerate(ref) if ms <= (1 + slack) * best]
-    if len(keep) < repeats and len(ref) >= 4 * repeats:
+    if len(keep) < repeats and len(ref) >= STEADY_CAP * repeats:
         keep = sorted(sorted(range(len(ref)), key=ref.__getitem__)[:repeats])
     return keep

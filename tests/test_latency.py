@@ -107,22 +107,29 @@ def test_latency_spec_keys():
             Spec.from_dict({"budget": bad})
 
 
-def test_land_interpolates_once_the_goal_is_bracketed(g, monkeypatch):
-    """Measured on deit_small onnx-int8 (aim 0.3 -> 0.378, rescaled aim 0.238 -> 0.184): a third round that
-    rescales again overshoots back to 0.369; between the two bracketing aims it lands."""
-    spec = Spec.from_dict({"budget": {"latency": 0.3, "rounds": 2}, "width": {"heads": True, "mlp": True}})
-    measured = iter([0.378, 0.184, 0.29])
+def _land(g, monkeypatch, goal: float, measured: list[float]) -> tuple[list[float], dict]:
+    """``prof.land`` on a fake build whose compact models measure ``measured`` in turn: the aims it compiled
+    at after the first, and its report."""
+    spec = Spec.from_dict({"budget": {"latency": goal, "rounds": 2}, "width": {"heads": True, "mlp": True}})
+    ratios = iter(measured)
     monkeypatch.setattr(prof, "_runner", lambda *a, **k: (lambda: None))
-    monkeypatch.setattr(prof, "measure_ratio", lambda d, c, r=0: (next(measured), 10.0, 1.0))
+    monkeypatch.setattr(prof, "measure_ratio", lambda d, c, r=0: (next(ratios), 10.0, 1.0))
     aims = []
 
     class Fake:
-        pricer = staticmethod(lambda mode="eval": 0.3)
+        pricer = staticmethod(lambda mode="eval": goal)
 
     def build(aimed):
         aims.append(aimed.budget.latency)
         return Fake(), None
     _, _, report = prof.land(g, spec, build, Fake(), None, progress=False)
+    return aims, report
+
+
+def test_land_interpolates_once_the_goal_is_bracketed(g, monkeypatch):
+    """Measured on deit_small onnx-int8 (aim 0.3 -> 0.378, rescaled aim 0.238 -> 0.184): a third round that
+    rescales again overshoots back to 0.369; between the two bracketing aims it lands."""
+    aims, report = _land(g, monkeypatch, 0.3, [0.378, 0.184, 0.29])
     first = 0.3 * 0.3 / 0.378
     assert aims == pytest.approx([first, first + (0.3 - 0.184) / (0.378 - 0.184) * (0.3 - first)], abs=1e-4)
     assert report["within"] and [r["aim"] for r in report["rounds"]] == [0.3, round(first, 4), round(aims[1], 4)]
@@ -130,19 +137,7 @@ def test_land_interpolates_once_the_goal_is_bracketed(g, monkeypatch):
 
 def test_land_corrects_by_the_measured_error(g, monkeypatch):
     """A measurement that misses the target moves the next compile's aim by the measured error."""
-    spec = Spec.from_dict({"budget": {"latency": 0.6, "rounds": 2}, "width": {"heads": True, "mlp": True}})
-    measured = iter([0.70, 0.62])
-    monkeypatch.setattr(prof, "_runner", lambda *a, **k: (lambda: None))
-    monkeypatch.setattr(prof, "measure_ratio", lambda d, c, r=0: (next(measured), 10.0, 1.0))
-    aims = []
-
-    class Fake:
-        pricer = staticmethod(lambda mode="eval": 0.6)
-
-    def build(aimed):
-        aims.append(aimed.budget.latency)
-        return Fake(), None
-    _, _, report = prof.land(g, spec, build, Fake(), None, progress=False)
+    aims, report = _land(g, monkeypatch, 0.6, [0.70, 0.62])
     assert aims == [pytest.approx(0.6 * 0.6 / 0.70)]
     assert report["adjusted"] and report["within"] and report["measured"] == 0.62 and len(report["rounds"]) == 2
 
