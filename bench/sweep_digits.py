@@ -8,6 +8,7 @@ fine-tuning, measures top-1, FLOPs and ONNX Runtime latency at batch 1 (interlea
 model), and writes ``sweep.json``, ``sweep.md`` and ``sweep.png`` into ``--out``::
 
     python bench/sweep_digits.py --out sweep-digits --budgets 0.3:0.9:0.15 --steps 100
+    python bench/sweep_digits.py --out s1 --budgets 0.5:0.5:0.1 --axes width,depth,tokens,conv,all --seed 1
 
 A stopped run resumes: the dense checkpoint and the finished points are kept.
 """
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from _digits import trained_digits_vit
 from vitgraph.cli.commands import main as vitgraph_main
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense-steps", type=int, default=600)
     parser.add_argument("--steps", type=int, default=100, help="search + fine-tuning steps per point")
     parser.add_argument("--spec", default=str(SPEC))
+    parser.add_argument("--seed", type=int, help="train.seed for every point (moves the validation split and the "
+                        "training order; the dense model stays the one trained with seed 0)")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -48,8 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         model, _, _ = trained_digits_vit(args.dense_steps, depth=args.depth, size=args.size)
         torch.save(model.state_dict(), checkpoint)
         print(f"dense model trained in {time.perf_counter() - t0:.0f} s -> {checkpoint}", flush=True)
+    spec = args.spec
+    if args.seed is not None:  # a copy of the spec with train.seed set, beside the results
+        raw = yaml.safe_load(Path(spec).read_text())
+        raw["train"] = {**(raw.get("train") or {}), "seed": args.seed}
+        spec = str(out / f"spec_seed{args.seed}.yaml")
+        Path(spec).write_text(yaml.safe_dump(raw, sort_keys=False))
     code = vitgraph_main(["sweep", "deit_tiny_patch16_224", "--model-kwargs", kwargs, "--checkpoint", str(checkpoint),
-                          "--spec", args.spec, "--budgets", args.budgets, "--axes", args.axes, "--data", "digits",
+                          "--spec", spec, "--budgets", args.budgets, "--axes", args.axes, "--data", "digits",
                           "--steps", str(args.steps), "--targets", "onnx", "--out", str(out)])
     print(f"sweep finished in {(time.perf_counter() - t0) / 60:.1f} min (exit {code})", flush=True)
     return code
