@@ -238,10 +238,19 @@ def test_profile_and_compile_on_int8(tmp_path, capsys):
     assert loaded.target == "onnx-int8" and loaded.samples[0]["label"] == "dense" and len(loaded.samples) == 4
     assert loaded.dense_ratio() == loaded.samples[0]["ratio"] != 1.0
     assert "of dense fp32 onnx" in capsys.readouterr().out
+    # This 0.5-ms model's INT8 ratios are timing noise around 1 (quantizing costs what its tiny products save),
+    # so the compile below runs on the same samples re-measured by a noiseless rule: INT8 dense at 0.5 of fp32,
+    # the rest in proportion to the matrix-product work. What is checked is the plumbing, not this model's gain.
+    dense_gemm = loaded.samples[0]["features"]["gemm"]
+    for s in loaded.samples:
+        s["ratio"] = 0.5 * (0.2 + 0.8 * s["features"]["gemm"] / dense_gemm)
+    loaded.coef = LatencyTable.fit_coef(loaded.samples, loaded.dense_ms)
+    loaded.save(table)
     width = {"heads": True, "mlp": True}
     axes = list(instrument(g_of(TINY), Spec.from_dict({"width": width})).axes.values())
-    pricer = loaded.pricer(g_of(TINY), axes)  # a reachable aim whatever the (noisy, 3-sample) fit
-    aim = round((float(pricer("floor")) + float(pricer("full"))) / 2, 3)
+    cut = float(loaded.pricer(g_of(TINY), axes)())  # a one-shot cut (the default FLOPs budget's) on this table
+    assert 0 < cut < loaded.dense_ratio() == 0.5
+    aim = round((cut + 0.5) / 2, 3)  # between a reachable cut and dense INT8: reachable
     spec = tmp_path / "spec.yaml"
     spec.write_text(json.dumps({"budget": {"latency": aim, "target": "onnx-int8", "table": str(table),
                                            "rounds": 0}, "width": width}))
@@ -249,4 +258,5 @@ def test_profile_and_compile_on_int8(tmp_path, capsys):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     lat = report["budget"]["latency"]
     assert lat["runtime"] == "onnx-int8" and lat["reference"] == "onnx" and report["int8"]["mode"] == "dynamic"
+    assert abs(lat["predicted"] - aim) <= 0.05 and lat["target"] == aim  # priced on the table it was given
     assert (tmp_path / "out" / "model.int8.onnx").is_file()
