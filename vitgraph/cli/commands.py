@@ -222,6 +222,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
           f"{100 * errors[len(errors) // 2]:.1f} % (max {100 * errors[-1]:.1f} %)")
     for s in table.samples:
         print(f"  {s['label']:32s} measured {s['ratio']:.3f} of {of}")
+    if of != "dense" and table.dense_ratio() >= 0.9:
+        print(f"note: quantized, the dense {g.name} runs at {table.dense_ratio():.2f} of fp32: its matrix products "
+              f"are too small at batch {args.batch_size} for INT8 to pay, so a latency budget on {args.target} is "
+              f"reached by pruning alone")
     print(f"wrote {path}")
     return 0
 
