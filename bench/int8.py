@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="deit_small_patch16_224")
     parser.add_argument("--flops", type=float, default=0.5, help="width budget: fraction of dense FLOPs")
+    parser.add_argument("--width", default="heads,mlp", help="width axes to cut, of heads,head_dim,mlp,embed")
     parser.add_argument("--plan", default="auto", help="auto, or one of " + ", ".join(p.name for p in int8.PLANS))
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (and torch's)")
     parser.add_argument("--repeats", type=int, default=30)
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model = timm.create_model(args.model).eval()
     x = torch.randn(1, *model.pretrained_cfg["input_size"])
-    spec = {"budget": {"flops": args.flops}, "width": {"method": "magnitude", "heads": True, "mlp": True}}
+    spec = {"budget": {"flops": args.flops}, "width": {"method": "magnitude", **{k: True for k in args.width.split(",")}}}
     result = vg.compress(model, spec, example_inputs=(x,), data="none", progress=False, latency_targets=())
     models = {"dense": trace_module(model, (x,)), "compact": result.compact}
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as scratch:

@@ -62,15 +62,18 @@ class AgreementError(ParityError):
 @dataclass(frozen=True)
 class Plan:
     """Which ops ORT quantizes: ``op_types`` (None: every type it can) and whether a MatMul needs a weight
-    as its second input (``const_b_only``: the attention products q@k and attn@v stay fp32)."""
+    as its second input (``const_b_only``: the attention products q@k and attn@v stay fp32); ``fused``: the
+    attention sites first fused into ORT's fp32 MultiHeadAttention kernel (:mod:`.ort_attention`)."""
 
     name: str
     op_types: tuple[str, ...] | None
     const_b_only: bool
+    fused: bool = False
 
 
 # in the order of what they quantize, least first (a tie in speed goes to the earlier plan)
 PLANS = (Plan("products", ("MatMul", "Gemm"), True),
+         Plan("products+mha", ("MatMul", "Gemm"), True, fused=True),  # ORT-only: after the portable plan
          Plan("products+attention", ("MatMul", "Gemm"), False),
          Plan("products+conv", ("MatMul", "Gemm", "Conv"), True),
          Plan("all", None, False))
@@ -233,16 +236,26 @@ def quantize(fp32_onnx_path: str | os.PathLike, out_path: str | os.PathLike, *, 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vitgraph-int8-") as scratch:
         tmp = Path(scratch)
-        pre = _preprocess(fp32, tmp / "pre.onnx")
+        pre = {False: _preprocess(fp32, tmp / "pre.onnx")}
+        if any(p.fused for p in candidates):
+            from vitgraph.targets.ort_attention import fuse_attention
+
+            if fuse_attention(fp32, tmp / "fused.onnx"):
+                pre[True] = _preprocess(tmp / "fused.onnx", tmp / "pre-fused.onnx")
+            elif len(candidates) == 1:
+                raise LoweringError(f"int8: plan {plan} fuses attention, and {fp32} has no attention site "
+                                    "ONNX Runtime's MultiHeadAttention can replace; use plan products or auto.")
+            candidates = [p for p in candidates if p.fused in pre]
         made = {}
         for p in candidates:
             made[p.name] = tmp / f"{len(made)}.onnx"
-            _try_quantize(pre, made[p.name], p, mode, reader, method, per_channel, tmp / "calibration.json", fp32)
+            _try_quantize(pre[p.fused], made[p.name], p, mode, reader, method, per_channel,
+                          tmp / f"calibration{'-fused' * p.fused}.json", fp32)  # fused: other tensors
         chosen, plans_ms = _choose(fp32, made, candidates, tolerance, threads, repeats)
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(made[chosen], out)
         by_name = {p.name: p for p in candidates}
-        left, quantized = fp32_ops(pre, out, quantizable(by_name[chosen], mode))  # ORT's optimised graph
+        left, quantized = fp32_ops(pre[by_name[chosen].fused], out, quantizable(by_name[chosen], mode))
     if not quantized:
         raise LoweringError(f"int8: ONNX Runtime quantized no node of {fp32} (plan {chosen}); the model has no "
                             "MatMul, Gemm or Conv with weights. Keep it in fp32 (--target onnx).")
