@@ -10,6 +10,7 @@ targets: <= 0.30 latency, <= 0.15 bytes)::
     python bench/int8.py                       # deit_small, width 0.5, dynamic INT8, 2 threads
     python bench/int8.py --dense-int8          # also the dense model in INT8
     python bench/int8.py --flops 0.6 --repeats 50 --json int8.json
+    python bench/int8.py --width heads,mlp,embed   # which width axes to cut (default heads,mlp)
 """
 from __future__ import annotations
 
