@@ -262,3 +262,14 @@ def test_profile_and_compile_on_int8(tmp_path, capsys):
     assert lat["runtime"] == "onnx-int8" and lat["reference"] == "onnx" and report["int8"]["mode"] == "dynamic"
     assert abs(lat["predicted"] - aim) <= 0.05 and lat["target"] == aim  # priced on the table it was given
     assert (tmp_path / "out" / "model.int8.onnx").is_file()
+
+
+def test_int8_table_cache_follows_the_plans(g, monkeypatch):
+    """A cached onnx-int8 table was measured on what the INT8 plans made of the model: other plans, other key."""
+    from vitgraph.targets import int8
+
+    before = prof.cache_path(g, "onnx-int8", 1)
+    assert prof.cache_path(g, "onnx", 1) != before
+    monkeypatch.setattr(int8, "PLANS", int8.PLANS[:1])
+    assert prof.cache_path(g, "onnx-int8", 1) != before
+    assert prof.cache_path(g, "onnx", 1) == prof.cache_path(g, "onnx", 1)

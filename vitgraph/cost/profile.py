@@ -181,6 +181,10 @@ def _progress(on: bool, what: str, total: int) -> Callable[[int], None]:
 def cache_path(g: VitGraph, target: str, batch: int) -> Path:
     root = Path(os.environ.get("VITGRAPH_CACHE", Path.home() / ".cache" / "vitgraph")) / "latency"
     key = f"{g.name}|{list(g.input_size)}|{g.structure.flops}|{target}|{batch}|{torch.get_num_threads()}|{machine()}"
+    if target != reference(target):  # a quantized runtime runs what its plans make of the model: new plans, new table
+        from vitgraph.targets.int8 import PLANS
+
+        key += "|" + ",".join(p.name for p in PLANS)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in g.name)[:60]
     return root / f"{safe}-{target}-b{batch}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
 
