@@ -238,10 +238,9 @@ def quantize(fp32_onnx_path: str | os.PathLike, out_path: str | os.PathLike, *, 
         tmp = Path(scratch)
         pre = {False: _preprocess(fp32, tmp / "pre.onnx")}
         if any(p.fused for p in candidates):
-            from vitgraph.targets.ort_attention import fuse_attention
-
-            if fuse_attention(fp32, tmp / "fused.onnx"):
-                pre[True] = _preprocess(tmp / "fused.onnx", tmp / "pre-fused.onnx")
+            fused = _fused(fp32, tmp)
+            if fused is not None:
+                pre[True] = fused
             elif len(candidates) == 1:
                 raise LoweringError(f"int8: plan {plan} fuses attention, and {fp32} has no attention site "
                                     "ONNX Runtime's MultiHeadAttention can replace; use plan products or auto.")
@@ -279,6 +278,19 @@ def _preprocess(fp32: Path, pre: Path) -> Path:
                                 f"{describe_failure(exc)}. Keep this model in fp32 (--target onnx), or simplify "
                                 "the op named above.") from exc
     return pre
+
+
+def _fused(fp32: Path, tmp: Path) -> Path | None:
+    """``fp32`` with its attention sites fused (:mod:`.ort_attention`) and pre-processed, or None where no site
+    fuses or the fused file cannot be pre-processed: an optimisation that does not apply leaves the other plans."""
+    from vitgraph.targets.ort_attention import fuse_attention
+
+    try:
+        if not fuse_attention(fp32, tmp / "fused.onnx"):
+            return None
+        return _preprocess(tmp / "fused.onnx", tmp / "pre-fused.onnx")
+    except Exception:  # noqa: BLE001 - e.g. a model over protobuf's 2 GB written without external data
+        return None
 
 
 def _try_quantize(pre: Path, out: Path, plan: Plan, mode: str, reader: fd.Reader | None, method: str,
