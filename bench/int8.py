@@ -11,6 +11,7 @@ targets: <= 0.30 latency, <= 0.15 bytes)::
     python bench/int8.py --dense-int8          # also the dense model in INT8
     python bench/int8.py --flops 0.6 --repeats 50 --json int8.json
     python bench/int8.py --width heads,mlp,embed   # which width axes to cut (default heads,mlp)
+    python bench/int8.py --align 64                # kept MLP units a multiple of 64 (default 8)
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="deit_small_patch16_224")
     parser.add_argument("--flops", type=float, default=0.5, help="width budget: fraction of dense FLOPs")
     parser.add_argument("--width", default="heads,mlp", help="width axes to cut, of heads,head_dim,mlp,embed")
+    parser.add_argument("--align", type=int, default=8, help="width.align: kept MLP units a multiple of this")
     parser.add_argument("--plan", default="auto", help="auto, or one of " + ", ".join(p.name for p in int8.PLANS))
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (and torch's)")
     parser.add_argument("--repeats", type=int, default=30)
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model = timm.create_model(args.model).eval()
     x = torch.randn(1, *model.pretrained_cfg["input_size"])
-    spec = {"budget": {"flops": args.flops}, "width": {"method": "magnitude", **{k: True for k in args.width.split(",")}}}
+    spec = {"budget": {"flops": args.flops}, "width": {"method": "magnitude", "align": args.align,
+                                                        **{k: True for k in args.width.split(",")}}}
     result = vg.compress(model, spec, example_inputs=(x,), data="none", progress=False, latency_targets=())
     models = {"dense": trace_module(model, (x,)), "compact": result.compact}
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as scratch:

@@ -236,14 +236,15 @@ def quantize(fp32_onnx_path: str | os.PathLike, out_path: str | os.PathLike, *, 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vitgraph-int8-") as scratch:
         tmp = Path(scratch)
-        pre = {False: _preprocess(fp32, tmp / "pre.onnx")}
+        pre = {False: _preprocess(fp32, tmp / "pre.onnx")} if not all(p.fused for p in candidates) else {}
         if any(p.fused for p in candidates):
             fused = _fused(fp32, tmp)
             if fused is not None:
                 pre[True] = fused
             elif len(candidates) == 1:
                 raise LoweringError(f"int8: plan {plan} fuses attention, and {fp32} has no attention site "
-                                    "ONNX Runtime's MultiHeadAttention can replace; use plan products or auto.")
+                                    "ONNX Runtime's MultiHeadAttention can replace (or the fused file failed "
+                                    "ORT's pre-processing); use plan products or auto.")
             candidates = [p for p in candidates if p.fused in pre]
         made = {}
         for p in candidates:
