@@ -7,17 +7,19 @@ and the three separate kernels cost about as much as the attention arithmetic (d
 INT8: 1.8 ms of 17; ``bench/int8.py --plan products+mha``). This rewrite finds each site *by its data
 flow*, not by names:
 
-* from each ``Softmax(axis=-1)`` whose only consumer is ``MatMul(P, V)`` followed by ``Transpose(0, 2, 1,
-  3)`` and a ``Reshape`` to ``(b, n, heads x dv)``;
+* from each ``Softmax(axis=-1)`` whose only consumer is ``MatMul(P, V)`` followed (through 4-D views) by
+  ``Transpose(0, 2, 1, 3)`` and a ``Reshape`` to ``(b, n, heads x dv)``;
 * back from the Softmax through scalar Muls and Divs to the score ``MatMul(A, B)``, and from there through
   scalar Muls and Divs, Reshapes and Transposes to the 4-D q and k (the scalars multiply into the scale);
 * each of q, k, v back to a 3-D ``(b, n, heads x d)`` source: ``Transpose(0, 2, 1, 3)(Reshape(x, [.., ..,
   H, D]))``, or part ``i`` of ``Transpose(2, 0, 3, 1, 4)(Reshape(x, [.., .., P, H, D]))`` taken with
   Slice + Squeeze or Gather (a fused qkv projection: one ``Split`` of ``x`` into ``P`` parts feeds q, k, v).
 
+A 4-D tensor added to the scaled scores (a relative position bias, an additive mask) becomes the op's
+``attention_bias``, and a NaN guard on the probabilities (``Where(IsNaN(p), 0, p)``) is read through.
 Each site becomes ``MultiHeadAttention(q3, k3, v3, num_heads=H, scale=s)``, whose output replaces the
 merged ``Reshape``; what no longer reaches an output is dropped. A site that does not match is left as it
-is. The file runs on ONNX Runtime only (a contrib op), so the INT8 target offers it as a plan measured
+is; if the fused file disagrees with the original, the sites with a bias are left out and it is tried again. The file runs on ONNX Runtime only (a contrib op), so the INT8 target offers it as a plan measured
 against the unfused one, and :func:`fuse_attention` checks the fused model against the original on random
 inputs before it writes anything.
 """
@@ -64,6 +66,12 @@ class _Graph:
             if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
                 self.values[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
         self.outputs = {o.name for o in graph.output}
+        self.ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*graph.value_info, *graph.input)
+                      if v.type.tensor_type.HasField("shape")}
+
+    def rank(self, tensor: str) -> int | None:
+        value = self.const(tensor)
+        return value.ndim if value is not None else self.ranks.get(tensor)
 
     def const(self, name: str) -> np.ndarray | None:
         return self.values.get(name)
@@ -163,17 +171,20 @@ class _Site:
     v: _Source
     scale: float
     out: str  # the merged (b, n, heads x dv) tensor MultiHeadAttention replaces
+    bias: str = ""  # a 4-D tensor added to the scaled scores (relative position bias, additive mask)
 
 
 def _site(g: _Graph, softmax) -> _Site | None:
     if _attr(softmax, "axis", -1) not in (-1, 3):
         return None
-    pv = g.only_consumer(softmax.output[0], "MatMul")
-    logits, s_out, moved = _walk_back(g, softmax.input[0])  # a scale on the scores: (q k^T) * s
-    scores = g.made_by(logits, "MatMul") if not moved else None
-    if pv is None or scores is None or pv.input[0] != softmax.output[0]:
+    pv = _probabilities_user(g, softmax)
+    scores, s_out, bias = _scores(g, softmax.input[0])
+    if pv is None or scores is None:
         return None
-    merge = g.only_consumer(pv.output[0], "Transpose")
+    heads_out = pv.output[0]
+    while (same := g.only_consumer(heads_out, "Reshape")) is not None and len(_ints(g, same.input[1]) or []) == 4:
+        heads_out = same.output[0]  # a view to the (b, heads, n, dv) it already has
+    merge = g.only_consumer(heads_out, "Transpose")
     if merge is None or list(_attr(merge, "perm", [])) != [0, 2, 1, 3]:
         return None
     out = g.only_consumer(merge.output[0], "Reshape")
@@ -188,7 +199,39 @@ def _site(g: _Graph, softmax) -> _Site | None:
         return None
     if q.heads != k.heads or k.heads != v.heads or q.dim != k.dim or len(shape) != 3 or shape[2] != v.heads * v.dim:
         return None
-    return _Site(q, k, v, s_out * sq * sk, out.output[0])
+    return _Site(q, k, v, s_out * sq * sk, out.output[0], bias)
+
+
+def _probabilities_user(g: _Graph, softmax):
+    """The value MatMul reading the softmax, directly or through a NaN guard ``Where(IsNaN(p), 0, p)``."""
+    pv = g.only_consumer(softmax.output[0], "MatMul")
+    if pv is not None:
+        return pv if pv.input[0] == softmax.output[0] else None
+    users = g.consumers.get(softmax.output[0], [])
+    nan = next((n for n in users if n.op_type == "IsNaN"), None)
+    where = next((n for n in users if n.op_type == "Where"), None)
+    if len(users) != 2 or nan is None or where is None or list(where.input)[::2] != [nan.output[0], softmax.output[0]]:
+        return None
+    zero = g.const(where.input[1])
+    if zero is None or zero.size != 1 or float(zero.reshape(())) != 0.0:
+        return None
+    pv = g.only_consumer(where.output[0], "MatMul")
+    return pv if pv is not None and pv.input[0] == where.output[0] else None
+
+
+def _scores(g: _Graph, logits: str):
+    """(the score MatMul, the scalars on it, a 4-D bias added after them) behind the softmax's input."""
+    logits, s_out, moved = _walk_back(g, logits)
+    add = g.made_by(logits, "Add")
+    bias = ""
+    if add is not None and s_out == 1.0 and not moved:  # softmax(s * (q k^T) + bias)
+        for j in (0, 1):
+            inner, s, turned = _walk_back(g, add.input[j])
+            if g.made_by(inner, "MatMul") is not None and not turned and g.rank(add.input[1 - j]) == 4:
+                logits, s_out, moved, bias = inner, s, turned, add.input[1 - j]
+                break
+    scores = g.made_by(logits, "MatMul") if not moved else None
+    return scores, s_out, bias
 
 
 def _rewrite(model, sites: list[_Site]) -> None:
@@ -213,7 +256,8 @@ def _rewrite(model, sites: list[_Site]) -> None:
 
     for i, s in enumerate(sites):
         fused = f"{s.out}_mha"
-        added.append(helper.make_node("MultiHeadAttention", [three_d(s.q), three_d(s.k), three_d(s.v)], [fused],
+        inputs = [three_d(s.q), three_d(s.k), three_d(s.v)] + (["", "", s.bias] if s.bias else [])
+        added.append(helper.make_node("MultiHeadAttention", inputs, [fused],
                                       domain=MS_DOMAIN, num_heads=s.q.heads, scale=s.scale, name=f"mha_{i}"))
         renamed[s.out] = fused
     for node in graph.node:
@@ -262,16 +306,20 @@ def fuse_attention(src: str | os.PathLike, dst: str | os.PathLike, *, atol: floa
     model = onnx.load(os.fspath(src))
     g = _Graph(model.graph)
     sites = [s for s in (_site(g, n) for n in model.graph.node if n.op_type == "Softmax") if s is not None]
-    if not sites:
-        return 0
-    _rewrite(model, sites)
     tmp = Path(dst).with_name(Path(dst).name + ".tmp")
-    onnx.save(model, os.fspath(tmp))
-    if not _agrees(Path(src), tmp, atol):
+    # all sites; failing that, those without a bias (the bias's broadcast is the least certain reading)
+    for chosen in (sites, [s for s in sites if not s.bias]):
+        if not chosen or (chosen is not sites and len(chosen) == len(sites)):
+            continue
+        fused = onnx.ModelProto()
+        fused.CopyFrom(model)
+        _rewrite(fused, chosen)
+        onnx.save(fused, os.fspath(tmp))
+        if _agrees(Path(src), tmp, atol):
+            tmp.replace(dst)
+            return len(chosen)
         tmp.unlink()
-        return 0
-    tmp.replace(dst)
-    return len(sites)
+    return 0
 
 
 def _agrees(src: Path, fused: Path, atol: float) -> bool:

@@ -3,6 +3,7 @@ fused-qkv (timm) and a separate-q/k/v (hand-written) ViT, pruned heads included,
 site it cannot read is left alone; a fusion that disagrees is never written; the INT8 plan that uses it."""
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -117,3 +118,41 @@ def test_int8_plan_fuses_or_says_why(tmp_path):
     with pytest.raises(LoweringError, match="no attention site"):
         int8.quantize(plain, tmp_path / "p.onnx", plan="products+mha")
     assert not (tmp_path / "p.onnx").exists()
+
+
+def test_relative_position_bias_becomes_attention_bias(tmp_path):
+    """timm BEiT adds a (1, heads, n, n) relative position bias to the scaled scores: MultiHeadAttention's
+    ``attention_bias``; HF BEiT adds a runtime mask through ``Where`` and guards the softmax against NaN."""
+    torch.manual_seed(0)
+    beit = timm.create_model("beit_base_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
+                             num_classes=10).eval()
+    src = _export(beit, tmp_path / "beit.onnx")
+    assert fuse_attention(src, tmp_path / "f.onnx") == 2
+    mha = [n for n in onnx.load(str(tmp_path / "f.onnx")).graph.node if n.op_type == "MultiHeadAttention"]
+    assert all(len(n.input) == 6 and n.input[5] for n in mha)  # the bias as input 5
+    _same(src, tmp_path / "f.onnx")
+    pytest.importorskip("transformers")
+    from tests.foreign import build_beit
+
+    hf = _export(build_beit().eval(), tmp_path / "hf.onnx")
+    assert fuse_attention(hf, tmp_path / "hf_f.onnx") == 3
+    assert _ops(tmp_path / "hf_f.onnx")["IsNaN"] == 0
+    _same(hf, tmp_path / "hf_f.onnx")
+
+
+def test_a_disagreeing_bias_leaves_only_its_sites(tmp_path, monkeypatch):
+    """When the fused file disagrees and some sites carry a bias, the plain sites are fused without them."""
+    src = _export(handmade_vit(depth=2, heads=4), tmp_path / "a.onnx")
+    graph = onnx.load(str(src)).graph
+    first = next(n.name for n in graph.node if n.op_type == "Softmax")
+    bogus = next(i.name for i in graph.initializer if i.name.endswith("to_q.bias"))  # 1-D: not a score bias
+    read = ort_attention._site
+
+    def bias_on_the_first(g, softmax):
+        site = read(g, softmax)
+        return dataclasses.replace(site, bias=bogus) if site is not None and softmax.name == first else site
+
+    monkeypatch.setattr(ort_attention, "_site", bias_on_the_first)
+    assert fuse_attention(src, tmp_path / "f.onnx") == 1
+    assert _ops(tmp_path / "f.onnx")["Softmax"] == 1
+    _same(src, tmp_path / "f.onnx")
