@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,10 +198,23 @@ def _quantize_one(pre: Path, out: Path, plan: Plan, mode: str, reader: fd.Reader
     reader.rewind()
     calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
              "entropy": CalibrationMethod.Entropy}[method]
-    with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
+    # the histogram calibrators print their progress; the "all" plan's per-channel pass warns, on the root
+    # logger, of each 1-D LayerNorm weight it quantizes per tensor instead: nothing a user can act on
+    with contextlib.redirect_stdout(io.StringIO()), _root_log_level(logging.ERROR):
         quantize_static(pre, out, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=plan.op_types,
                         per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=calib, extra_options=options, calibration_cache_path=cache)
+
+
+@contextlib.contextmanager
+def _root_log_level(level: int) -> Iterator[None]:
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(max(level, before))
+    try:
+        yield
+    finally:
+        root.setLevel(before)
 
 
 def _plans(plan: str, keep_fp32: Sequence[str] | None, present: set[str]) -> list[Plan]:
