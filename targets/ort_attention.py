@@ -113,6 +113,8 @@ def _walk_back(g: _Graph, tensor: str, found: Callable[[str], bool] = lambda t: 
             if k is None or (node.op_type == "Div" and k != 1):
                 return tensor, scale, transposed
             value = float(scalars[k].reshape(()))
+            if not np.isfinite(value) or value == 0.0:
+                return tensor, scale, transposed
             scale *= value if node.op_type == "Mul" else 1.0 / value
             tensor = node.input[1 - k]
             continue
