@@ -122,30 +122,32 @@ def _walk_back(g: _Graph, tensor: str, found: Callable[[str], bool] = lambda t: 
         tensor = node.input[0]
 
 
+def _split_shape(g: _Graph, tensor: str, rank: int) -> tuple[str, list[int]] | None:
+    """(x, shape) when ``tensor`` is ``Reshape(x, shape)`` to ``rank`` dims, all but the first two fixed."""
+    r = g.made_by(tensor, "Reshape")
+    shape = _ints(g, r.input[1]) if r is not None else None
+    return (r.input[0], shape) if shape is not None and len(shape) == rank and min(shape[2:]) > 0 else None
+
+
 def _source(g: _Graph, tensor: str) -> _Source | None:
     """The 3-D origin of a 4-D attention operand, when it is one of the head splits: (b, heads, n, d) from a
     Transpose(0, 2, 1, 3) or a fused qkv's part, or the (b, n, heads, d) Reshape itself (a k whose transpose
     for k^T the exporter merged into one, which the score MatMul's shapes then vouch for)."""
-    r = g.made_by(tensor, "Reshape")
-    shape = _ints(g, r.input[1]) if r is not None else None
-    if shape is not None and len(shape) == 4 and min(shape[2:]) > 0:
-        return _Source(r.input[0], shape[2], shape[3])
     t = g.made_by(tensor, "Transpose")
-    if t is not None and list(_attr(t, "perm", [])) == [0, 2, 1, 3]:
-        r = g.made_by(t.input[0], "Reshape")
-        shape = _ints(g, r.input[1]) if r is not None else None
-        if shape is not None and len(shape) == 4 and min(shape[2:]) > 0:
-            return _Source(r.input[0], shape[2], shape[3])
-        return None
+    if t is not None:  # (b, n, heads, d) -> (b, heads, n, d), or no head split
+        heads = _split_shape(g, t.input[0], 4) if list(_attr(t, "perm", [])) == [0, 2, 1, 3] else None
+        return _Source(heads[0], heads[1][2], heads[1][3]) if heads is not None else None
+    heads = _split_shape(g, tensor, 4)
+    if heads is not None:
+        return _Source(heads[0], heads[1][2], heads[1][3])
     part, base = _part(g, tensor)
     t = g.made_by(base, "Transpose") if base else None
-    if t is None or list(_attr(t, "perm", [])) != [2, 0, 3, 1, 4]:
+    fused = _split_shape(g, t.input[0], 5) if t is not None and list(_attr(t, "perm", [])) == [2, 0, 3, 1, 4] \
+        else None
+    if fused is None or not 0 <= part < fused[1][2]:
         return None
-    r = g.made_by(t.input[0], "Reshape")
-    shape = _ints(g, r.input[1]) if r is not None else None
-    if shape is None or len(shape) != 5 or min(shape[2:]) <= 0 or not 0 <= part < shape[2]:
-        return None
-    return _Source(r.input[0], shape[3], shape[4], part, shape[2])
+    x, shape = fused
+    return _Source(x, shape[3], shape[4], part, shape[2])
 
 
 def _part(g: _Graph, tensor: str) -> tuple[int, str | None]:
@@ -308,7 +310,10 @@ def fuse_attention(src: str | os.PathLike, dst: str | os.PathLike, *, atol: floa
     model = onnx.load(os.fspath(src))
     g = _Graph(model.graph)
     sites = [s for s in (_site(g, n) for n in model.graph.node if n.op_type == "Softmax") if s is not None]
+    if not sites:
+        return 0
     tmp = Path(dst).with_name(Path(dst).name + ".tmp")
+    reference = _Reference(Path(src))
     # all sites; failing that, those without a bias (the bias's broadcast is the least certain reading)
     for chosen in (sites, [s for s in sites if not s.bias]):
         if not chosen or (chosen is not sites and len(chosen) == len(sites)):
@@ -317,23 +322,36 @@ def fuse_attention(src: str | os.PathLike, dst: str | os.PathLike, *, atol: floa
         fused.CopyFrom(model)
         _rewrite(fused, chosen)
         onnx.save(fused, os.fspath(tmp))
-        if _agrees(Path(src), tmp, atol):
+        if reference.agrees(tmp, atol):
             tmp.replace(dst)
             return len(chosen)
         tmp.unlink()
     return 0
 
 
-def _agrees(src: Path, fused: Path, atol: float) -> bool:
-    """The fused file runs in ONNX Runtime and matches ``src`` on seeded random inputs (relative to the
-    outputs' scale)."""
-    from vitgraph.targets import _feeds as fd
-    from vitgraph.targets import onnx as onnx_target
+class _Reference:
+    """The original file's outputs on seeded random inputs, computed once for every fusion tried."""
 
-    feeds = fd.random_feeds(src, images=4, batch=2)
-    try:
-        a = fd.logits(onnx_target.session(src, threads=1), feeds)
-        b = fd.logits(onnx_target.session(fused, threads=1), feeds)
-    except Exception:  # noqa: BLE001 - a file ORT cannot load or run is a fusion that did not work
-        return False
-    return a.shape == b.shape and float(np.abs(a - b).max()) <= atol * max(1.0, float(np.abs(a).max()))
+    def __init__(self, src: Path) -> None:
+        from vitgraph.targets import _feeds as fd
+        from vitgraph.targets import onnx as onnx_target
+
+        self.feeds = fd.random_feeds(src, images=4, batch=2)
+        try:
+            self.logits: np.ndarray | None = fd.logits(onnx_target.session(src, threads=1), self.feeds)
+        except Exception:  # noqa: BLE001 - an original ORT cannot run has nothing to check a fusion against
+            self.logits = None
+
+    def agrees(self, fused: Path, atol: float) -> bool:
+        """The fused file runs in ONNX Runtime and matches the original (relative to the outputs' scale)."""
+        from vitgraph.targets import _feeds as fd
+        from vitgraph.targets import onnx as onnx_target
+
+        a = self.logits
+        if a is None:
+            return False
+        try:
+            b = fd.logits(onnx_target.session(fused, threads=1), self.feeds)
+        except Exception:  # noqa: BLE001 - a file ORT cannot load or run is a fusion that did not work
+            return False
+        return a.shape == b.shape and float(np.abs(a - b).max()) <= atol * max(1.0, float(np.abs(a).max()))

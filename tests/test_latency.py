@@ -142,6 +142,15 @@ def test_land_corrects_by_the_measured_error(g, monkeypatch):
     assert report["adjusted"] and report["within"] and report["measured"] == 0.62 and len(report["rounds"]) == 2
 
 
+def _noiseless(table: LatencyTable, dense: float) -> None:
+    """Re-measure ``table``'s samples by a rule without noise and refit: the dense model at ``dense`` of the
+    reference, each sample 0.2 of that plus 0.8 in proportion to its matrix-product work."""
+    dense_gemm = table.samples[0]["features"]["gemm"]
+    for s in table.samples:
+        s["ratio"] = dense * (0.2 + 0.8 * s["features"]["gemm"] / dense_gemm)
+    table.coef = LatencyTable.fit_coef(table.samples, table.dense_ms)
+
+
 def test_compress_on_a_latency_budget_measures_it(g, tmp_path):
     """End to end on eager: the table from a short profile, the pricer lands on the aim, the report says
     predicted and measured (tiny models on eager time Python overhead: no assertion on the measured ratio)."""
@@ -149,10 +158,7 @@ def test_compress_on_a_latency_budget_measures_it(g, tmp_path):
     assert table.samples[0]["label"] == "dense" and table.samples[0]["ratio"] == 1.0 and len(table.samples) == 5
     # a tiny model's eager ratios are Python-overhead noise (a 4-sample fit on a busy machine was once all
     # constant term, floor 0.962): the compile prices on the same samples re-measured by a noiseless rule
-    dense_gemm = table.samples[0]["features"]["gemm"]
-    for s in table.samples:
-        s["ratio"] = 0.2 + 0.8 * s["features"]["gemm"] / dense_gemm
-    table.coef = LatencyTable.fit_coef(table.samples, table.dense_ms)
+    _noiseless(table, dense=1.0)
     path = table.save(tmp_path / "table.json")
     spec = {"budget": {"latency": 0.8, "target": "eager", "table": str(path), "rounds": 1},
             "width": {"heads": True, "mlp": True}}
@@ -245,14 +251,12 @@ def test_profile_and_compile_on_int8(tmp_path, capsys):
     # This 0.5-ms model's INT8 ratios are timing noise around 1 (quantizing costs what its tiny products save),
     # so the compile below runs on the same samples re-measured by a noiseless rule: INT8 dense at 0.5 of fp32,
     # the rest in proportion to the matrix-product work. What is checked is the plumbing, not this model's gain.
-    dense_gemm = loaded.samples[0]["features"]["gemm"]
-    for s in loaded.samples:
-        s["ratio"] = 0.5 * (0.2 + 0.8 * s["features"]["gemm"] / dense_gemm)
-    loaded.coef = LatencyTable.fit_coef(loaded.samples, loaded.dense_ms)
+    _noiseless(loaded, dense=0.5)
     loaded.save(table)
     width = {"heads": True, "mlp": True}
-    axes = list(instrument(g_of(TINY), Spec.from_dict({"width": width})).axes.values())
-    cut = float(loaded.pricer(g_of(TINY), axes)())  # a one-shot cut (the default FLOPs budget's) on this table
+    tiny = g_of(TINY)
+    axes = list(instrument(tiny, Spec.from_dict({"width": width})).axes.values())
+    cut = float(loaded.pricer(tiny, axes)())  # a one-shot cut (the default FLOPs budget's) on this table
     assert 0 < cut < loaded.dense_ratio() == 0.5
     aim = round((cut + 0.5) / 2, 3)  # between a reachable cut and dense INT8: reachable
     spec = tmp_path / "spec.yaml"
